@@ -1,0 +1,1 @@
+"""The shared distillation engine: extraction/operation hooks, auxiliary model, one trainer."""

@@ -1,0 +1,16 @@
+"""Small helpers for batches (dicts of tensors)."""
+
+from __future__ import annotations
+
+import torch
+
+#: The batch keys a model's forward receives; everything else (labels, idx) stays out.
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def model_inputs(batch: dict) -> dict:
+    return {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
+
+
+def to_device(batch: dict, device: torch.device | str) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -1,0 +1,84 @@
+"""A distillation method described as data (TextBrewer-style).
+
+A :class:`MethodSpec` says which features to match, by which distance, with which weight,
+through which projection, in which training stage. The auxiliary model turns it into losses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import AutoSKDError
+
+LAYER_MAPS = ("none", "uniform", "last", "all_last")
+
+
+@dataclass(frozen=True)
+class FeatureLoss:
+    """One term of a method's loss: distance(student feature, teacher feature) * weight.
+
+    ``student``/``teacher`` are feature names (see :mod:`autoskd.engine.features`); with a
+    layer map they may contain ``{s}`` and ``{t}`` placeholders for the student and teacher
+    layer indices. ``projection="linear"`` maps the student feature to the teacher's width
+    with a trainable ``nn.Linear`` owned by the auxiliary model. ``transform`` names a
+    registered feature transform applied to both sides first (e.g. a relation matrix).
+    ``stage`` is the training stage in which the term is active (``"task"`` by default,
+    ``"pretrain"`` for terms used on unlabelled text, or any stage name a method defines).
+    """
+
+    student: str
+    teacher: str
+    distance: str
+    weight: float = 1.0
+    layers: str = "none"
+    projection: str | None = None
+    transform: str | None = None
+    temperature: float = 1.0
+    stage: str = "task"
+
+    def __post_init__(self) -> None:
+        if self.layers not in LAYER_MAPS:
+            raise AutoSKDError(f"layer map {self.layers!r} unknown; choose one of {', '.join(LAYER_MAPS)}")
+
+
+def map_layers(layers: str, student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
+    """(student layer, teacher layer) pairs for a layer map.
+
+    ``uniform`` is TinyBERT's g(m) = m * N/M: student layer s (0-based) learns from teacher
+    layer (s + 1) * N // M - 1, so the last student layer always meets the last teacher layer.
+    ``last`` pairs the last layers only.
+    """
+    if layers == "none":
+        return []
+    if layers == "last":
+        return [(student_layers - 1, teacher_layers - 1)]
+    if layers == "uniform":
+        if teacher_layers < student_layers:
+            raise AutoSKDError(
+                f"uniform layer mapping needs a teacher at least as deep as the student "
+                f"(teacher {teacher_layers} < student {student_layers} layers); use a deeper teacher"
+            )
+        return [(s, (s + 1) * teacher_layers // student_layers - 1) for s in range(student_layers)]
+    raise AutoSKDError(f"layer map {layers!r} unknown; choose one of {', '.join(LAYER_MAPS)}")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A whole method: its loss terms, the hard-label weight, and the stages it trains in.
+
+    ``hard_label_weight`` adds cross-entropy on the gold labels (task stages only).
+    ``stages`` lists the stage names the method expects, in order; ``distill`` runs them
+    in that order unless the user overrides the stage list.
+    """
+
+    name: str
+    description: str
+    losses: tuple[FeatureLoss, ...] = ()
+    hard_label_weight: float = 0.0
+    stages: tuple[str, ...] = ("task",)
+    needs_teacher: bool = True
+    reference: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def losses_for(self, stage: str) -> tuple[FeatureLoss, ...]:
+        return tuple(loss for loss in self.losses if loss.stage == stage)

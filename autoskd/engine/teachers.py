@@ -1,0 +1,174 @@
+"""Teacher policies: which teacher's outputs the student learns from at each step.
+
+One engine serves single-teacher KD, AvgKD, and AutoSKD's stochastic teacher, because the
+trainer only asks a policy two questions per step: *which* teacher (``choose``) and *what*
+it says about this batch (``features``). Logits come from the on-disk cache when the
+training split has a ``data_id``; other features run the frozen teacher forward.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Iterable, Mapping
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..errors import AutoSKDError
+from .teacher_cache import TeacherOutputCache, compute_logits_table, model_fingerprint
+
+
+class Teacher:
+    """A frozen teacher model and, once ``prepare``d, its logits table for a training split."""
+
+    def __init__(self, name: str, model: nn.Module, fingerprint: str | None = None):
+        self.name = name
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self._fingerprint = fingerprint
+        self.logits_table: torch.Tensor | None = None
+        self._extractor = None
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.model)
+        return self._fingerprint
+
+    def prepare(self, loader: DataLoader, data_id: str | None, cache: TeacherOutputCache | None,
+                device: torch.device | str = "cpu", progress: bool = True) -> None:
+        """Load (or compute once and store) this teacher's logits for ``loader``'s split."""
+        if data_id is None:
+            self.logits_table = None
+            return
+        desc = f"teacher {self.name} logits"
+        if cache is None:
+            self.logits_table = compute_logits_table(self.model, loader, device, desc, progress)
+        else:
+            self.logits_table = cache.get_or_compute(self.fingerprint, data_id, self.model, loader,
+                                                     device=device, progress=progress, desc=desc)
+
+    @torch.no_grad()
+    def features(self, batch: dict, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        names = list(names)
+        if self.logits_table is not None and set(names) <= {"logits"}:
+            idx = batch["idx"].to(self.logits_table.device)
+            return {"logits": self.logits_table.index_select(0, idx).to(batch["input_ids"].device)}
+        from .hooks import FeatureExtractor  # local: hooks import adapters, which import models
+
+        if self._extractor is None:
+            self._extractor = FeatureExtractor(self.model, names)
+        elif set(self._extractor.features) != set(names):
+            self._extractor.set_features(names)
+        return {k: v.detach() for k, v in self._extractor(batch).items()}
+
+
+class TeacherPolicy(ABC):
+    """Base policy over a set of named teachers."""
+
+    def __init__(self, teachers: Mapping[str, Teacher]):
+        if not teachers:
+            raise AutoSKDError("no teachers given; a distillation method needs at least one teacher")
+        self.teachers = dict(teachers)
+
+    @property
+    def models(self) -> dict[str, nn.Module]:
+        return {name: t.model for name, t in self.teachers.items()}
+
+    def prepare(self, loader: DataLoader, data_id: str | None, cache: TeacherOutputCache | None,
+                device: torch.device | str = "cpu", progress: bool = True) -> None:
+        for teacher in self.teachers.values():
+            teacher.prepare(loader, data_id, cache, device, progress)
+
+    @abstractmethod
+    def choose(self, step: int) -> str:
+        """The name of the teacher this step learns from."""
+
+    def features(self, name: str, batch: dict, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        return self.teachers[name].features(batch, names)
+
+    def geometry_source(self, name: str) -> nn.Module:
+        """The model whose shape a loss term for ``name`` refers to."""
+        return self.teachers[name].model
+
+
+class SingleTeacher(TeacherPolicy):
+    """Classic distillation from one teacher."""
+
+    def __init__(self, teacher: Teacher):
+        super().__init__({teacher.name: teacher})
+        self.name = teacher.name
+
+    def choose(self, step: int) -> str:
+        return self.name
+
+
+class AverageTeachers(TeacherPolicy):
+    """AvgKD: the student learns from the mean of the team's logits (Hinton et al. 2015)."""
+
+    NAME = "average"
+
+    def choose(self, step: int) -> str:
+        return self.NAME
+
+    def features(self, name: str, batch: dict, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        names = set(names)
+        if names - {"logits"}:
+            raise AutoSKDError("AvgKD averages teacher logits only; use a logits-only method such as 'kd'")
+        logits = [t.features(batch, ["logits"])["logits"] for t in self.teachers.values()]
+        return {"logits": torch.stack(logits).mean(0)}
+
+    def geometry_source(self, name: str) -> nn.Module:
+        return next(iter(self.teachers.values())).model
+
+
+class SampledTeacher(TeacherPolicy):
+    """AutoSKD's stochastic teacher: each step samples teacher i ~ Cat(theta).
+
+    With ``scale_logits`` (SSWO, the paper's eq. 3) the student learns from theta_i * z_Ti,
+    so a rarely-chosen teacher also speaks with less confidence. ``theta`` is read at every
+    step, so the search can update it in place between steps.
+    """
+
+    def __init__(self, teachers: Mapping[str, Teacher], theta: torch.Tensor, seed: int = 0,
+                 scale_logits: bool = True):
+        super().__init__(teachers)
+        self.names = list(self.teachers)
+        self.theta = theta
+        self.scale_logits = scale_logits
+        self.generator = torch.Generator().manual_seed(seed)
+        self.counts = {name: 0 for name in self.names}
+        self.last_index: int | None = None
+        if len(theta) != len(self.names):
+            raise AutoSKDError(f"distribution has {len(theta)} weights but the team has {len(self.names)} teachers")
+
+    def choose(self, step: int) -> str:
+        probs = self.theta.detach().float().clamp_min(0)
+        i = int(torch.multinomial(probs, 1, generator=self.generator))
+        self.last_index = i
+        self.counts[self.names[i]] += 1
+        return self.names[i]
+
+    def features(self, name: str, batch: dict, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        feats = dict(self.teachers[name].features(batch, names))
+        if self.scale_logits and "logits" in feats:
+            weight = self.theta.detach()[self.names.index(name)].to(feats["logits"].dtype)
+            feats["logits"] = feats["logits"] * weight
+        return feats
+
+
+def as_policy(teachers, fingerprints: Mapping[str, str] | None = None) -> TeacherPolicy | None:
+    """Accept a policy, one module, or a name->module mapping (one teacher -> SingleTeacher)."""
+    if teachers is None or isinstance(teachers, TeacherPolicy):
+        return teachers
+    fingerprints = fingerprints or {}
+    if isinstance(teachers, nn.Module):
+        return SingleTeacher(Teacher("teacher", teachers, fingerprints.get("teacher")))
+    if isinstance(teachers, Mapping):
+        wrapped = {n: m if isinstance(m, Teacher) else Teacher(n, m, fingerprints.get(n)) for n, m in teachers.items()}
+        if len(wrapped) == 1:
+            return SingleTeacher(next(iter(wrapped.values())))
+        raise AutoSKDError("several teachers given without a policy; use AverageTeachers or SampledTeacher")
+    raise AutoSKDError(f"cannot use {type(teachers).__name__} as teachers; pass an nn.Module, a dict or a TeacherPolicy")

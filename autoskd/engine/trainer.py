@@ -1,0 +1,343 @@
+"""The one training loop.
+
+Teacher fine-tuning, every distillation method, each AutoSKD candidate and the bilevel
+search itself run through :class:`Distiller`. What differs between them is data: the
+method (which features, which losses), the teacher policy (which teacher speaks each step)
+and callbacks (the search's theta step). The loop itself knows none of them.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from ..errors import AutoSKDError
+from .batches import model_inputs, to_device
+from .callbacks import Callback
+from .metrics_log import MetricsLog, plot_history
+from .methods import Method, get_method
+from .teacher_cache import TeacherOutputCache
+from .teachers import AverageTeachers, TeacherPolicy, as_policy
+
+
+@dataclass
+class Stage:
+    """One training stage: which of the method's loss terms run, on which data, for how long.
+
+    ``name`` selects the method's loss terms (``"task"``, ``"intermediate"``,
+    ``"prediction"``, ``"pretrain"``…). ``data_id`` is a fingerprint of the training split;
+    when given, teacher logits come from the on-disk cache. Unlabelled pre-training stages
+    set ``evaluate=False``.
+    """
+
+    name: str
+    train: DataLoader
+    epochs: float = 3.0
+    lr: float = 5e-5
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    data_id: str | None = None
+    evaluate: bool = True
+
+    def total_steps(self) -> int:
+        if self.epochs <= 0:
+            raise AutoSKDError(f"stage {self.name!r}: epochs must be > 0 (got {self.epochs})")
+        if len(self.train) == 0:
+            raise AutoSKDError(f"stage {self.name!r} has no training batches; check the training data is not empty")
+        return max(1, math.ceil(self.epochs * len(self.train)))
+
+
+@dataclass
+class StepContext:
+    """What a method or callback may look at during a step."""
+
+    student: nn.Module
+    teachers: dict[str, nn.Module]
+    auxiliary: nn.Module | None
+    method: Method
+    device: torch.device
+    stage: str = ""
+    step: int = 0
+    total_steps: int = 1
+    epoch: int = 0
+    global_step: int = 0
+    teacher_name: str | None = None
+
+
+@dataclass
+class TrainResult:
+    history: list[dict] = field(default_factory=list)
+    best_dev_acc: float | None = None
+    final_dev_acc: float | None = None
+    best_epoch: int | None = None
+    steps: int = 0
+    seconds: float = 0.0
+    out_dir: Path | None = None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu") -> dict[str, float]:
+    """Accuracy and mean cross-entropy of ``model`` on a labelled loader."""
+    was_training = model.training
+    model.eval()
+    correct, total, loss_sum = 0, 0, 0.0
+    for batch in loader:
+        batch = to_device(batch, device)
+        out = model(**model_inputs(batch))
+        logits = out.logits if hasattr(out, "logits") else out
+        labels = batch["labels"]
+        loss_sum += float(nn.functional.cross_entropy(logits.float(), labels, reduction="sum"))
+        correct += int((logits.argmax(-1) == labels).sum())
+        total += labels.numel()
+    model.train(was_training)
+    if total == 0:
+        raise AutoSKDError("evaluation data is empty; check the dev/test split")
+    return {"accuracy": correct / total, "loss": loss_sum / total}
+
+
+def _geometry(model: nn.Module):
+    """The model's shape, or an empty one for modules no adapter knows (logits-only use)."""
+    from ..models.adapters import ArchitectureAdapter, Geometry
+
+    try:
+        return ArchitectureAdapter.for_model(model).geometry
+    except AutoSKDError:
+        return Geometry(num_layers=0, hidden_size=0, num_heads=0, vocab_size=0, num_labels=0)
+
+
+def _optimizer(params: list[tuple[str, nn.Parameter]], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW without weight decay on biases and LayerNorm weights (BERT's recipe)."""
+    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
+    decay = [p for n, p in params if not n.endswith(no_decay)]
+    rest = [p for n, p in params if n.endswith(no_decay)]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+
+
+class Distiller:
+    """Train ``student`` with ``method`` from ``teachers`` through a list of stages.
+
+    ``teachers`` is a :class:`TeacherPolicy`, one ``nn.Module``, a one-entry dict, or None for
+    methods that need no teacher (``finetune``). With ``out_dir`` the run writes
+    ``metrics.jsonl``, ``training.png`` and ``checkpoint.pt`` (one per finished epoch,
+    from which ``fit(..., resume=True)`` continues).
+    """
+
+    def __init__(self, student: nn.Module, method: str | Method = "kd", teachers: Any = None, *,
+                 out_dir: str | Path | None = None, seed: int = 0, device: str | torch.device | None = None,
+                 progress: bool = True, callbacks: Sequence[Callback] = (),
+                 teacher_cache: TeacherOutputCache | str | Path | None = None, restore_best: bool = True,
+                 checkpoint: bool = True, log_every: int = 20, method_options: dict | None = None,
+                 teacher_fingerprints: dict[str, str] | None = None):
+        seed_everything(seed)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.student = student.to(self.device)
+        self.method = get_method(method, **(method_options or {}))
+        self.policy: TeacherPolicy | None = as_policy(teachers, teacher_fingerprints)
+        if self.method.spec.needs_teacher and self.policy is None:
+            raise AutoSKDError(f"method {self.method.spec.name!r} needs a teacher; pass teachers= or use method 'finetune'")
+        if self.policy is not None:
+            for model in self.policy.models.values():
+                model.to(self.device)
+        self.out_dir = Path(out_dir) if out_dir else None
+        self.progress = progress
+        self.callbacks = list(callbacks)
+        self.cache = TeacherOutputCache(teacher_cache) if isinstance(teacher_cache, (str, Path)) else teacher_cache
+        self.restore_best = restore_best
+        self.checkpoint = checkpoint and self.out_dir is not None
+        self.log_every = max(1, log_every)
+        self.seed = seed
+
+        teacher_models = self.policy.models if self.policy else {}
+        names = self._teacher_names()
+        teacher_geoms = {n: _geometry(self.policy.geometry_source(n)) for n in names} if self.policy else {}
+        self.auxiliary = self.method.build_auxiliary(_geometry(student), teacher_geoms).to(self.device)
+        self.method.setup(self.student, teacher_models)
+        self.ctx = StepContext(student=self.student, teachers=teacher_models, auxiliary=self.auxiliary,
+                               method=self.method, device=self.device)
+        from .hooks import FeatureExtractor
+
+        self.extractor = FeatureExtractor(self.student, ["logits"])
+        self.log = MetricsLog(self.out_dir / "metrics.jsonl" if self.out_dir else None)
+
+    def _teacher_names(self) -> list[str]:
+        if self.policy is None:
+            return []
+        if isinstance(self.policy, AverageTeachers):
+            return [AverageTeachers.NAME]
+        return list(self.policy.teachers)
+
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        params = [(f"student.{n}", p) for n, p in self.student.named_parameters() if p.requires_grad]
+        params += [(f"auxiliary.{n}", p) for n, p in self.auxiliary.named_parameters() if p.requires_grad]
+        return params
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self, batch: dict, optimizer: torch.optim.Optimizer, max_grad_norm: float) -> dict[str, torch.Tensor]:
+        """Forward student (and teacher), sum the method's losses, update. Returns detached terms."""
+        ctx = self.ctx
+        self.method.on_step(ctx)
+        for cb in self.callbacks:
+            cb.on_step_begin(self, ctx, batch)
+        teacher_name = self.policy.choose(ctx.global_step) if self.policy is not None else None
+        ctx.teacher_name = teacher_name
+        student_req, teacher_req = self.auxiliary.feature_requests(ctx.stage, teacher_name)
+        if set(student_req) != set(self.extractor.features):
+            self.extractor.set_features(student_req)
+        teacher_feats = self.policy.features(teacher_name, batch, teacher_req) if teacher_name else {}
+        student_feats = self.method.student_forward(ctx, self.extractor, batch)
+        losses = self.method.losses(ctx, student_feats, teacher_feats, teacher_name, batch)
+        if not losses:
+            raise AutoSKDError(f"method {self.method.spec.name!r} has no loss in stage {ctx.stage!r}; "
+                               f"its stages are: {', '.join(self.method.spec.stages)}")
+        loss = torch.stack([v for v in losses.values()]).sum()
+        if not torch.isfinite(loss):
+            raise AutoSKDError(f"loss became {float(loss)} at step {ctx.global_step}; lower the learning rate")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if max_grad_norm and max_grad_norm > 0:
+            nn.utils.clip_grad_norm_([p for _, p in self.trainable_parameters()], max_grad_norm)
+        optimizer.step()
+        detached = {k: v.detach() for k, v in losses.items()}
+        detached["loss"] = loss.detach()
+        for cb in self.callbacks:
+            cb.on_step_end(self, ctx, batch, detached)
+        return detached
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, stages: Sequence[Stage], dev: DataLoader | None = None, resume: bool = False) -> TrainResult:
+        start = time.perf_counter()
+        result = TrainResult(out_dir=self.out_dir)
+        best_state: dict | None = None
+        done_stage, done_epoch = -1, 0
+        ckpt_path = self.out_dir / "checkpoint.pt" if self.out_dir else None
+        if resume and ckpt_path is not None and ckpt_path.exists():
+            state = torch.load(ckpt_path, map_location=self.device, weights_only=False)
+            self.student.load_state_dict(state["student"])
+            self.auxiliary.load_state_dict(state["auxiliary"])
+            result.history, best_state = state["history"], state.get("best_state")
+            result.best_dev_acc, result.best_epoch = state.get("best_dev_acc"), state.get("best_epoch")
+            done_stage, done_epoch = state["stage_index"], state["epoch"]
+            self.ctx.global_step = state["global_step"]
+            resumed_state = state
+        else:
+            resumed_state = None
+
+        for stage_index, stage in enumerate(stages):
+            if stage_index < done_stage:
+                continue
+            total_steps = stage.total_steps()
+            steps_per_epoch = len(stage.train)
+            epochs = math.ceil(total_steps / steps_per_epoch)
+            first_epoch = done_epoch if stage_index == done_stage else 0
+            if first_epoch >= epochs:
+                continue
+            if self.policy is not None:
+                self.policy.prepare(stage.train, stage.data_id, self.cache, self.device, self.progress)
+            ctx = self.ctx
+            ctx.stage, ctx.total_steps = stage.name, total_steps
+            params = self.trainable_parameters()
+            optimizer = _optimizer(params, stage.lr, stage.weight_decay)
+            scheduler = get_linear_schedule_with_warmup(optimizer, int(stage.warmup_ratio * total_steps), total_steps)
+            if resumed_state is not None and stage_index == done_stage:
+                optimizer.load_state_dict(resumed_state["optimizer"])
+                scheduler.load_state_dict(resumed_state["scheduler"])
+                sampler_gen = getattr(stage.train.sampler, "generator", None)
+                if sampler_gen is not None and resumed_state.get("sampler_state") is not None:
+                    sampler_gen.set_state(resumed_state["sampler_state"])
+            for cb in self.callbacks:
+                cb.on_stage_start(self, ctx)
+            step = first_epoch * steps_per_epoch
+            self.student.train()
+            bar = tqdm(total=total_steps, initial=step, desc=f"{self.method.spec.name}:{stage.name}",
+                       disable=not self.progress, leave=False, dynamic_ncols=True)
+            for epoch in range(first_epoch, epochs):
+                ctx.epoch = epoch
+                sums: dict[str, torch.Tensor] = {}
+                count = 0
+                for batch in stage.train:
+                    if step >= total_steps:
+                        break
+                    ctx.step = step
+                    terms = self.train_step(to_device(batch, self.device), optimizer, stage.max_grad_norm)
+                    scheduler.step()
+                    step += 1
+                    ctx.global_step += 1
+                    count += 1
+                    for k, v in terms.items():
+                        sums[k] = sums.get(k, 0) + v
+                    bar.update(1)
+                    if step % self.log_every == 0 or step == total_steps:
+                        record = {k: float(v) / count for k, v in sums.items()}
+                        bar.set_postfix(loss=f"{record['loss']:.4f}")
+                        self.log.write({"kind": "train", "stage": stage.name, "epoch": epoch, "step": step,
+                                        "global_step": ctx.global_step, "lr": scheduler.get_last_lr()[0], **record,
+                                        **{f"distance/{k}": v for k, v in self._distances().items()}})
+                        sums, count = {}, 0
+                metrics: dict[str, Any] = {"kind": "epoch", "stage": stage.name, "epoch": epoch, "step": step,
+                                           "global_step": ctx.global_step}
+                if dev is not None and stage.evaluate:
+                    scores = evaluate(self.student, dev, self.device)
+                    metrics.update(dev_acc=scores["accuracy"], dev_loss=scores["loss"])
+                    if result.best_dev_acc is None or scores["accuracy"] > result.best_dev_acc:
+                        result.best_dev_acc, result.best_epoch = scores["accuracy"], len(result.history)
+                        if self.restore_best:
+                            best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.student.state_dict().items()}
+                    result.final_dev_acc = scores["accuracy"]
+                    bar.set_postfix(dev_acc=f"{scores['accuracy']:.4f}")
+                result.history.append(metrics)
+                self.log.write(metrics)
+                for cb in self.callbacks:
+                    cb.on_epoch_end(self, ctx, metrics)
+                if self.checkpoint:
+                    self._save_checkpoint(ckpt_path, stage_index, epoch + 1, optimizer, scheduler, stage,
+                                          result, best_state)
+            bar.close()
+            for cb in self.callbacks:
+                cb.on_stage_end(self, ctx)
+            resumed_state = None
+
+        if self.restore_best and best_state is not None:
+            self.student.load_state_dict(best_state)
+        result.steps = self.ctx.global_step
+        result.seconds = time.perf_counter() - start
+        if self.out_dir is not None:
+            plot_history(self.log.path, self.out_dir / "training.png",
+                         title=f"{self.method.spec.name}: loss and dev accuracy")
+        return result
+
+    def _distances(self) -> dict[str, float]:
+        distances = getattr(self.auxiliary, "last_distances", None) or {}
+        return {k: float(v) for k, v in distances.items()}
+
+    def _save_checkpoint(self, path: Path, stage_index: int, epoch: int, optimizer, scheduler, stage: Stage,
+                         result: TrainResult, best_state: dict | None) -> None:
+        sampler_gen = getattr(stage.train.sampler, "generator", None)
+        state = {"stage_index": stage_index, "epoch": epoch, "global_step": self.ctx.global_step,
+                 "student": self.student.state_dict(), "auxiliary": self.auxiliary.state_dict(),
+                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "sampler_state": sampler_gen.get_state() if sampler_gen is not None else None,
+                 "history": result.history, "best_dev_acc": result.best_dev_acc, "best_epoch": result.best_epoch,
+                 "best_state": best_state}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(path)
