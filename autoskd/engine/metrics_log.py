@@ -14,6 +14,11 @@ class MetricsLog:
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
 
+    def reset(self) -> None:
+        """Start a fresh log (a new run in an old folder must not mix with its records)."""
+        if self.path is not None and self.path.exists():
+            self.path.unlink()
+
     def write(self, record: dict) -> None:
         if self.path is None:
             return

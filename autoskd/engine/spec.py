@@ -24,6 +24,9 @@ class FeatureLoss:
     registered feature transform applied to both sides first (e.g. a relation matrix).
     ``stage`` is the training stage in which the term is active (``"task"`` by default,
     ``"pretrain"`` for terms used on unlabelled text, or any stage name a method defines).
+    ``name`` is a short handle for the term: its loss key is ``f"{name}_{distance}"`` (plus
+    ``:s{s}-t{t}`` for mapped layers) and the method option ``f"{name}_weight"`` sets its
+    weight; without it the student feature kind stands in (``hidden`` -> ``hidden_mse``).
     """
 
     student: str
@@ -35,6 +38,7 @@ class FeatureLoss:
     transform: str | None = None
     temperature: float = 1.0
     stage: str = "task"
+    name: str | None = None
 
     def __post_init__(self) -> None:
         if self.layers not in LAYER_MAPS:
@@ -66,7 +70,8 @@ def map_layers(layers: str, student_layers: int, teacher_layers: int) -> list[tu
 class MethodSpec:
     """A whole method: its loss terms, the hard-label weight, and the stages it trains in.
 
-    ``hard_label_weight`` adds cross-entropy on the gold labels (task stages only).
+    ``hard_label_weight`` adds cross-entropy on the gold labels (task stages only:
+    ``hard_label_stages`` names them; ``None`` means every stage except ``"pretrain"``).
     ``stages`` lists the stage names the method expects, in order; ``distill`` runs them
     in that order unless the user overrides the stage list.
     """
@@ -79,6 +84,15 @@ class MethodSpec:
     needs_teacher: bool = True
     reference: str = ""
     extra: dict = field(default_factory=dict)
+    hard_label_stages: tuple[str, ...] | None = None
+
+    def uses_hard_labels(self, stage: str) -> bool:
+        """Whether the hard-label cross-entropy is part of ``stage``'s loss."""
+        if self.hard_label_weight <= 0:
+            return False
+        if self.hard_label_stages is None:
+            return stage != "pretrain"
+        return stage in self.hard_label_stages
 
     def losses_for(self, stage: str) -> tuple[FeatureLoss, ...]:
         return tuple(loss for loss in self.losses if loss.stage == stage)

@@ -141,14 +141,22 @@ class SampledTeacher(TeacherPolicy):
         self.generator = torch.Generator().manual_seed(seed)
         self.counts = {name: 0 for name in self.names}
         self.last_index: int | None = None
+        self.preselected: int | None = None
         if len(theta) != len(self.names):
             raise AutoSKDError(f"distribution has {len(theta)} weights but the team has {len(self.names)} teachers")
 
-    def choose(self, step: int) -> str:
+    def draw(self) -> int:
+        """Sample a teacher index from the current theta (and count it)."""
         probs = self.theta.detach().float().clamp_min(0)
         i = int(torch.multinomial(probs, 1, generator=self.generator))
         self.last_index = i
         self.counts[self.names[i]] += 1
+        return i
+
+    def choose(self, step: int) -> str:
+        """This step's teacher: the one a callback already drew (the search's theta step
+        must update the weight of the teacher the student then learns from), else a new draw."""
+        i, self.preselected = (self.preselected, None) if self.preselected is not None else (self.draw(), None)
         return self.names[i]
 
     def features(self, name: str, batch: dict, names: Iterable[str]) -> dict[str, torch.Tensor]:

@@ -240,6 +240,7 @@ class Distiller:
             resumed_state = state
         else:
             resumed_state = None
+            self.log.reset()
 
         for stage_index, stage in enumerate(stages):
             if stage_index < done_stage:
@@ -257,6 +258,7 @@ class Distiller:
             params = self.trainable_parameters()
             optimizer = _optimizer(params, stage.lr, stage.weight_decay)
             scheduler = get_linear_schedule_with_warmup(optimizer, int(stage.warmup_ratio * total_steps), total_steps)
+            self.optimizer = optimizer  # callbacks read the current learning rate from it
             if resumed_state is not None and stage_index == done_stage:
                 optimizer.load_state_dict(resumed_state["optimizer"])
                 scheduler.load_state_dict(resumed_state["scheduler"])

@@ -1,0 +1,211 @@
+"""The ``autoskd`` command line: a thin layer over the Python API.
+
+Every user-fixable problem surfaces as one line, ``autoskd: error: ...``, and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import AutoSKDError
+
+DEFAULT_TEAM = "teams/minilm-ladder.yaml"
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--task", default="rotten_tomatoes",
+                   help="built-in task name, a CSV/JSONL/Parquet file, or a `datasets` name (default: rotten_tomatoes)")
+    g.add_argument("--text-column", help="column with the text (default: text or sentence)")
+    g.add_argument("--text-pair-column", help="second text column for sentence-pair tasks (e.g. RTE)")
+    g.add_argument("--label-column", help="column with the label (default: label)")
+    g.add_argument("--max-train", type=int, help="keep at most N rows in each of train and val (quick runs)")
+    g.add_argument("--max-eval", type=int, help="keep at most N rows in each of dev and test")
+    g.add_argument("--seed", type=int, default=0, help="seed for splits, initialisation and data order")
+
+
+def _add_team_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--team", default=DEFAULT_TEAM, help=f"teacher-team YAML (default: {DEFAULT_TEAM})")
+    p.add_argument("--cache-dir", default=".cache/autoskd", help="where fine-tuned teachers and teacher outputs are cached")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _parse_options(pairs: list[str]) -> dict:
+    """``key=value`` pairs; values parsed as JSON when possible (numbers, booleans)."""
+    options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise AutoSKDError(f"--option {pair!r} must look like key=value, e.g. --option temperature=2")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def _load_task(args):
+    from .data.tasks import load_task
+
+    task = load_task(args.task, text_column=args.text_column, text_pair_column=args.text_pair_column,
+                     label_column=args.label_column, seed=args.seed)
+    if args.max_train or args.max_eval:
+        task = task.subsample(args.max_train, args.max_eval, seed=args.seed)
+    return task
+
+
+def _build_team(args, task):
+    from .team import TeacherTeam
+
+    team = TeacherTeam.from_yaml(args.team)
+    return team.build(task, cache_dir=Path(args.cache_dir) / "teachers", seed=args.seed, progress=not args.no_progress)
+
+
+# ---------------------------------------------------------------------------- commands
+def cmd_methods(args) -> int:
+    from .engine.methods import describe_methods
+
+    rows = describe_methods()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        stages = ", ".join(r.get("stages", []))
+        print(f"{r['name']:<{width}}  [{stages}]  {r['description']}")
+    return 0
+
+
+def cmd_team_build(args) -> int:
+    task = _load_task(args)
+    team = _build_team(args, task)
+    print(json.dumps({"team": team.name, "dev_accuracy": team.dev_accuracy}, indent=2))
+    return 0
+
+
+def cmd_distill(args) -> int:
+    from .pipeline import DistillConfig, distill
+
+    task = _load_task(args)
+    team = _build_team(args, task)
+    config = DistillConfig(method=args.method, method_options=_parse_options(args.option), teacher=args.teacher,
+                           policy=args.policy, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                           seed=args.seed, pretrain_epochs=args.pretrain_epochs, max_length=args.max_length)
+    outcome = distill(team, task, config, out_dir=args.out, cache_dir=args.cache_dir, progress=not args.no_progress)
+    print_table([{"model": f"teacher {n}", "dev_acc": a, "test_acc": None} for n, a in team.dev_accuracy.items()]
+                + [{"model": f"student ({args.method})", "dev_acc": outcome.dev_acc, "test_acc": outcome.test_acc}])
+    print(f"student saved to {Path(args.out) / 'student'}")
+    return 0
+
+
+def print_table(rows: list[dict]) -> None:
+    cols = list(rows[0])
+    fmt = [lambda v: "" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))] * len(cols)
+    cells = [[f(r[c]) for f, c in zip(fmt, cols)] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def cmd_search(args) -> int:
+    from .search.run import SearchConfig, run_search
+
+    theta = {k: v for k, v in {"strategy": args.strategy, "order": args.order, "lr": args.theta_lr,
+                               "num_candidates": args.candidates, "val_objective": args.val_objective}.items()
+             if v is not None}
+    config = SearchConfig.from_preset(
+        args.preset, theta=theta, seed=args.seed, m=args.m, baselines=args.baselines, n_random=args.random,
+        executor=args.executor, address=args.address, cpus_per_trial=args.cpus_per_trial,
+        gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent, max_train=args.max_train,
+        max_eval=args.max_eval, search_epochs=args.search_epochs, eval_epochs=args.eval_epochs)
+    task_args = {"name_or_path": args.task, "text_column": args.text_column,
+                 "text_pair_column": args.text_pair_column, "label_column": args.label_column}
+    run_search(args.team, task_args, config, args.out, cache_dir=args.cache_dir, progress=not args.no_progress)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """The main job on the embedded default: the quick AutoSKD search of the ladder team."""
+    return main(["search", "--team", DEFAULT_TEAM, "--task", "rotten_tomatoes", "--preset", "quick",
+                 "--out", "runs/demo"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="autoskd", description="Distil a team of teacher language models into a small student.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("methods", help="list the distillation methods")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_methods)
+
+    team = sub.add_parser("team", help="teacher teams").add_subparsers(dest="team_command", required=True)
+    p = team.add_parser("build", help="fine-tune (or reuse cached) teachers of a team and print their dev accuracy")
+    p.add_argument("team", help="teacher-team YAML, e.g. teams/minilm-ladder.yaml")
+    p.add_argument("--cache-dir", default=".cache/autoskd", help="where fine-tuned teachers are cached")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_data_args(p)
+    p.set_defaults(func=cmd_team_build)
+
+    p = sub.add_parser("distill", help="distil the team's student with one method")
+    _add_team_args(p)
+    _add_data_args(p)
+    p.add_argument("--method", default="kd", help="method name (see `autoskd methods`)")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE", help="method option, e.g. temperature=2 (repeatable)")
+    p.add_argument("--teacher", help="team member to distil from (default: best on dev)")
+    p.add_argument("--policy", default="single", choices=["single", "average"], help="one teacher, or AvgKD over the team")
+    p.add_argument("--epochs", type=float, default=3.0, help="epochs per method stage")
+    p.add_argument("--pretrain-epochs", type=float, default=0.0, help="epochs of a pre-training-style stage on unlabelled text")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, help="token limit (default: the team's max_length)")
+    p.add_argument("--out", default="runs/distill", help="output folder (student/, metrics.jsonl, training.png, result.json)")
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("search", help="AutoSKD: learn which teachers to sample, evaluate candidates and baselines")
+    _add_team_args(p)
+    _add_data_args(p)
+    p.add_argument("--preset", default="quick", choices=["quick", "paper"], help="settings bundle (default: quick)")
+    p.add_argument("--out", default="runs/search", help="output folder; rerunning resumes it")
+    p.add_argument("--strategy", choices=["sswo", "cr"], help="theta update strategy (default: sswo)")
+    p.add_argument("--order", choices=["first", "second"], help="unrolled-gradient order (default: second)")
+    p.add_argument("--theta-lr", type=float, help="Adam learning rate on theta (paper: 3e-4 to 1e-3)")
+    p.add_argument("--val-objective", choices=["distill", "task"], help="theta's validation loss (default: distill)")
+    p.add_argument("--m", type=int, help="teachers dropped at selection (default: those weaker than the student)")
+    p.add_argument("--candidates", type=int, help="K candidate distributions from phase 2")
+    p.add_argument("--search-epochs", type=float, help="epochs of the bilevel search")
+    p.add_argument("--eval-epochs", type=float, help="epochs of each candidate/baseline training")
+    p.add_argument("--baselines", default="all", help="all, none, or a comma list of single,avgkd,uniform,random")
+    p.add_argument("--random", type=int, help="number of random Dirichlet(1) distributions")
+    p.add_argument("--executor", default="ray", choices=["ray", "local"], help="run trials on Ray Tune or in-process")
+    p.add_argument("--address", help="existing Ray cluster, e.g. ray://head:10001 (default: local Ray on 127.0.0.1)")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0)
+    p.add_argument("--gpus-per-trial", type=float, default=0.0)
+    p.add_argument("--max-concurrent", type=int, help="trials at once (default: as resources allow)")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("demo", help="run the main job on the built-in default team and task")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except AutoSKDError as err:
+        print(f"autoskd: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("autoskd: interrupted; finished work is kept (rerun the same command to resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

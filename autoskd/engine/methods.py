@@ -1,0 +1,226 @@
+"""The :class:`Method` base class and the ``METHODS`` registry.
+
+A method is data -- a :class:`~autoskd.engine.spec.MethodSpec` -- plus behaviour only where
+it changes over training (``on_step`` schedules, operation hooks in ``student_forward``).
+Built-in methods live in :mod:`autoskd.methods` and register themselves::
+
+    @METHODS.register("kd")
+    class KD(Method):
+        spec = MethodSpec(name="kd", description="...", losses=(FeatureLoss("logits", "logits", "kl"),))
+        OPTIONS = {"alpha": 1.0}
+
+        def configure(self, spec, options): ...   # turn options into a spec
+
+Options (``get_method("kd", alpha=0.5, temperature=4)``) are the method's own ``OPTIONS``
+plus these, shared by every method:
+
+``hard_label_weight``  weight of the cross-entropy on gold labels
+``stages``             the stage names to train, in order (list or ``"a,b"``)
+``temperature``        temperature of every logit-reading term (``kl``/``ce`` distances)
+``weights``            ``{term handle: weight}``
+``<handle>_weight``    weight of one term, e.g. ``hidden_weight`` for TinyBERT
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+from ..errors import AutoSKDError
+from ..registry import Registry
+from .auxiliary import AuxiliaryModel, term_base, term_handle
+from .losses import DISTANCES, on_logits
+from .spec import FeatureLoss, MethodSpec
+
+METHODS: Registry[type["Method"]] = Registry("method")
+
+#: Options every method accepts (see the module docstring).
+GENERIC_OPTIONS = ("hard_label_weight", "stages", "temperature", "weights")
+
+
+def _coerce(method: str, name: str, value: Any, default: Any) -> Any:
+    """Turn a CLI/YAML value into the type of ``default`` (str "0.5" -> 0.5, "true" -> True)."""
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                low = value.strip().lower()
+                if low in ("1", "true", "yes", "on"):
+                    return True
+                if low in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if isinstance(default, int):
+            number = float(value)
+            if isinstance(value, bool) or number != int(number):
+                raise ValueError(value)
+            return int(number)
+        if isinstance(default, (int, float)) or default is None:
+            if value is None:
+                return None
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return float(value)
+        if isinstance(default, tuple):
+            if isinstance(value, str):
+                return tuple(v.strip() for v in value.split(",") if v.strip())
+            return tuple(value)
+    except (TypeError, ValueError):
+        raise AutoSKDError(f"method {method!r}: option {name}={value!r} is not a valid "
+                           f"{type(default).__name__ if default is not None else 'number'}") from None
+    return value
+
+
+class Method:
+    """A distillation method. Subclasses set ``spec`` (and ``OPTIONS``) and override only
+    what changes over training.
+
+    The trainer calls, in order: :meth:`build_auxiliary`, :meth:`setup` (once), then per
+    step :meth:`on_step`, :meth:`student_forward`, :meth:`losses`. ``ctx`` is the trainer's
+    step context (``student``, ``teachers``, ``auxiliary``, ``stage``, ``step`` (0-based in
+    the stage), ``total_steps``, ``device``).
+    """
+
+    spec: ClassVar[MethodSpec]
+    #: Method-specific options and their defaults (``None`` = an optional number).
+    OPTIONS: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, **options: Any):
+        base: MethodSpec = type(self).spec
+        name = base.name
+        handles = {term_handle(loss) for loss in base.losses}
+        allowed = set(self.OPTIONS) | set(GENERIC_OPTIONS) | {f"{h}_weight" for h in handles}
+        unknown = sorted(set(options) - allowed)
+        if unknown:
+            raise AutoSKDError(f"method {name!r} has no option {', '.join(unknown)}; its options: "
+                               f"{', '.join(sorted(allowed))}")
+        self.options: dict[str, Any] = dict(self.OPTIONS)
+        for key, value in options.items():
+            if key in self.OPTIONS:
+                self.options[key] = _coerce(name, key, value, self.OPTIONS[key])
+        spec = self.configure(base, self.options)
+        self.spec: MethodSpec = self._apply_generic(spec, options)
+
+    # ------------------------------------------------------------------ options
+    def configure(self, spec: MethodSpec, options: dict[str, Any]) -> MethodSpec:
+        """Turn the method-specific ``options`` into a spec (default: unchanged)."""
+        return spec
+
+    def _apply_generic(self, spec: MethodSpec, options: dict[str, Any]) -> MethodSpec:
+        name = spec.name
+        losses = list(spec.losses)
+        changes: dict[str, Any] = {}
+        if "hard_label_weight" in options:
+            w = _coerce(name, "hard_label_weight", options["hard_label_weight"], 1.0)
+            if w < 0:
+                raise AutoSKDError(f"method {name!r}: hard_label_weight must be >= 0 (got {w})")
+            changes["hard_label_weight"] = w
+        if "stages" in options:
+            stages = _coerce(name, "stages", options["stages"], ())
+            if not stages:
+                raise AutoSKDError(f"method {name!r}: stages must name at least one stage")
+            changes["stages"] = stages
+        if "temperature" in options:
+            tau = _coerce(name, "temperature", options["temperature"], 1.0)
+            if not tau > 0:
+                raise AutoSKDError(f"method {name!r}: temperature must be > 0 (got {tau})")
+            if not any(on_logits(DISTANCES.get(l.distance)) for l in losses):
+                raise AutoSKDError(f"method {name!r} has no temperature (no kl/ce loss term)")
+            losses = [dataclasses.replace(l, temperature=tau) if on_logits(DISTANCES.get(l.distance)) else l
+                      for l in losses]
+        weights: dict[str, Any] = {}
+        given = options.get("weights") or {}
+        if not isinstance(given, dict):
+            raise AutoSKDError(f"method {name!r}: weights must be a mapping term -> weight")
+        weights.update(given)
+        weights.update({k[: -len("_weight")]: v for k, v in options.items()
+                        if k.endswith("_weight") and k != "hard_label_weight" and k not in self.OPTIONS})
+        handles = {term_handle(l) for l in losses}
+        for handle, value in weights.items():
+            if handle not in handles:
+                raise AutoSKDError(f"method {name!r} has no loss term {handle!r}; its terms: {', '.join(sorted(handles))}")
+            w = _coerce(name, f"{handle}_weight", value, 1.0)
+            if w < 0:
+                raise AutoSKDError(f"method {name!r}: {handle}_weight must be >= 0 (got {w})")
+            losses = [dataclasses.replace(l, weight=w) if term_handle(l) == handle else l for l in losses]
+        changes["losses"] = tuple(losses)
+        return dataclasses.replace(spec, **changes)
+
+    # ------------------------------------------------------------------ trainer hooks
+    def build_auxiliary(self, student_geom, teacher_geoms) -> AuxiliaryModel:
+        """The auxiliary model (extra parameters + losses) for these model shapes."""
+        return AuxiliaryModel(self.spec, student_geom, teacher_geoms)
+
+    def setup(self, student: nn.Module, teachers: dict[str, nn.Module]) -> None:
+        """Called once before training (e.g. copy teacher modules into the student)."""
+
+    def on_step(self, ctx) -> None:
+        """Called at the start of every training step (schedules)."""
+
+    def student_forward(self, ctx, extractor, batch: dict) -> dict[str, Tensor]:
+        """The student's features for this step (default: the plain student forward)."""
+        return extractor(batch)
+
+    def losses(self, ctx, student_feats: dict[str, Tensor], teacher_feats: dict[str, Tensor],
+               teacher_name: str | None, batch: dict) -> dict[str, Tensor]:
+        """Weighted loss terms of this step; the trainer sums them."""
+        return ctx.auxiliary.compute(ctx.stage, student_feats, teacher_feats, batch, teacher_name)
+
+    # ------------------------------------------------------------------ description
+    @classmethod
+    def describe(cls) -> dict[str, Any]:
+        spec = cls.spec
+        features = list(dict.fromkeys(
+            ref.split(":")[0] for loss in spec.losses for ref in (loss.student, loss.teacher)))
+        losses = []
+        for loss in spec.losses:
+            text = f"{loss.student} <- {loss.teacher}: {loss.distance}"
+            extras = [x for x in (loss.transform, f"{loss.layers} layers" if loss.layers != "none" else None,
+                                  f"{loss.projection} projection" if loss.projection else None,
+                                  f"tau={loss.temperature:g}" if on_logits(DISTANCES.get(loss.distance)) else None)
+                      if x]
+            if extras:
+                text += f" ({', '.join(extras)})"
+            losses.append({"term": term_base(loss), "stage": loss.stage, "weight": loss.weight, "what": text})
+        options = dict(cls.OPTIONS)
+        options.setdefault("hard_label_weight", spec.hard_label_weight)
+        for loss in spec.losses:
+            options.setdefault(f"{term_handle(loss)}_weight", loss.weight)
+            if on_logits(DISTANCES.get(loss.distance)):
+                options.setdefault("temperature", loss.temperature)
+        return {"name": spec.name, "description": spec.description, "stages": list(spec.stages),
+                "features": features, "reference": spec.reference, "needs_teacher": spec.needs_teacher,
+                "hard_label_weight": spec.hard_label_weight, "losses": losses, "options": options}
+
+    def __repr__(self) -> str:
+        changed = {k: v for k, v in self.options.items() if self.OPTIONS.get(k) != v}
+        args = ", ".join(f"{k}={v!r}" for k, v in changed.items())
+        return f"{type(self).__name__}({args})"
+
+
+def _load_builtin() -> None:
+    from .. import methods  # noqa: F401  (each module registers itself)
+
+
+def get_method(name_or_method: str | Method | type[Method], **options: Any) -> Method:
+    """A method instance by registered name (options applied), or the given instance."""
+    if isinstance(name_or_method, Method):
+        if options:
+            raise AutoSKDError("options go to the method's constructor when passing a Method instance")
+        return name_or_method
+    if isinstance(name_or_method, type) and issubclass(name_or_method, Method):
+        return name_or_method(**options)
+    _load_builtin()
+    return METHODS.get(str(name_or_method))(**options)
+
+
+def describe_methods() -> list[dict[str, Any]]:
+    """One dict per registered method: name, description, stages, features, reference,
+    losses, options (what ``autoskd methods`` prints)."""
+    _load_builtin()
+    return [METHODS.get(name).describe() for name in METHODS.names()]
+
+
+__all__ = ["METHODS", "GENERIC_OPTIONS", "Method", "get_method", "describe_methods", "FeatureLoss", "MethodSpec"]

@@ -1,0 +1,36 @@
+"""Vanilla knowledge distillation (Hinton et al. 2015) on the classifier's logits.
+
+Loss: ``alpha * tau^2 * KL(softmax(z_T/tau) || softmax(z_S/tau)) + (1 - alpha) * CE(z_S, y)``.
+The default ``alpha=1`` is pure prediction-layer distillation (no gold labels), as the
+teacher -> student distillation step of AutoSKDBERT; ``tau`` defaults to 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ..errors import AutoSKDError
+from ..engine.methods import METHODS, Method
+from ..engine.spec import FeatureLoss, MethodSpec
+
+
+@METHODS.register("kd")
+class KD(Method):
+    spec = MethodSpec(
+        name="kd",
+        description="Hinton KD: KL divergence between teacher and student logits at temperature tau "
+                    "(weight alpha), plus (1 - alpha) x cross-entropy on gold labels.",
+        losses=(FeatureLoss("logits", "logits", "kl", weight=1.0, temperature=2.0, name="soft"),),
+        hard_label_weight=0.0,
+        stages=("task",),
+        reference="Hinton, Vinyals, Dean 2015, Distilling the Knowledge in a Neural Network",
+    )
+    OPTIONS = {"alpha": 1.0}
+
+    def configure(self, spec: MethodSpec, options: dict[str, Any]) -> MethodSpec:
+        alpha = options["alpha"]
+        if not 0.0 <= alpha <= 1.0:
+            raise AutoSKDError(f"method 'kd': alpha must be in [0, 1] (got {alpha})")
+        losses = tuple(dataclasses.replace(l, weight=alpha) for l in spec.losses)
+        return dataclasses.replace(spec, losses=losses, hard_label_weight=1.0 - alpha)

@@ -1,0 +1,176 @@
+"""From (team, task, method) to a distilled student: the Python API behind ``autoskd distill``.
+
+This module only wires things together: data -> loaders, team -> teacher policy, method
+-> stages, then one :class:`~autoskd.engine.trainer.Distiller` run. Search candidates and
+baselines call :func:`distill` too, with a different teacher policy.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .data.collate import make_loader, tokenize_split, unlabelled_split
+from .data.tasks import TaskData, load_task
+from .engine.methods import get_method
+from .engine.teachers import AverageTeachers, SampledTeacher, SingleTeacher, Teacher, TeacherPolicy
+from .engine.trainer import Distiller, Stage, TrainResult, evaluate
+from .errors import AutoSKDError
+
+DEFAULT_CACHE = Path(".cache/autoskd")
+
+
+@dataclass
+class DistillConfig:
+    """Everything a distillation run needs besides the team and the data.
+
+    ``teacher`` picks a team member (default: the best on dev); ``policy`` is ``single``,
+    ``average`` (AvgKD) or ``sampled`` (draw a teacher from ``theta`` each step: AutoSKD).
+    ``epochs`` apply to each of the method's stages; ``pretrain_epochs`` > 0 adds a
+    pre-training-style stage on unlabelled text (the task's training texts by default).
+    """
+
+    method: str = "kd"
+    method_options: dict = field(default_factory=dict)
+    teacher: str | None = None
+    policy: str = "single"
+    theta: list[float] | None = None
+    epochs: float = 3.0
+    lr: float = 1e-4
+    batch_size: int = 32
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    train_split: str = "train_full"
+    seed: int = 0
+    pretrain_epochs: float = 0.0
+    max_length: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class DistillOutcome:
+    student: nn.Module
+    tokenizer: Any
+    dev_acc: float
+    test_acc: float
+    result: TrainResult
+    out_dir: Path | None
+    teacher_counts: dict[str, int] | None = None
+
+    def summary(self) -> dict:
+        return {"dev_acc": self.dev_acc, "test_acc": self.test_acc, "best_dev_acc": self.result.best_dev_acc,
+                "steps": self.result.steps, "seconds": round(self.result.seconds, 2),
+                "teacher_counts": self.teacher_counts}
+
+
+@dataclass
+class Loaders:
+    train: DataLoader
+    dev: DataLoader
+    test: DataLoader
+    train_id: str
+
+
+def make_loaders(task: TaskData, tokenizer, max_length: int, batch_size: int, seed: int,
+                 train_split: str = "train_full") -> Loaders:
+    """Tokenised, dynamically padded loaders; ``train_id`` keys the teacher-output cache."""
+    def tok(split):
+        return tokenize_split(task.split(split), tokenizer, max_length)
+
+    train_id = f"{task.fingerprint(train_split)}-L{max_length}"
+    return Loaders(train=make_loader(tok(train_split), tokenizer, batch_size, shuffle=True, seed=seed),
+                   dev=make_loader(tok("dev"), tokenizer, batch_size * 2, shuffle=False),
+                   test=make_loader(tok("test"), tokenizer, batch_size * 2, shuffle=False),
+                   train_id=train_id)
+
+
+def build_policy(team, config: DistillConfig) -> TeacherPolicy | None:
+    """The teacher policy a config asks for, over the built team's frozen teachers."""
+    if not get_method(config.method, **config.method_options).spec.needs_teacher:
+        return None
+    fps = getattr(team, "fingerprints", {}) or {}
+    teachers = {name: Teacher(name, model, fps.get(name)) for name, model in team.teachers.items()}
+    if config.policy == "single":
+        name = config.teacher or max(team.dev_accuracy, key=team.dev_accuracy.get)
+        if name not in teachers:
+            raise AutoSKDError(f"teacher {name!r} is not in the team; choose one of: {', '.join(teachers)}")
+        return SingleTeacher(teachers[name])
+    if config.policy == "average":
+        return AverageTeachers(teachers)
+    if config.policy == "sampled":
+        if config.theta is None:
+            raise AutoSKDError("policy 'sampled' needs theta (one weight per teacher)")
+        theta = torch.tensor(config.theta, dtype=torch.float64)
+        if len(theta) != len(teachers) or (theta < 0).any() or float(theta.sum()) <= 0:
+            raise AutoSKDError(f"theta must have {len(teachers)} non-negative weights with a positive sum; got {config.theta}")
+        return SampledTeacher(teachers, theta / theta.sum(), seed=config.seed)
+    raise AutoSKDError(f"unknown teacher policy {config.policy!r}; choose single, average or sampled")
+
+
+def method_stages(config: DistillConfig, loaders: Loaders, unlabelled: DataLoader | None) -> list[Stage]:
+    method = get_method(config.method, **config.method_options)
+    names = [s for s in method.spec.stages if s != "pretrain"]
+    common = dict(lr=config.lr, warmup_ratio=config.warmup_ratio, weight_decay=config.weight_decay)
+    stages = []
+    if config.pretrain_epochs > 0:
+        stages.append(Stage("pretrain", unlabelled, epochs=config.pretrain_epochs, evaluate=False,
+                            data_id=None, **common))
+    stages += [Stage(name, loaders.train, epochs=config.epochs, data_id=loaders.train_id, **common) for name in names]
+    return stages
+
+
+def distill(team, task: TaskData | str, config: DistillConfig | None = None, *, out_dir: str | Path | None = None,
+            cache_dir: str | Path = DEFAULT_CACHE, progress: bool = True, callbacks=(), student: nn.Module | None = None,
+            loaders: Loaders | None = None) -> DistillOutcome:
+    """Distil the team's student on ``task``; returns the trained student and its scores.
+
+    ``team`` is a built :class:`~autoskd.team.TeacherTeam` (``team.build(task)`` first).
+    """
+    config = config or DistillConfig()
+    task = load_task(task, seed=config.seed) if isinstance(task, str) else task
+    if not getattr(team, "teachers", None) and get_method(config.method).spec.needs_teacher:
+        raise AutoSKDError("the team has no built teachers; call team.build(task) first")
+    max_length = config.max_length or team.max_length
+    loaders = loaders or make_loaders(task, team.tokenizer, max_length, config.batch_size, config.seed, config.train_split)
+    unlabelled = None
+    if config.pretrain_epochs > 0:
+        texts = tokenize_split(unlabelled_split(task.split(config.train_split)), team.tokenizer, max_length)
+        unlabelled = make_loader(texts, team.tokenizer, config.batch_size, shuffle=True, seed=config.seed)
+    student = student if student is not None else team.build_student(task, seed=config.seed)
+    policy = build_policy(team, config)
+    out_dir = Path(out_dir) if out_dir else None
+    distiller = Distiller(student, config.method, policy, out_dir=out_dir, seed=config.seed, progress=progress,
+                          callbacks=callbacks, teacher_cache=Path(cache_dir) / "teacher_outputs",
+                          method_options=config.method_options, checkpoint=out_dir is not None)
+    result = distiller.fit(method_stages(config, loaders, unlabelled), dev=loaders.dev, resume=out_dir is not None)
+    dev = evaluate(student, loaders.dev, distiller.device)["accuracy"]
+    test = evaluate(student, loaders.test, distiller.device)["accuracy"]
+    counts = dict(policy.counts) if isinstance(policy, SampledTeacher) else None
+    outcome = DistillOutcome(student, team.tokenizer, dev, test, result, out_dir, counts)
+    if out_dir is not None:
+        save_run(outcome, config, team, task)
+    return outcome
+
+
+def save_run(outcome: DistillOutcome, config: DistillConfig, team, task: TaskData) -> None:
+    """The student (``save_pretrained``), its scores and the config that reproduces it."""
+    from .models.loading import save_student
+
+    out = outcome.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    save_student(outcome.student, outcome.tokenizer, out / "student", label_names=task.label_names)
+    (out / "result.json").write_text(json.dumps({"task": task.name, **outcome.summary(),
+                                                 "history": outcome.result.history}, indent=2))
+    (out / "config.json").write_text(json.dumps({"task": task.name, "team": getattr(team, "name", None),
+                                                 **config.to_dict()}, indent=2))
+    ckpt = out / "checkpoint.pt"
+    if ckpt.exists():  # the run finished: the saved student supersedes the resume point
+        ckpt.unlink()

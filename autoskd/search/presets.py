@@ -1,0 +1,35 @@
+"""Named settings for ``autoskd search``.
+
+``quick`` fits a cold ``make demo`` (team build included) in about 15 minutes on a 2-core
+CPU: subsampled data, short training, a few candidates. ``paper`` follows AutoSKDBERT
+(section 3, table 13 and App. E): full splits, 25 candidates, 200 random distributions,
+5 epochs of candidate evaluation on SST-2-sized tasks, Adam on theta with lr 5e-4 and
+weight decay 1e-3, second-order unrolled gradient, SSWO.
+"""
+
+from __future__ import annotations
+
+from ..errors import AutoSKDError
+
+PRESETS: dict[str, dict] = {
+    "quick": {
+        "max_train": 1200, "max_eval": 600,
+        "search_epochs": 2.0, "batch_size": 32, "lr": 1e-4,
+        "theta": {"lr": 1e-3, "num_candidates": 4, "order": "second", "every": 1},
+        "eval_epochs": 2.0, "n_random": 4,
+    },
+    "paper": {
+        "max_train": None, "max_eval": None,
+        "search_epochs": 5.0, "batch_size": 32, "lr": 5e-5,
+        "theta": {"lr": 5e-4, "num_candidates": 25, "order": "second", "every": 1},
+        "eval_epochs": 5.0, "n_random": 200,
+    },
+}
+
+
+def get_preset(name: str) -> dict:
+    if name not in PRESETS:
+        raise AutoSKDError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    preset = dict(PRESETS[name])
+    preset["theta"] = dict(preset["theta"])
+    return preset

@@ -1,0 +1,430 @@
+"""Run arms (candidates and baselines): each arm is one :func:`autoskd.pipeline.distill` call.
+
+Two executors share one unit of work, :func:`run_arm`:
+
+* ``ray`` (default): every arm is a Ray Tune trial with its own CPU/GPU share, so arms run in
+  parallel on the local machine or on an existing cluster (``address="ray://head:10001"``).
+* ``local``: the arms one after another in this process (debugging, tests, no Ray).
+
+Nothing live crosses a process boundary: a trial gets a :class:`TrialSpec` (paths and plain
+values) and an :class:`~autoskd.search.arms.Arm` as dicts, and rebuilds the task and the team
+from disk. The team build hits the teacher cache, and every trial reads the same cache of
+teacher outputs (its writes are atomic).
+
+Output, per arm::
+
+    <root>/trials/<arm>/arm.json     the record (arm fields, dev_acc, test_acc, seconds, ...)
+    <root>/trials/<arm>/student/     the distilled student (saved by distill)
+    <root>/trials/<arm>/error.txt    the traceback, when the arm failed
+    <root>/ray/trials/               Ray Tune's own experiment folder (ray executor)
+
+An arm whose ``arm.json`` exists is finished: running again loads it (resume).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from ..errors import AutoSKDError
+from .arms import Arm
+
+__all__ = ["TrialSpec", "run_arm", "run_arms", "distill_arm", "ensure_ray_env", "load_record", "arm_dir",
+           "DEFAULT_RUNNER"]
+
+DEFAULT_RUNNER = "autoskd.search.trials:distill_arm"
+#: the folder that holds the ``autoskd`` package (put on workers' PYTHONPATH)
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _absolute_if_exists(path: str) -> str:
+    """A relative path that exists here, made absolute; anything else (a task or team name) unchanged."""
+    p = Path(str(path)).expanduser()
+    return str(p.absolute()) if not p.is_absolute() and p.exists() else str(path)
+
+
+@dataclass
+class TrialSpec:
+    """Everything a trial process needs to rebuild task and team and run one arm.
+
+    * ``team_path``: the team YAML (or a bundled team's bare name);
+    * ``task``: :func:`~autoskd.data.tasks.load_task` keyword arguments (``name_or_path``,
+      ``text_column``, ``text_pair_column``, ``label_column``, ``seed``, ...) plus ``max_train`` /
+      ``max_eval`` for :meth:`~autoskd.data.tasks.TaskData.subsample`; a plain string is a task name;
+    * ``cache_dir``: the cache root (teachers under ``<cache_dir>/teachers``, teacher outputs under
+      ``<cache_dir>/teacher_outputs``, as in the CLI);
+    * ``base_config``: the base :class:`~autoskd.pipeline.DistillConfig` (dict or instance); each
+      arm only changes its teacher policy;
+    * ``root``: the output root (arms go to ``<root>/trials/<arm>/``);
+    * ``runner``: import path ``module:function`` of ``runner(spec, arm, out_dir) -> dict`` (at
+      least ``dev_acc``, ``test_acc``) that trains one arm; tests point it at a fake.
+
+    Paths that exist are made absolute on construction (trials may run in another directory).
+    """
+
+    team_path: str
+    task: dict | str
+    root: str
+    cache_dir: str = ".cache/autoskd"
+    base_config: dict = field(default_factory=dict)
+    runner: str = DEFAULT_RUNNER
+    workdir: str = ""
+
+    def __post_init__(self) -> None:
+        if dataclasses.is_dataclass(self.base_config):
+            self.base_config = dataclasses.asdict(self.base_config)
+        self.base_config = dict(self.base_config or {})
+        task = {"name_or_path": self.task} if isinstance(self.task, (str, os.PathLike)) else dict(self.task)
+        if "name_or_path" not in task:
+            raise AutoSKDError(f"TrialSpec.task needs 'name_or_path' (got keys {sorted(task)})")
+        task["name_or_path"] = _absolute_if_exists(task["name_or_path"])
+        self.task = task
+        self.team_path = _absolute_if_exists(self.team_path)
+        self.root = str(Path(self.root).expanduser().absolute())
+        self.cache_dir = str(Path(self.cache_dir).expanduser().absolute())
+        self.workdir = self.workdir or os.getcwd()
+
+    @property
+    def seed(self) -> int:
+        return int(self.task.get("seed", self.base_config.get("seed", 0)) or 0)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrialSpec":
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
+    # ---- rebuilding the live objects inside a trial
+    def distill_config(self):
+        from ..pipeline import DistillConfig
+
+        return DistillConfig(**self.base_config)
+
+    def load_task(self):
+        from ..data.tasks import load_task
+
+        kwargs = {k: v for k, v in self.task.items() if k not in ("max_train", "max_eval")}
+        kwargs.setdefault("seed", self.seed)
+        task = load_task(**kwargs)
+        max_train, max_eval = self.task.get("max_train"), self.task.get("max_eval")
+        if max_train or max_eval:
+            task = task.subsample(max_train, max_eval, seed=self.seed)
+        return task
+
+    def build_team(self, task):
+        from ..team import TeacherTeam
+
+        team = TeacherTeam.from_yaml(self.team_path)
+        return team.build(task, cache_dir=Path(self.cache_dir) / "teachers", seed=self.seed, progress=False)
+
+
+def arm_dir(root: str | Path, arm: Arm | str) -> Path:
+    return Path(root) / "trials" / (arm.name if isinstance(arm, Arm) else arm)
+
+
+def _resolve_runner(path: str) -> Callable:
+    module, sep, attr = path.partition(":")
+    if not sep or not module or not attr:
+        raise AutoSKDError(f"trial runner {path!r} must look like 'package.module:function'")
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as err:
+        raise AutoSKDError(f"cannot import trial runner {path!r}: {err}") from err
+    if not callable(fn):
+        raise AutoSKDError(f"trial runner {path!r} is not a function")
+    return fn
+
+
+def distill_arm(spec: TrialSpec, arm: Arm, out_dir: Path) -> dict:
+    """The real runner: rebuild task and team, distil a student with the arm's teacher policy."""
+    from ..pipeline import distill
+
+    task = spec.load_task()
+    team = spec.build_team(task)
+    outcome = distill(team, task, arm.distill_config(spec.distill_config()), out_dir=out_dir,
+                      cache_dir=spec.cache_dir, progress=False)
+    return {"dev_acc": float(outcome.dev_acc), "test_acc": float(outcome.test_acc),
+            "steps": int(outcome.result.steps), "train_seconds": round(float(outcome.result.seconds), 2),
+            "teacher_counts": outcome.teacher_counts}
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def load_record(root: str | Path, arm: Arm | str) -> dict | None:
+    """The finished record of an arm, or None (not run, failed, or unreadable)."""
+    path = arm_dir(root, arm) / "arm.json"
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and "dev_acc" in record else None
+
+
+def run_arm(spec: TrialSpec, arm: Arm) -> dict:
+    """Train one arm (one ``distill`` call), write ``<root>/trials/<arm>/arm.json``, return the record.
+
+    On failure the traceback goes to ``error.txt`` in the arm's folder and the error propagates.
+    """
+    spec = spec if isinstance(spec, TrialSpec) else TrialSpec.from_dict(spec)
+    arm = arm if isinstance(arm, Arm) else Arm.from_dict(arm)
+    out = arm_dir(spec.root, arm)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    try:
+        result = dict(_resolve_runner(spec.runner)(spec, arm, out) or {})
+    except BaseException:
+        (out / "error.txt").write_text(traceback.format_exc())
+        raise
+    if "dev_acc" not in result or "test_acc" not in result:
+        raise AutoSKDError(f"trial runner {spec.runner!r} returned no dev_acc/test_acc for arm {arm.name!r}")
+    record = {**arm.to_dict(), "dev_acc": float(result.pop("dev_acc")), "test_acc": float(result.pop("test_acc")),
+              "seconds": round(time.perf_counter() - start, 2), "steps": result.pop("steps", None),
+              "student_trainings": 1, "teacher_counts": result.pop("teacher_counts", None), **result}
+    _write_json(out / "arm.json", record)
+    (out / "error.txt").unlink(missing_ok=True)
+    return record
+
+
+def _one_line(err: BaseException | Any) -> str:
+    """``Type: first line of the message`` of an error (Ray wraps trial errors; unwrap them)."""
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, BaseException):
+        err = cause
+    if isinstance(err, BaseException):
+        text = str(err).strip().splitlines()
+        return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+    text = str(err).strip().splitlines()
+    return text[-1] if text else "unknown error"
+
+
+def _failed(arm: Arm, error: str) -> dict:
+    return {**arm.to_dict(), "dev_acc": None, "test_acc": None, "seconds": None, "steps": None,
+            "student_trainings": 0, "teacher_counts": None, "status": "failed", "error": error}
+
+
+# ---------------------------------------------------------------------------------------- Ray
+def ensure_ray_env() -> None:
+    """Environment Ray needs here; call before ``import ray`` (no usage stats, no OSX cluster)."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # verbose=0 then means quiet (no config box)
+
+
+def _module_root(module_name: str) -> str | None:
+    """The sys.path entry a module was imported from (so workers can import it too)."""
+    mod = sys.modules.get(module_name)
+    file = getattr(mod, "__file__", None)
+    if not file:
+        return None
+    path = Path(file).resolve().parent
+    for _ in range(module_name.count(".") + (1 if Path(file).name == "__init__.py" else 0)):
+        path = path.parent
+    return str(path)
+
+
+def _worker_env(spec: TrialSpec, cpus_per_trial: float) -> dict[str, str]:
+    _resolve_runner(spec.runner)  # fail early, in the driver, on a bad runner path
+    paths = [str(REPO_ROOT), _module_root(spec.runner.partition(":")[0])]
+    paths += [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    seen: list[str] = []
+    for p in paths:
+        if p and p not in seen:
+            seen.append(p)
+    threads = str(max(1, int(cpus_per_trial)))
+    return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONPATH": os.pathsep.join(seen), "RAY_CHDIR_TO_TRIAL_DIR": "0"}
+
+
+def _ray_trainable(config: dict, spec: dict | None = None, env: dict | None = None) -> None:
+    """One Ray Tune trial: run the arm, report its record (as JSON, so nothing gets flattened)."""
+    from ray import tune
+
+    for key, value in (env or {}).items():  # also when Ray was initialised without our runtime_env
+        if key != "PYTHONPATH":
+            os.environ.setdefault(key, value)
+    spec = TrialSpec.from_dict(spec)
+    if os.path.isdir(spec.workdir):  # same relative-path behaviour as the driver
+        os.chdir(spec.workdir)
+    try:
+        import torch
+
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    except ImportError:  # pragma: no cover
+        pass
+    record = run_arm(spec, Arm.from_dict(config["arm"]))
+    tune.report({"dev_acc": record["dev_acc"], "record_json": json.dumps(record)})
+
+
+def _trial_name(trial) -> str:
+    return str(trial.config["arm"]["name"])
+
+
+def _progress_callback(total: int):
+    from ray import tune
+    from tqdm.auto import tqdm
+
+    class _Bar(tune.Callback):
+        """A tqdm bar over finished/failed trials (Tune's own output is off)."""
+
+        def __init__(self):
+            self._bar = None
+
+        def __getstate__(self):  # Tune may pickle callbacks with the experiment state
+            return {"_bar": None}
+
+        def setup(self, **info):
+            self._bar = tqdm(total=total, desc="arms (ray)", unit="arm")
+
+        def _tick(self, trial, status):
+            if self._bar is not None:
+                self._bar.update(1)
+                self._bar.set_postfix_str(f"{_trial_name(trial)} {status}")
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._tick(trial, "done")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._tick(trial, "failed")
+
+        def on_experiment_end(self, trials, **info):
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
+
+    return _Bar()
+
+
+def _run_ray(spec: TrialSpec, arms: list[Arm], *, address: str | None, cpus_per_trial: float, gpus_per_trial: float,
+             max_concurrent: int | None, num_cpus: int | None, progress: bool) -> dict[str, dict]:
+    ensure_ray_env()
+    import ray
+    from ray import tune
+
+    env = _worker_env(spec, cpus_per_trial)
+    started = False
+    if not ray.is_initialized():
+        runtime_env: dict = {"env_vars": env}
+        common = dict(ignore_reinit_error=True, log_to_driver=False, runtime_env=runtime_env)
+        if address is None or address == "local":
+            ray.init(address=None, num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, logging_level="warning",
+                     _node_ip_address="127.0.0.1", object_store_memory=256 * 1024 ** 2, **common)
+        else:
+            if address.startswith("ray://"):
+                # a remote cluster has no copy of this checkout: ship the package with the job
+                # (the team YAML, cache_dir and root must be on storage the cluster shares)
+                runtime_env["py_modules"] = [str(REPO_ROOT / "autoskd")]
+                env.pop("PYTHONPATH")
+            ray.init(address=address, logging_level="warning", **common)
+        started = True
+    try:
+        trainable = tune.with_resources(tune.with_parameters(_ray_trainable, spec=spec.to_dict(), env=env),
+                                        {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"arm": tune.grid_search([a.to_dict() for a in arms])},
+            tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, trial_name_creator=_trial_name,
+                                        trial_dirname_creator=_trial_name, reuse_actors=False),
+            run_config=tune.RunConfig(storage_path=str(Path(spec.root) / "ray"), name="trials", verbose=0,
+                                      failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+                                      callbacks=[_progress_callback(len(arms))] if progress else None),
+        )
+        quiet = [logging.getLogger(n) for n in ("ray.tune", "ray.train", "ray.air")]
+        levels = [q.level for q in quiet]
+        for q in quiet:  # INFO chatter; a failed trial's traceback is in its error.txt and still logged as ERROR
+            q.setLevel(max(q.getEffectiveLevel(), logging.WARNING))
+        try:
+            grid = tuner.fit()
+        finally:
+            for q, level in zip(quiet, levels):
+                q.setLevel(level)
+        out: dict[str, dict] = {}
+        for result in grid:
+            name = (result.config or {}).get("arm", {}).get("name")
+            if name is None:
+                continue
+            if result.error is not None:
+                out[name] = {"error": _one_line(result.error)}
+            elif result.metrics and "record_json" in result.metrics:
+                out[name] = json.loads(result.metrics["record_json"])
+        return out
+    finally:
+        if started:
+            ray.shutdown()
+
+
+# ---------------------------------------------------------------------------------------- both
+def run_arms(spec: TrialSpec, arms: Iterable[Arm], executor: str = "ray", address: str | None = None,
+             cpus_per_trial: float = 1, gpus_per_trial: float = 0, max_concurrent: int | None = None,
+             progress: bool = True, num_cpus: int | None = None) -> list[dict]:
+    """Run every arm not finished yet; one record per arm, in input order.
+
+    A record is the arm's ``arm.json`` plus ``status``: ``finished`` (ran now), ``loaded`` (found
+    on disk) or ``failed`` (``error`` holds one line; the traceback is in the arm's ``error.txt``).
+    One failing arm never stops the others. ``address``: an existing Ray cluster (e.g.
+    ``ray://head:10001``); by default a local Ray is started on 127.0.0.1 with ``num_cpus`` (all
+    cores) and shut down afterwards. If Ray is already initialised it is used as is.
+    """
+    arms = [a if isinstance(a, Arm) else Arm.from_dict(a) for a in arms]
+    names = [a.name for a in arms]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise AutoSKDError(f"arm names must be unique; repeated: {', '.join(dupes)}")
+    if executor not in ("ray", "local"):
+        raise AutoSKDError(f"unknown executor {executor!r}; choose ray or local")
+    if cpus_per_trial <= 0 or gpus_per_trial < 0:
+        raise AutoSKDError(f"cpus_per_trial must be > 0 and gpus_per_trial >= 0 (got {cpus_per_trial}, {gpus_per_trial})")
+    if max_concurrent is not None and max_concurrent < 1:
+        raise AutoSKDError(f"max_concurrent must be at least 1 (got {max_concurrent})")
+
+    records: dict[str, dict] = {}
+    todo = []
+    for arm in arms:
+        done = load_record(spec.root, arm)
+        if done is not None:
+            records[arm.name] = {**done, "status": "loaded"}
+        else:
+            todo.append(arm)
+
+    if todo and executor == "local":
+        from tqdm.auto import tqdm
+
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        bar = tqdm(todo, desc="arms", unit="arm", disable=not progress)
+        for arm in bar:
+            bar.set_postfix_str(arm.name)
+            try:
+                records[arm.name] = {**run_arm(spec, arm), "status": "finished"}
+            except KeyboardInterrupt:
+                raise
+            except Exception as err:  # noqa: BLE001 - one failed arm must not stop the search
+                records[arm.name] = _failed(arm, _one_line(err))
+    elif todo:
+        results = _run_ray(spec, todo, address=address, cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
+                           max_concurrent=max_concurrent, num_cpus=num_cpus, progress=progress)
+        for arm in todo:
+            got = results.get(arm.name)
+            if got is None:
+                records[arm.name] = _failed(arm, "the trial did not run (Ray returned no result)")
+            elif "error" in got and "dev_acc" not in got:
+                records[arm.name] = _failed(arm, got["error"])
+            else:
+                if load_record(spec.root, arm) is None:  # remote cluster without shared storage
+                    _write_json(arm_dir(spec.root, arm) / "arm.json", got)
+                records[arm.name] = {**got, "status": "finished"}
+    return [records[a.name] for a in arms]
