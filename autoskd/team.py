@@ -552,7 +552,11 @@ class TeacherTeam:
     # ------------------------------------------------------------------ build
     def build(self, task, cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR, seed: int = 0, progress: bool = True,
               force: bool = False) -> "TeacherTeam":
-        """Fine-tune (or load from cache) every spec teacher; evaluate every teacher on ``dev``."""
+        """Fine-tune (or load from cache) every spec teacher; evaluate every teacher on ``dev``.
+
+        With ``progress`` it prints one line per teacher, the engine's progress bars, and the
+        table (teacher, layers, params, dev acc, built/cached/given; also ``summary()``).
+        """
         from .data.collate import make_loader, tokenize_split
 
         self.validate(task)
@@ -597,7 +601,8 @@ class TeacherTeam:
             layers = _safe(lambda: count_layers(model))
             rows.append((name, layers, count_parameters(model), self.dev_accuracy[name], self.status[name]))
         self._table = rows
-        print(self.summary(), flush=True)
+        if progress:
+            print(self.summary(), flush=True)
         return self
 
     @staticmethod

@@ -166,10 +166,13 @@ def run_arm(arm: str, args, seed: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="16x64 batch, 3 repeats (< 2 min on 2 CPU cores)")
+    p.add_argument("--quick", action="store_true",
+                   help="16x64 batch, 3 repeats of the two primary arms, 1 of the others (< 2 min on 2 cores)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--extra-repeats", type=int, default=None,
+                   help="repeats of the non-primary arms (default: 1 with --quick, else --repeats)")
     p.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of: " + ", ".join(ARMS))
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                    help="worker subprocesses run at once (memory is per process; default 2)")
@@ -179,6 +182,8 @@ def main() -> None:
     args.batch_size = args.batch_size or (16 if args.quick else 32)
     args.seq_len = args.seq_len or (64 if args.quick else 128)
     args.repeats = args.repeats or 3
+    if args.extra_repeats is None:
+        args.extra_repeats = 1 if args.quick else args.repeats
 
     if args.worker:
         print(json.dumps(worker(args.worker, args.batch_size, args.seq_len, args.seed)))
@@ -192,7 +197,9 @@ def main() -> None:
             arms.insert(0, a)
     started = time.time()
     raw: dict[str, list[dict]] = {a: [] for a in arms}
-    jobs = [(r, arm) for r in range(args.repeats) for arm in arms]  # interleaved: drift hits all arms alike
+    primary = ("extract", "output_all")
+    jobs = [(r, arm) for r in range(args.repeats) for arm in arms  # interleaved: drift hits all arms alike
+            if arm in primary or r < args.extra_repeats]
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         for (r, arm), res in zip(jobs, pool.map(lambda job: run_arm(job[1], args, seed=job[0]), jobs)):
             raw[arm].append(res)
@@ -225,14 +232,26 @@ def main() -> None:
         "baseline": "model(..., output_hidden_states=True, output_attentions=True)",
         "attention": "eager for extract/output_all/plain/teacher arms (output_attentions needs it); "
                      "extract_sdpa uses SDPA",
-        "batch_size": args.batch_size, "seq_len": args.seq_len, "repeats": args.repeats, "quick": args.quick,
+        "batch_size": args.batch_size, "seq_len": args.seq_len, "repeats": args.repeats,
+        "extra_repeats": args.extra_repeats, "quick": args.quick,
         "jobs": args.jobs,
         "device": "cuda" if "cuda_peak_mb" in measures else "cpu",
+        "notes": [
+            "train mode: every hidden state and (eager) attention map is saved for backward anyway, so "
+            "output_hidden_states/output_attentions add ~nothing over a plain step (plain/output_all); the "
+            "extractor recomputes the requested layer's QK^T softmax from the hooked Q/K, which adds one "
+            "[B,heads,T,T] map plus contiguous Q/K copies per requested attention layer",
+            "no_grad (teacher side, how autoskd runs teachers): output_all keeps all L+1 hidden states and L "
+            "attention maps alive; the extractor keeps only the requested features",
+            "CPU SDPA with attention dropout in train mode falls back to the math kernel, which saves the "
+            "probabilities like eager, so extract_sdpa equals extract on CPU",
+        ],
         "medians": medians, "ratios": ratios, "raw": raw,
         "wall_seconds": time.time() - started,
     }
     path = write_result("hook_memory", result)
-    print(f"\nall-MiniLM-L6-v2, batch {args.batch_size}x{args.seq_len}, {args.repeats} repeats (medians)")
+    print(f"\nall-MiniLM-L6-v2, batch {args.batch_size}x{args.seq_len}, {args.repeats} repeats of extract/output_all, "
+          f"{args.extra_repeats} of the others (medians)")
     print(f"{'arm':>20} {'attn':>6} {'mode':>8} {'activation MB':>14} {'RSS delta MB':>13}")
     for arm in arms:
         m = medians[arm]

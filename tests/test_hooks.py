@@ -10,6 +10,9 @@ from torch import nn
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
+    BertModel,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
     MPNetConfig,
     MPNetForSequenceClassification,
     RobertaConfig,
@@ -33,6 +36,10 @@ ATOL = 1e-5
 
 def tiny(family: str = "bert", attn: str = "eager") -> nn.Module:
     torch.manual_seed(0)
+    if family == "distilbert":
+        config = DistilBertConfig(dim=32, n_heads=4, n_layers=3, hidden_dim=64, vocab_size=100,
+                                  max_position_embeddings=64, num_labels=2, attn_implementation=attn)
+        return DistilBertForSequenceClassification(config).eval()
     config_cls, model_cls = {
         "bert": (BertConfig, BertForSequenceClassification),
         "roberta": (RobertaConfig, RobertaForSequenceClassification),
@@ -66,15 +73,31 @@ def hooked_modules(model: nn.Module) -> dict[str, int]:
     ("bert", "bert", "bert.encoder.layer.{i}.attention.self.query"),
     ("roberta", "roberta", "roberta.encoder.layer.{i}.attention.self.query"),
     ("mpnet", "mpnet", "mpnet.encoder.layer.{i}.attention.attn.q"),
+    ("distilbert", "distilbert", "distilbert.transformer.layer.{i}.attention.q_lin"),
 ])
 def test_adapter_detects_family(family, prefix, query):
     adapter = ArchitectureAdapter.for_model(tiny(family))
     assert adapter.family == family
-    assert adapter.layer == f"{prefix}.encoder.layer.{{i}}"
+    assert adapter.layer == query.split(".attention")[0]
     assert adapter.query == query
     assert adapter.word_embeddings == f"{prefix}.embeddings.word_embeddings"
     assert adapter.classifier == "classifier"
     assert adapter.geometry == Geometry(num_layers=3, hidden_size=32, num_heads=4, vocab_size=100, num_labels=2)
+
+
+def test_adapter_on_a_bare_encoder_and_with_overridden_paths():
+    torch.manual_seed(0)
+    bare = BertModel(BertConfig(**TINY)).eval()
+    adapter = ArchitectureAdapter.for_model(bare)
+    assert adapter.layer == "encoder.layer.{i}" and adapter.classifier is None
+    assert adapter.geometry.num_layers == 3
+    batch = make_batch()
+    with torch.no_grad():
+        out = FeatureExtractor(bare, ["hidden:-1"])(batch)
+    torch.testing.assert_close(out["hidden:-1"], bare(**{k: batch[k] for k in ("input_ids", "attention_mask")})
+                               .last_hidden_state)
+    custom = ArchitectureAdapter.for_model(tiny(), paths={"value": "bert.encoder.layer.{i}.attention.self.query"})
+    assert custom.family == "bert" and custom.value.endswith("self.query")
 
 
 def test_adapter_counts_layers_of_truncated_model():
@@ -121,7 +144,7 @@ def test_only_requested_modules_get_hooks():
     assert hooked_modules(model) == {}
 
 
-@pytest.mark.parametrize("family", ["bert", "roberta", "mpnet"])
+@pytest.mark.parametrize("family", ["bert", "roberta", "mpnet", "distilbert"])
 def test_features_match_transformers_outputs(family):
     model = tiny(family)
     batch = make_batch(family)
@@ -288,6 +311,16 @@ def test_custom_module_with_user_paths():
     torch.testing.assert_close(out["attention_probs:-1"], model.blocks[1].last_probs, atol=ATOL, rtol=0)
     assert out["hidden:0"].shape == (3, 9, 16) and out["value:1"].shape == (3, 2, 9, 8)
     assert out["mlm_logits"].shape == (3, 9, 100)
+
+
+def test_unknown_architecture_still_gives_logits():
+    torch.manual_seed(0)
+    model = TinyTransformer().eval()
+    fx = FeatureExtractor(model, ["logits"])
+    assert hooked_modules(model) == {}
+    assert fx(make_batch())["logits"].shape == (3, 3)
+    with pytest.raises(AutoSKDError, match=r"paths=\{"):
+        fx.set_features(["hidden:0"])
 
 
 def test_custom_module_needs_num_heads_for_attention_paths():

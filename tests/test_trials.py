@@ -23,8 +23,9 @@ TEACHERS = ["t-small", "t-big"]
 
 
 def spec_for(root: Path, **kw) -> TrialSpec:
-    return TrialSpec(team="teams/x.yaml", task="rotten_tomatoes", root=str(root), cache_dir=str(root / "cache"),
-                     config={"method": "kd", "epochs": 1.0}, runner="fake_runner:run", **kw)
+    return TrialSpec(team_path="teams/x.yaml", task={"name_or_path": "rotten_tomatoes", "seed": 0, "max_train": 50},
+                     root=str(root), cache_dir=str(root / "cache"), base_config={"method": "kd", "epochs": 1.0},
+                     runner="fake_runner:run", **kw)
 
 
 # ------------------------------------------------------------------------------------------ arms
@@ -91,13 +92,24 @@ def test_parse_baselines():
 
 # ---------------------------------------------------------------------------------------- trials
 def test_trial_spec_absolute_and_roundtrip(tmp_path, monkeypatch):
+    from autoskd.pipeline import DistillConfig
+
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data.csv").write_text("text,label\na,0\n")
-    spec = TrialSpec(team="teams/t.yaml", task="data.csv", root="runs/s", cache_dir=".cache/autoskd")
-    assert spec.team == str(tmp_path / "teams/t.yaml") and spec.root == str(tmp_path / "runs/s")
-    assert spec.cache_dir == str(tmp_path / ".cache/autoskd") and spec.task == str(tmp_path / "data.csv")
-    assert TrialSpec(team="t.yaml", task="rotten_tomatoes", root="r").task == "rotten_tomatoes"
+    (tmp_path / "team.yaml").write_text("teachers: []\n")
+    spec = TrialSpec(team_path="team.yaml", task={"name_or_path": "data.csv", "seed": 3, "max_train": 10},
+                     root="runs/s", cache_dir=".cache/autoskd", base_config=DistillConfig(epochs=2.0))
+    assert spec.team_path == str(tmp_path / "team.yaml") and spec.root == str(tmp_path / "runs/s")
+    assert spec.cache_dir == str(tmp_path / ".cache/autoskd")
+    assert spec.task == {"name_or_path": str(tmp_path / "data.csv"), "seed": 3, "max_train": 10}
+    assert spec.seed == 3 and spec.distill_config() == DistillConfig(epochs=2.0)
+    assert spec.workdir == str(tmp_path)
+    # names (a built-in task, a bundled team) stay names
+    named = TrialSpec(team_path="minilm-ladder", task="rotten_tomatoes", root="r")
+    assert named.team_path == "minilm-ladder" and named.task == {"name_or_path": "rotten_tomatoes"}
     assert TrialSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    with pytest.raises(AutoSKDError, match="name_or_path"):
+        TrialSpec(team_path="t", task={"seed": 1}, root="r")
 
 
 def test_run_arm_writes_record(tmp_path):

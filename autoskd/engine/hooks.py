@@ -4,18 +4,16 @@
 requested features need -- ``attention_probs:-1`` hooks the last layer's query and key
 ``nn.Linear``s and nothing else -- and derive the features after the forward:
 
-==================== ============================== =========================================
-feature              hooked modules                 derived as
-==================== ============================== =========================================
-``embeddings``       embedding block                its output
-``hidden:i``         encoder layer i                its output (first element of a tuple)
-``query/key/value:i`` that projection of layer i    [B,T,H] -> [B,heads,T,d]
-``attention_scores:i`` query and key of layer i     QKᵀ/√d (+ position bias) , masked keys =
-                                                    ``finfo(dtype).min``
-``attention_probs:i`` query and key of layer i      softmax(scores)
-``mlm_logits``       last encoder layer             last hidden @ word_embeddings.weightᵀ
-``logits``           nothing                        ``output.logits`` (or the output tensor)
-==================== ============================== =========================================
+- ``embeddings``: hook on the embedding block; its output.
+- ``hidden:i``: hook on encoder layer i; its output (the first element of a tuple).
+- ``query:i`` / ``key:i`` / ``value:i``: hook on that projection of layer i;
+  [B,T,H] -> [B,heads,T,d].
+- ``attention_scores:i``: hooks on layer i's query and key; QKᵀ/√d (+ MPNet's relative
+  position bias), key positions where ``batch["attention_mask"]`` is 0 set to
+  ``finfo(dtype).min``; [B,heads,T,T].
+- ``attention_probs:i``: the same hooks; softmax of the scores.
+- ``mlm_logits``: hook on the last encoder layer; last hidden @ word_embeddings.weightᵀ.
+- ``logits``: no hook; ``output.logits`` (or the output itself when it is a tensor).
 
 Hooks record only while the extractor's ``__call__`` runs, and what they recorded is dropped
 when the call returns, so nothing is retained between steps (the returned dict is the only
@@ -40,7 +38,7 @@ from torch import nn
 
 from ..errors import AutoSKDError
 from ..models.adapters import ArchitectureAdapter, module_at
-from .features import ATTENTION_KINDS, FeatureRef, parse_feature
+from .features import FeatureRef, parse_feature
 
 #: Batch keys that are model inputs (the rest -- labels, idx -- never reach the forward).
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
@@ -101,8 +99,16 @@ class FeatureExtractor:
 
     def __init__(self, model: nn.Module, features: Iterable[str] = (),
                  adapter: ArchitectureAdapter | None = None):
+        """``adapter`` defaults to :meth:`ArchitectureAdapter.for_model` (detection); a model
+        of unknown architecture still works for ``"logits"`` alone."""
         self.model = model
-        self.adapter = adapter if adapter is not None else ArchitectureAdapter.for_model(model)
+        self._adapter_error: AutoSKDError | None = None
+        if adapter is None:
+            try:
+                adapter = ArchitectureAdapter.for_model(model)
+            except AutoSKDError as err:  # fine while only "logits" is asked for (plain KD)
+                self._adapter_error = err
+        self.adapter = adapter
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._captured: dict[str, torch.Tensor] = {}
         self._recording = False
@@ -126,10 +132,14 @@ class FeatureExtractor:
         """Hook the modules needed for ``names`` (removing the previous hooks)."""
         if isinstance(names, str):
             names = [names]
-        num_layers = self.adapter.geometry.num_layers
         requested: dict[str, FeatureRef] = {}
         for name in names:
-            requested[str(name)] = parse_feature(name).resolve(num_layers)
+            ref = parse_feature(name)
+            if ref.kind != "logits":
+                if self.adapter is None:
+                    raise self._adapter_error or AutoSKDError("no architecture adapter")
+                ref = ref.resolve(self.adapter.geometry.num_layers)
+            requested[str(name)] = ref
         paths: dict[str, str] = {}  # path -> role, insertion-ordered, deduplicated
         for ref in requested.values():
             for role, path in self._needed(ref):
@@ -174,7 +184,8 @@ class FeatureExtractor:
         return hook
 
     def _accepted_input_keys(self) -> tuple[str, ...]:
-        keys = tuple(k for k in MODEL_INPUT_KEYS if k in self.adapter.input_keys)
+        accepted = self.adapter.input_keys if self.adapter is not None else MODEL_INPUT_KEYS
+        keys = tuple(k for k in MODEL_INPUT_KEYS if k in accepted)
         try:
             params = inspect.signature(self.model.forward).parameters
         except (TypeError, ValueError):
@@ -226,6 +237,8 @@ class FeatureExtractor:
 
     def _derive(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         a, cap = self.adapter, self._captured
+        if a is None:  # only "logits" was requested
+            return {}
         heads = a.geometry.num_heads
         mask = batch.get("attention_mask")
         cache: dict[FeatureRef, torch.Tensor] = {}

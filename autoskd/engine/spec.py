@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from ..errors import AutoSKDError
 
-LAYER_MAPS = ("none", "uniform", "last", "all_last")
+LAYER_MAPS = ("none", "uniform", "last")
 
 
 @dataclass(frozen=True)

@@ -202,7 +202,7 @@ class Distiller:
         student_req, teacher_req = self.auxiliary.feature_requests(ctx.stage, teacher_name)
         if set(student_req) != set(self.extractor.features):
             self.extractor.set_features(student_req)
-        teacher_feats = self.policy.features(teacher_name, batch, teacher_req) if teacher_name else {}
+        teacher_feats = self.policy.features(teacher_name, batch, teacher_req) if teacher_name and teacher_req else {}
         student_feats = self.method.student_forward(ctx, self.extractor, batch)
         losses = self.method.losses(ctx, student_feats, teacher_feats, teacher_name, batch)
         if not losses:

@@ -303,8 +303,11 @@ def hidden_size(model: nn.Module) -> int:
         if isinstance(value, int):
             return value
     get = getattr(model, "get_input_embeddings", None)
-    emb = get() if callable(get) else None
-    if emb is None:
+    try:
+        emb = get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        emb = None
+    if not isinstance(emb, nn.Embedding):
         emb = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
     if emb is None:
         raise AutoSKDError(f"cannot tell the hidden size of {type(model).__name__}: it has no config "

@@ -129,7 +129,8 @@ def run_search(team_path: str | Path, task_args: dict, config: SearchConfig, out
     out_dir.mkdir(parents=True, exist_ok=True)
     task_args = {**task_args, "seed": config.seed}
     max_train, max_eval = config.max_train, config.max_eval
-    _write(out_dir / "config.json", {"team": str(Path(team_path).resolve()), "task": task_args,
+    team_ref = str(Path(team_path).resolve()) if Path(team_path).exists() else str(team_path)
+    _write(out_dir / "config.json", {"team": team_ref, "task": task_args,
                                      "cache_dir": str(cache_dir), **config.to_dict()})
 
     task = load_task(**task_args)
@@ -152,7 +153,7 @@ def run_search(team_path: str | Path, task_args: dict, config: SearchConfig, out
 
     arms = candidate_arms([c["theta"] for c in search["candidates"]])
     arms += baseline_arms(names, parse_baselines(config.baselines), config.n_random, config.seed)
-    spec = TrialSpec(team_path=str(Path(team_path).resolve()),
+    spec = TrialSpec(team_path=team_ref,
                      task={**task_args, "max_train": max_train, "max_eval": max_eval},
                      cache_dir=str(cache_dir), base_config=config.base_distill().to_dict(), root=str(out_dir))
     records = run_arms(spec, arms, executor=config.executor, address=config.address,

@@ -60,11 +60,17 @@ class ThetaConfig:
         return asdict(self)
 
 
-def kd_distance(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(softmax(z_T/T) || softmax(z_S/T)) * T^2: prediction-layer distillation."""
+def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """-sum softmax(z_T/T) log softmax(z_S/T) * T^2: TinyBERT's prediction-layer loss, the L_d
+    AutoSKDBERT distils with.
+
+    For the student it has the same gradient as KL; for theta it does not, and the difference
+    matters: KL = CE - H(p_T) adds an entropy term that penalises sharpening *every* teacher,
+    while CE's theta-gradient rewards exactly the teachers whose predictions the student,
+    after the virtual step, agrees with on held-out data.
+    """
     t = temperature
-    return F.kl_div(F.log_softmax(student_logits / t, -1), F.log_softmax(teacher_logits / t, -1),
-                    reduction="batchmean", log_target=True) * t * t
+    return -(F.softmax(teacher_logits / t, -1) * F.log_softmax(student_logits / t, -1)).sum(-1).mean() * t * t
 
 
 class ThetaStep(Callback):
@@ -162,13 +168,13 @@ class ThetaStep(Callback):
             return out.logits if hasattr(out, "logits") else out
 
         def train_loss(params, theta):
-            return kd_distance(logits_of(params, batch), target(train_t, theta), temperature)
+            return soft_cross_entropy(logits_of(params, batch), target(train_t, theta), temperature)
 
         def val_loss(params, theta):
             logits = logits_of(params, val_batch)
             if self.config.val_objective == "task":
                 return F.cross_entropy(logits, val_batch["labels"])
-            return kd_distance(logits, target(val_t, theta), temperature)
+            return soft_cross_entropy(logits, target(val_t, theta), temperature)
 
         xi = self.config.xi if self.config.xi is not None else trainer.optimizer.param_groups[0]["lr"]
         was_training = student.training

