@@ -13,10 +13,10 @@ from ..errors import AutoSKDError
 
 PRESETS: dict[str, dict] = {
     "quick": {
-        "max_train": 1200, "max_eval": 600,
+        "max_train": 500, "max_eval": 400,
         "search_epochs": 2.0, "batch_size": 32, "lr": 1e-4,
         "theta": {"lr": 1e-3, "num_candidates": 4, "order": "second", "every": 1},
-        "eval_epochs": 2.0, "n_random": 4,
+        "eval_epochs": 2.0, "n_random": 3,
     },
     "paper": {
         "max_train": None, "max_eval": None,

@@ -127,7 +127,10 @@ def run_search(team_path: str | Path, task_args: dict, config: SearchConfig, out
 
     out_dir, cache_dir = Path(out_dir).resolve(), Path(cache_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    task_args = {**task_args, "seed": config.seed}
+    # The split and the team depend on the data seed (default: the run seed); a benchmark fixes
+    # it and varies only config.seed, the search's and the trainings' seed.
+    task_args = {**task_args, "seed": task_args.get("seed", config.seed)}
+    data_seed = task_args["seed"]
     max_train, max_eval = config.max_train, config.max_eval
     team_ref = str(Path(team_path).resolve()) if Path(team_path).exists() else str(team_path)
     _write(out_dir / "config.json", {"team": team_ref, "task": task_args,
@@ -135,8 +138,8 @@ def run_search(team_path: str | Path, task_args: dict, config: SearchConfig, out
 
     task = load_task(**task_args)
     if max_train or max_eval:
-        task = task.subsample(max_train, max_eval, seed=config.seed)
-    team = TeacherTeam.from_yaml(team_path).build(task, cache_dir=cache_dir / "teachers", seed=config.seed,
+        task = task.subsample(max_train, max_eval, seed=data_seed)
+    team = TeacherTeam.from_yaml(team_path).build(task, cache_dir=cache_dir / "teachers", seed=data_seed,
                                                   progress=progress)
     names = list(team.teachers)
     if config.m is None:
