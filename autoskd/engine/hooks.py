@@ -209,10 +209,8 @@ class FeatureExtractor:
         self.remove()
 
     def __del__(self) -> None:  # best effort: never leave hooks on a model we let go of
-        try:
+        with contextlib.suppress(Exception):
             self.remove()
-        except Exception:
-            pass
 
     # ------------------------------------------------------------------- call
     def model_inputs(self, batch: Mapping[str, Any]) -> dict[str, Any]:

@@ -261,12 +261,9 @@ def _ray_trainable(config: dict, spec: dict | None = None, env: dict | None = No
     spec = TrialSpec.from_dict(spec)
     if os.path.isdir(spec.workdir):  # same relative-path behaviour as the driver
         os.chdir(spec.workdir)
-    try:
-        import torch
+    import torch
 
-        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    except ImportError:  # pragma: no cover
-        pass
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     record = run_arm(spec, Arm.from_dict(config["arm"]))
     tune.report({"dev_acc": record["dev_acc"], "record_json": json.dumps(record)})
 
