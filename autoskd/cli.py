@@ -16,6 +16,13 @@ from .errors import AutoSKDError
 DEFAULT_TEAM = "teams/minilm-ladder.yaml"
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with the project's error format: one line, ``autoskd: error: ...``, exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"autoskd: error: {self.prog}: {message} (see '{self.prog} --help')\n")
+
+
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--task", default="rotten_tomatoes",
@@ -88,11 +95,14 @@ def cmd_team_build(args) -> int:
 
 
 def cmd_distill(args) -> int:
+    from .engine.methods import get_method
     from .pipeline import DistillConfig, distill
 
+    options = _parse_options(args.option)
+    get_method(args.method, **options)  # a typo fails now, not after the teachers are built
     task = _load_task(args)
     team = _build_team(args, task)
-    config = DistillConfig(method=args.method, method_options=_parse_options(args.option), teacher=args.teacher,
+    config = DistillConfig(method=args.method, method_options=options, teacher=args.teacher,
                            policy=args.policy, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                            seed=args.seed, pretrain_epochs=args.pretrain_epochs, max_length=args.max_length)
     outcome = distill(team, task, config, out_dir=args.out, cache_dir=args.cache_dir, progress=not args.no_progress)
@@ -137,14 +147,15 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="autoskd", description="Distil a team of teacher language models into a small student.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = OneLineParser(prog="autoskd", description="Distil a team of teacher language models into a small student.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     p = sub.add_parser("methods", help="list the distillation methods")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_methods)
 
-    team = sub.add_parser("team", help="teacher teams").add_subparsers(dest="team_command", required=True)
+    team = sub.add_parser("team", help="teacher teams").add_subparsers(dest="team_command", required=True,
+                                                                        parser_class=OneLineParser)
     p = team.add_parser("build", help="fine-tune (or reuse cached) teachers of a team and print their dev accuracy")
     p.add_argument("team", help="teacher-team YAML, e.g. teams/minilm-ladder.yaml")
     p.add_argument("--cache-dir", default=".cache/autoskd", help="where fine-tuned teachers are cached")

@@ -359,17 +359,11 @@ def test_resume_after_kill_matches_uninterrupted_run(tok, tmp_path):
         pytest.approx([r["dev_acc"] for r in full_log if r["kind"] == "epoch"])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: checkpoint.pt does not store the torch RNG state, so with "
-                                        "dropout > 0 a resumed run draws different dropout masks than an "
-                                        "uninterrupted run (trainer.py _save_checkpoint / fit resume)")
 def test_resume_with_dropout_matches_uninterrupted_run(tok, tmp_path):
     full, resumed, _, _ = _resume_case(tok, tmp_path, dropout=0.1)
     assert_same_weights(weights(full), weights(resumed))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a kill mid-epoch leaves that epoch's train records in metrics.jsonl; "
-                                        "the resumed run redoes the epoch and logs the same global steps again "
-                                        "(trainer.py fit: the log is not truncated to the checkpoint)")
 def test_resume_mid_epoch_does_not_duplicate_log_records(tok, tmp_path):
     stages = lambda: [Stage("task", loader(tok, 48, 8, seed=3), epochs=3, lr=1e-3)]  # noqa: E731
 
@@ -387,10 +381,6 @@ def test_resume_mid_epoch_does_not_duplicate_log_records(tok, tmp_path):
     assert steps == list(range(1, 19))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: checkpoint.pt does not store a SampledTeacher's generator state or "
-                                        "counts, so a resumed run redraws epoch 0's teacher sequence and reports "
-                                        "counts of the resumed part only (trainer.py _save_checkpoint; affects "
-                                        "search trials, which run pipeline.distill with out_dir)")
 def test_resume_with_sampled_teacher_continues_the_draws(tok, tmp_path):
     from autoskd.engine.teachers import SampledTeacher, Teacher
 

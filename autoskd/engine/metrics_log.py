@@ -19,6 +19,13 @@ class MetricsLog:
         if self.path is not None and self.path.exists():
             self.path.unlink()
 
+    def truncate(self, global_step: int) -> None:
+        """Keep only records up to ``global_step`` (a resumed run redoes what came after)."""
+        if self.path is None or not self.path.exists():
+            return
+        kept = [r for r in read_jsonl(self.path) if r.get("global_step", 0) <= global_step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
     def write(self, record: dict) -> None:
         if self.path is None:
             return

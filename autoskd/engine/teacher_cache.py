@@ -42,7 +42,7 @@ def sequential_loader(loader: DataLoader) -> DataLoader:
     touching ``loader``'s shuffling generator (so a cached and an uncached run see the same
     training batches)."""
     return DataLoader(loader.dataset, batch_size=loader.batch_size or 32, shuffle=False,
-                      collate_fn=loader.collate_fn, num_workers=0)
+                      collate_fn=loader.collate_fn, num_workers=0, generator=torch.Generator())
 
 
 @torch.no_grad()
@@ -70,7 +70,8 @@ class TeacherOutputCache:
         self.root = Path(root)
 
     def path(self, teacher_fp: str, data_id: str) -> Path:
-        return self.root / f"{teacher_fp[:16]}-{data_id[:16]}.safetensors"
+        key = hashlib.sha256(f"{teacher_fp}|{data_id}".encode()).hexdigest()[:32]
+        return self.root / f"{key}.safetensors"
 
     def load(self, teacher_fp: str, data_id: str) -> torch.Tensor | None:
         path = self.path(teacher_fp, data_id)

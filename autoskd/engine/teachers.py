@@ -82,6 +82,13 @@ class TeacherPolicy(ABC):
         for teacher in self.teachers.values():
             teacher.prepare(loader, data_id, cache, device, progress)
 
+    def state_dict(self) -> dict:
+        """Sampling state to checkpoint (none for deterministic policies)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
     @abstractmethod
     def choose(self, step: int) -> str:
         """The name of the teacher this step learns from."""
@@ -144,6 +151,16 @@ class SampledTeacher(TeacherPolicy):
         self.preselected: int | None = None
         if len(theta) != len(self.names):
             raise AutoSKDError(f"distribution has {len(theta)} weights but the team has {len(self.names)} teachers")
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "counts": dict(self.counts),
+                "theta": self.theta.detach().clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.counts = dict(state["counts"])
+        with torch.no_grad():
+            self.theta.copy_(state["theta"])
 
     def draw(self) -> int:
         """Sample a teacher index from the current theta (and count it)."""

@@ -123,6 +123,16 @@ def _geometry(model: nn.Module):
         return Geometry(num_layers=0, hidden_size=0, num_heads=0, vocab_size=0, num_labels=0)
 
 
+def _generator_states(obj) -> dict:
+    """States of the torch.Generators an object samples with (a method's replacement draws)."""
+    return {k: g.get_state() for k, g in vars(obj).items() if isinstance(g, torch.Generator)}
+
+
+def _set_generators(obj, states: dict) -> None:
+    for k, g_state in states.items():
+        getattr(obj, k).set_state(g_state)
+
+
 def _optimizer(params: list[tuple[str, nn.Parameter]], lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """AdamW without weight decay on biases and LayerNorm weights (BERT's recipe)."""
     no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
@@ -210,7 +220,7 @@ class Distiller:
                                f"its stages are: {', '.join(self.method.spec.stages)}")
         loss = torch.stack([v for v in losses.values()]).sum()
         if not torch.isfinite(loss):
-            raise AutoSKDError(f"loss became {float(loss)} at step {ctx.global_step}; lower the learning rate")
+            raise AutoSKDError(f"loss became {float(loss.detach())} at step {ctx.global_step}; lower the learning rate")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if max_grad_norm and max_grad_norm > 0:
@@ -229,17 +239,14 @@ class Distiller:
         best_state: dict | None = None
         done_stage, done_epoch = -1, 0
         ckpt_path = self.out_dir / "checkpoint.pt" if self.out_dir else None
-        if resume and ckpt_path is not None and ckpt_path.exists():
-            state = torch.load(ckpt_path, map_location=self.device, weights_only=False)
-            self.student.load_state_dict(state["student"])
-            self.auxiliary.load_state_dict(state["auxiliary"])
+        signature = self.run_signature(stages)
+        resumed_state = self._load_checkpoint(ckpt_path, signature) if resume else None
+        if resumed_state is not None:
+            state = resumed_state
             result.history, best_state = state["history"], state.get("best_state")
             result.best_dev_acc, result.best_epoch = state.get("best_dev_acc"), state.get("best_epoch")
             done_stage, done_epoch = state["stage_index"], state["epoch"]
-            self.ctx.global_step = state["global_step"]
-            resumed_state = state
         else:
-            resumed_state = None
             self.log.reset()
 
         for stage_index, stage in enumerate(stages):
@@ -310,8 +317,8 @@ class Distiller:
                 for cb in self.callbacks:
                     cb.on_epoch_end(self, ctx, metrics)
                 if self.checkpoint:
-                    self._save_checkpoint(ckpt_path, stage_index, epoch + 1, optimizer, scheduler, stage,
-                                          result, best_state)
+                    self._save_checkpoint(ckpt_path, signature, stage_index, epoch + 1, optimizer, scheduler,
+                                          stage, result, best_state)
             bar.close()
             for cb in self.callbacks:
                 cb.on_stage_end(self, ctx)
@@ -330,13 +337,43 @@ class Distiller:
         distances = getattr(self.auxiliary, "last_distances", None) or {}
         return {k: float(v) for k, v in distances.items()}
 
-    def _save_checkpoint(self, path: Path, stage_index: int, epoch: int, optimizer, scheduler, stage: Stage,
-                         result: TrainResult, best_state: dict | None) -> None:
+    def run_signature(self, stages: Sequence[Stage]) -> dict:
+        """What a checkpoint must agree with to be resumed: same method, options and stages."""
+        return {"method": self.method.spec.name, "options": repr(sorted(self.method.options.items())),
+                "seed": self.seed, "stages": [[s.name, s.epochs, s.lr, s.warmup_ratio, s.weight_decay,
+                                               s.max_grad_norm, s.data_id, len(s.train)] for s in stages]}
+
+    def _load_checkpoint(self, path: Path | None, signature: dict) -> dict | None:
+        """Restore the student, auxiliary model, random states and policy/method samplers."""
+        if path is None or not path.exists():
+            return None
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        if state.get("signature") != signature:
+            raise AutoSKDError(f"{path.parent} holds an unfinished run with another configuration "
+                               f"(method, options, epochs, lr or data); use a new --out folder or delete {path}")
+        self.student.load_state_dict(state["student"])
+        self.auxiliary.load_state_dict(state["auxiliary"])
+        self.ctx.global_step = state["global_step"]
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        _set_generators(self.method, state["rng"]["method"])
+        if self.policy is not None:
+            self.policy.load_state_dict(state["policy"])
+        self.log.truncate(state["global_step"])  # drop records of a partly finished epoch
+        return state
+
+    def _save_checkpoint(self, path: Path, signature: dict, stage_index: int, epoch: int, optimizer, scheduler,
+                         stage: Stage, result: TrainResult, best_state: dict | None) -> None:
         sampler_gen = getattr(stage.train.sampler, "generator", None)
-        state = {"stage_index": stage_index, "epoch": epoch, "global_step": self.ctx.global_step,
-                 "student": self.student.state_dict(), "auxiliary": self.auxiliary.state_dict(),
-                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "sampler_state": sampler_gen.get_state() if sampler_gen is not None else None,
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+               "method": _generator_states(self.method)}
+        state = {"signature": signature, "stage_index": stage_index, "epoch": epoch,
+                 "global_step": self.ctx.global_step, "student": self.student.state_dict(),
+                 "auxiliary": self.auxiliary.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(),
+                 "sampler_state": sampler_gen.get_state() if sampler_gen is not None else None, "rng": rng,
+                 "policy": self.policy.state_dict() if self.policy is not None else {},
                  "history": result.history, "best_dev_acc": result.best_dev_acc, "best_epoch": result.best_epoch,
                  "best_state": best_state}
         path.parent.mkdir(parents=True, exist_ok=True)
