@@ -14,13 +14,13 @@ from ..errors import AutoSKDError
 PRESETS: dict[str, dict] = {
     "quick": {
         "max_train": 500, "max_eval": 400,
-        "search_epochs": 2.0, "batch_size": 32, "lr": 1e-4,
+        "search_epochs": 2.0, "batch_size": 32, "lr": 5e-4,
         "theta": {"lr": 1e-3, "num_candidates": 4, "order": "second", "every": 1},
         "eval_epochs": 2.0, "n_random": 3,
     },
     "paper": {
         "max_train": None, "max_eval": None,
-        "search_epochs": 5.0, "batch_size": 32, "lr": 5e-5,
+        "search_epochs": 5.0, "batch_size": 32, "lr": 2e-4,
         "theta": {"lr": 5e-4, "num_candidates": 25, "order": "second", "every": 1},
         "eval_epochs": 5.0, "n_random": 200,
     },
