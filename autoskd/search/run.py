@@ -53,6 +53,7 @@ class SearchConfig:
     max_concurrent: int | None = None
     max_train: int | None = None
     max_eval: int | None = None
+    method_options: dict = field(default_factory=lambda: {"temperature": 1.0})
 
     @classmethod
     def from_preset(cls, preset: str, **overrides) -> "SearchConfig":
@@ -62,8 +63,8 @@ class SearchConfig:
         return cls(preset=preset, theta=theta, **values)
 
     def base_distill(self) -> DistillConfig:
-        return DistillConfig(method="kd", epochs=self.eval_epochs, lr=self.lr, batch_size=self.batch_size,
-                             seed=self.seed, train_split="train_full")
+        return DistillConfig(method="kd", method_options=dict(self.method_options), epochs=self.eval_epochs,
+                             lr=self.lr, batch_size=self.batch_size, seed=self.seed, train_split="train_full")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -84,7 +85,7 @@ def student_alone(team, task, config: SearchConfig, out_dir: Path, cache_dir: Pa
     path = out_dir / "student_alone.json"
     if (done := _read(path)) is not None:
         return done["dev_acc"]
-    cfg = replace(config.base_distill(), method="finetune", train_split="train_full")
+    cfg = replace(config.base_distill(), method="finetune", method_options={}, train_split="train_full")
     outcome = distill(team, task, cfg, cache_dir=cache_dir, progress=progress)
     _write(path, {"dev_acc": outcome.dev_acc, "test_acc": outcome.test_acc})
     return outcome.dev_acc
@@ -108,6 +109,7 @@ def bilevel_search(team, task, config: SearchConfig, m: int, out_dir: Path, cach
                      val_id=f"{task.fingerprint('val')}-L{team.max_length}")
     student = team.build_student(task, seed=config.seed)
     distiller = Distiller(student, "kd", policy, seed=config.seed, progress=progress, callbacks=[step],
+                          method_options=dict(config.method_options),
                           teacher_cache=cache, checkpoint=False, restore_best=False)
     result = distiller.fit([Stage("task", loaders.train, epochs=config.search_epochs, lr=config.lr,
                                   data_id=loaders.train_id)], dev=loaders.dev)

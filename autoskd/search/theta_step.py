@@ -33,7 +33,10 @@ class ThetaConfig:
 
     ``xi`` is the virtual step size; None uses the student's current learning rate (DARTS).
     ``val_objective``: ``distill`` (the paper's: the same distillation loss on val data) or
-    ``task`` (the student's cross-entropy on labelled val data).
+    ``task`` (the student's cross-entropy on labelled val data). ``warmup`` is the fraction of
+    phase 1 during which theta stays fixed while the student learns from the (uniform) team:
+    the theta-gradient rewards teachers the student agrees with, which only means something
+    once the student has learned anything (0 = the paper's Algorithm 1).
     """
 
     strategy: str = "sswo"
@@ -47,12 +50,15 @@ class ThetaConfig:
     candidate_span: float = 0.5
     every: int = 1
     history_every: int = 1
+    warmup: float = 0.0
 
     def __post_init__(self) -> None:
         if self.val_objective not in ("distill", "task"):
             raise AutoSKDError(f"val objective {self.val_objective!r} unknown; choose distill or task")
         if self.num_candidates < 1:
             raise AutoSKDError("num_candidates must be at least 1")
+        if not 0 <= self.warmup < 1:
+            raise AutoSKDError("theta warmup must be a fraction of phase 1 in [0, 1)")
         if not 0 < self.candidate_span <= 1:
             raise AutoSKDError("candidate_span must be in (0, 1]: the later fraction of phase 2 candidates come from")
 
@@ -92,6 +98,7 @@ class ThetaStep(Callback):
         self.candidates: list[dict] = []
         self.dropped: list[int] = []
         self.selection_step = 0
+        self.warmup_steps = 0
         self.candidate_steps: set[int] = set()
 
     def _val_logits(self, cache, val_id) -> dict[str, torch.Tensor]:
@@ -108,6 +115,7 @@ class ThetaStep(Callback):
     def on_stage_start(self, trainer, ctx) -> None:
         total = ctx.total_steps
         self.selection_step = total // 2
+        self.warmup_steps = int(self.selection_step * self.config.warmup)
         phase2 = total - self.selection_step
         first = self.selection_step + int(round(phase2 * (1 - self.config.candidate_span)))
         span = total - first
@@ -124,7 +132,7 @@ class ThetaStep(Callback):
             self.dropped = self.dist.select_(self.m)
             self.optimizer.reset()
             self._record(step, force=True)
-        if step % self.config.every == 0:
+        if step >= self.warmup_steps and step % self.config.every == 0:
             self._theta_step(trainer, ctx, batch)
         self._record(step + 1)
 
