@@ -185,3 +185,20 @@ def test_killed_search_resumes_without_redoing_finished_trials(tiny_team_yaml, s
     assert (out / "search.json").stat().st_mtime_ns == search_mtime  # nor was the search
     records = json.loads((out / "results.json").read_text())
     assert sorted(r["name"] for r in records if r["status"] == "loaded") == sorted(finished_first)
+
+
+def test_theta_stays_fixed_during_warmup(tokenizer, sentiment_csv, tmp_path):
+    task = load_task(str(sentiment_csv), seed=0)
+    good_id = tokenizer.convert_tokens_to_ids("good")
+    teachers = {"noise": NoiseTeacher(len(tokenizer), 1), "oracle": OracleTeacher(good_id, 3.0)}
+    team = TeacherTeam(student=tiny_bert(tokenizer), teachers=teachers, tokenizer=tokenizer, max_length=16)
+    team.build(task, cache_dir=tmp_path / "teachers", progress=False)
+    config = SearchConfig(search_epochs=2, lr=3e-3, batch_size=16, seed=0,
+                          theta=ThetaConfig(lr=2e-2, num_candidates=1, order="first", warmup=0.5))
+    search = bilevel_search(team, task, config, m=0, out_dir=tmp_path, cache_dir=tmp_path / "cache", progress=False)
+    warmup_steps = int(search["selection_step"] * 0.5)
+    assert warmup_steps >= 2
+    for h in search["history"]:
+        if h["step"] <= warmup_steps:  # history[step] is theta before that step's update
+            assert h["theta"] == [0.5, 0.5], h
+    assert search["final_theta"] != [0.5, 0.5]  # it does move afterwards
