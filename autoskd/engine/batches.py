@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-#: The batch keys a model's forward receives; everything else (labels, idx) stays out.
-MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+from ..data.collate import MODEL_INPUT_KEYS  # the batch keys a model's forward receives
 
 
 def model_inputs(batch: dict) -> dict:

@@ -37,11 +37,10 @@ import torch
 from torch import nn
 
 from ..errors import AutoSKDError
+from .batches import MODEL_INPUT_KEYS
 from ..models.adapters import ArchitectureAdapter, module_at
 from .features import FeatureRef, parse_feature
 
-#: Batch keys that are model inputs (the rest -- labels, idx -- never reach the forward).
-MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def _first_tensor(output: Any) -> torch.Tensor:

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..errors import AutoSKDError
+from ..engine.batches import MODEL_INPUT_KEYS
 
 __all__ = [
     "LossFn",
@@ -47,8 +48,6 @@ __all__ = [
 #: ``loss_fn(params, theta) -> scalar``
 LossFn = Callable[[dict[str, Tensor], Tensor], Tensor]
 
-#: keys of a dict batch passed to the model by :func:`make_loss_fn` (see docs/architecture.md)
-MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 # --------------------------------------------------------------------------- helpers
