@@ -85,7 +85,8 @@ def test_bundled_ladder_parses():
     assert spec.student == ModelSpec(source="minilm-l6", layers=2, init="pretrained", name=None)
     assert [t.layers for t in spec.teachers] == [1, 2, 3, 4, 6]
     assert [t.name for t in spec.teachers] == ["minilm-L1", "minilm-L2", "minilm-L3", "minilm-L4", "minilm-L6"]
-    assert spec.teachers[0].finetune.lr == pytest.approx(1e-4)
+    assert spec.teachers[0].finetune.lr == pytest.approx(5e-4)  # "5.0e-4" in YAML parses as a number
+    assert [t.finetune.epochs for t in spec.teachers] == [2] * 5
     # By bare name too.
     assert TeamSpec.from_yaml("minilm-ladder").to_dict() == spec.to_dict()
     tiny = TeamSpec.from_yaml("tiny-test")
