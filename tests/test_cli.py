@@ -14,12 +14,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, BertConfig, BertModel, BertTokenizer
+from transformers import AutoModelForSequenceClassification, BertConfig
 
 from autoskd.cli import main
 from autoskd.engine.callbacks import Callback
 from autoskd.errors import AutoSKDError
-from autoskd.models import load_tokenizer
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -36,25 +35,6 @@ def tiny_config(layers: int = 4, vocab: int = 30522, num_labels: int = 2) -> Ber
                       intermediate_size=64, max_position_embeddings=64, num_labels=num_labels)
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A 4-layer tiny BERT with the real MiniLM tokenizer."""
-    path = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(1234)
-    BertModel(tiny_config()).save_pretrained(path)
-    load_tokenizer("minilm-l6").save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def other_vocab_dir(tmp_path_factory):
-    """A tiny BERT with its own 12-token WordPiece vocabulary (a different tokenizer)."""
-    path = tmp_path_factory.mktemp("other-vocab")
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "film", "good", "bad", "a", "##s", "!"]
-    (path / "vocab.txt").write_text("\n".join(words) + "\n")
-    BertTokenizer(str(path / "vocab.txt")).save_pretrained(path)
-    BertModel(tiny_config(vocab=len(words))).save_pretrained(path)
-    return path
 
 
 def rows(n: int = 60) -> pd.DataFrame:

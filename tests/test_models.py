@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertModel
 
 from autoskd.errors import AutoSKDError
 from autoskd.models import (
@@ -24,24 +24,7 @@ from autoskd.models import (
 )
 
 
-def tiny_config(layers: int = 4, hidden: int = 32, vocab: int = 30522) -> BertConfig:
-    return BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
-                      intermediate_size=64, max_position_embeddings=64)
-
-
-@pytest.fixture(scope="module")
-def real_tokenizer():
-    return load_tokenizer("minilm-l6")
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, real_tokenizer):
-    """A 4-layer random BERT body (no classifier head, like the MiniLM checkpoint) + tokenizer."""
-    path = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(1234)  # not a seed the tests use for init="random"
-    BertModel(tiny_config()).save_pretrained(path)
-    real_tokenizer.save_pretrained(path)
-    return path
+from helpers import tiny_config  # noqa: E402
 
 
 @pytest.fixture()

@@ -8,7 +8,6 @@ import datasets
 import pytest
 import torch
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification
 
 from autoskd.data.collate import make_loader, tokenize_split
 from autoskd.engine.batches import model_inputs
@@ -22,31 +21,11 @@ from autoskd.engine.teacher_cache import (
 from autoskd.engine.teachers import AverageTeachers, SampledTeacher, SingleTeacher, Teacher, as_policy
 from autoskd.engine.trainer import Distiller, Stage
 from autoskd.errors import AutoSKDError
-from autoskd.models import load_tokenizer
 
 MAX_LENGTH = 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core box they slow us ~10x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("minilm-l6")
-
-
-def tiny_bert(tok, layers: int = 2, seed: int = 0, dropout: float = 0.1) -> BertForSequenceClassification:
-    config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64, num_labels=2,
-                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
-    torch.manual_seed(seed)
-    return BertForSequenceClassification(config)
+from helpers import tiny_bert  # noqa: E402
 
 
 WORDS = ["good", "bad", "dull", "great", "film", "plot", "cast", "long", "short", "story", "fun", "slow"]

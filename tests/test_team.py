@@ -11,44 +11,17 @@ import datasets
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModelForSequenceClassification, BertConfig, BertModel, BertTokenizer
+from transformers import AutoModelForSequenceClassification, BertConfig
 
 from autoskd.data.tasks import TaskData
 from autoskd.errors import AutoSKDError
-from autoskd.models import count_layers, load_tokenizer
+from autoskd.models import count_layers
 from autoskd.team import FinetuneSettings, ModelSpec, TeacherTeam, TeamSpec, bundled_teams
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def tiny_config(layers: int = 4, vocab: int = 30522) -> BertConfig:
-    return BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
-                      intermediate_size=64, max_position_embeddings=64)
-
-
-@pytest.fixture(scope="module")
-def real_tokenizer():
-    return load_tokenizer("minilm-l6")
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, real_tokenizer):
-    path = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(1234)
-    BertModel(tiny_config()).save_pretrained(path)
-    real_tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def other_vocab_dir(tmp_path_factory):
-    """A tiny BERT with its own 12-token WordPiece vocabulary (a different tokenizer)."""
-    path = tmp_path_factory.mktemp("other-vocab")
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "film", "good", "bad", "a", "##s", "!"]
-    (path / "vocab.txt").write_text("\n".join(words) + "\n")
-    BertTokenizer(str(path / "vocab.txt")).save_pretrained(path)
-    BertModel(tiny_config(vocab=len(words))).save_pretrained(path)
-    return path
+from helpers import tiny_config  # noqa: E402
 
 
 def make_task(n_train: int = 24, n_dev: int = 12, name: str = "toy", shift: int = 0) -> TaskData:

@@ -7,47 +7,24 @@ and a trivially learnable synthetic task, so the whole file takes seconds on 2 C
 
 from __future__ import annotations
 
-import json
 import math
 
 import datasets
 import pytest
 import torch
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification
 
 from autoskd.data.collate import make_loader, tokenize_split
 from autoskd.engine.callbacks import Callback
 from autoskd.engine.metrics_log import read_jsonl
 from autoskd.engine.trainer import Distiller, Stage, TrainResult, evaluate
 from autoskd.errors import AutoSKDError
-from autoskd.models import load_tokenizer
 
 MAX_LENGTH = 32
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core box they make the
-    file ~10x slower (threads spin-waiting for each other)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("minilm-l6")
-
-
-def tiny_bert(tok, layers: int = 2, seed: int = 0, dropout: float = 0.1) -> BertForSequenceClassification:
-    config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64, num_labels=2,
-                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
-    torch.manual_seed(seed)
-    return BertForSequenceClassification(config)
+from helpers import tiny_bert  # noqa: E402
 
 
 FILLERS = ["movie", "film", "plot", "story", "cast", "show", "script", "scene"]

@@ -1,0 +1,20 @@
+"""Tiny random-init models for fast tests."""
+
+from __future__ import annotations
+
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+
+def tiny_config(layers: int = 4, hidden: int = 32, vocab: int = 30522) -> BertConfig:
+    return BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                      intermediate_size=64, max_position_embeddings=64)
+
+
+def tiny_bert(tok, layers: int = 2, seed: int = 0, dropout: float = 0.1) -> BertForSequenceClassification:
+    """A seeded 2-label tiny BERT classifier over ``tok``'s vocabulary."""
+    config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, num_labels=2,
+                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(config)
