@@ -202,3 +202,23 @@ def test_theta_stays_fixed_during_warmup(tokenizer, sentiment_csv, tmp_path):
         if h["step"] <= warmup_steps:  # history[step] is theta before that step's update
             assert h["theta"] == [0.5, 0.5], h
     assert search["final_theta"] != [0.5, 0.5]  # it does move afterwards
+
+
+@pytest.mark.parametrize("strategy, objective, order", [("cr", "task", "second"), ("sswo", "task", "first")])
+def test_search_runs_with_cr_and_task_objective(tokenizer, sentiment_csv, tmp_path, strategy, objective, order):
+    task = load_task(str(sentiment_csv), seed=0)
+    good_id = tokenizer.convert_tokens_to_ids("good")
+    teachers = {"noise": NoiseTeacher(len(tokenizer), 1), "oracle": OracleTeacher(good_id, 3.0),
+                "oracle-b": OracleTeacher(good_id, 2.0)}
+    team = TeacherTeam(student=tiny_bert(tokenizer), teachers=teachers, tokenizer=tokenizer, max_length=16)
+    team.build(task, cache_dir=tmp_path / "teachers", progress=False)
+    config = SearchConfig(search_epochs=1, lr=3e-3, batch_size=16, seed=0,
+                          theta=ThetaConfig(lr=2e-2, num_candidates=2, order=order, strategy=strategy,
+                                            val_objective=objective))
+    search = bilevel_search(team, task, config, m=1, out_dir=tmp_path, cache_dir=tmp_path / "cache", progress=False)
+    assert len(search["dropped"]) == 1 and len(search["candidates"]) == 2
+    thetas = [h["theta"] for h in search["history"]]
+    assert all(min(t) >= 0 and abs(sum(t) - 1) < 1e-9 for t in thetas)
+    if strategy == "cr":  # CR moves every weight at once
+        first_update = next(t for t in thetas if t != thetas[0])
+        assert sum(abs(a - b) > 0 for a, b in zip(first_update, thetas[0])) >= 2
