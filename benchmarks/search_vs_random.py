@@ -57,6 +57,29 @@ def arm_scores(out_dir: Path, search_trainings: int) -> dict[str, dict]:
     return arms
 
 
+def plot(result: dict, out_png: Path) -> Path:
+    """Mean dev accuracy per arm with the seed-to-seed spread, AutoSKD highlighted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = sorted(result["arms"].items(), key=lambda kv: kv[1]["dev_acc_mean"])
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(arms) + 1.2))
+    for y, (name, a) in enumerate(arms):
+        color = "tab:red" if name == "autoskd" else "tab:blue"
+        ax.errorbar(a["dev_acc_mean"], y, xerr=a["dev_acc_std"], fmt="o", color=color, capsize=3)
+        ax.scatter(a["dev_acc_per_seed"], [y] * len(a["dev_acc_per_seed"]), s=10, color=color, alpha=0.35)
+    ax.set_yticks(range(len(arms)), [n for n, _ in arms])
+    ax.set_xlabel(f"dev accuracy (mean ± std over seeds {result['seeds']})")
+    ax.set_title("AutoSKD best candidate vs baselines (rotten_tomatoes, ladder team)")
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny data, 1 seed, 2 candidates: a smoke run")
@@ -96,7 +119,9 @@ def main() -> None:
                         "max_train": config.max_train, "max_eval": config.max_eval,
                         "candidates": config.theta.num_candidates, "eval_epochs": config.eval_epochs,
                         "search_epochs": config.search_epochs}}
-    write_result("search_vs_random" + ("_quick" if args.quick else ""), result)
+    name = "search_vs_random" + ("_quick" if args.quick else "")
+    write_result(name, result)
+    plot(result, ROOT / "results" / f"{name}.png")
     width = max(map(len, arms))
     for name, a in sorted(arms.items(), key=lambda kv: -kv[1]["dev_acc_mean"]):
         print(f"{name:<{width}}  dev {a['dev_acc_mean']:.4f} ± {a['dev_acc_std']:.4f}  test {a['test_acc_mean']:.4f}"
