@@ -9,7 +9,7 @@ run that sets m), so both get the same number of trainings. Target: AutoSKD's me
 accuracy >= every baseline's. Writes ``benchmarks/results/search_vs_random.json`` with
 ``arms.<name>.dev_acc_mean|dev_acc_std|test_acc_mean|student_trainings|seconds``.
 
-    python benchmarks/search_vs_random.py [--quick] [--seeds 0 1 2] [--executor ray|local]
+    python benchmarks/search_vs_random.py [--quick] [--preset quick|paper] [--seeds 0 1 2] [--executor ray|local]
 """
 
 from __future__ import annotations
@@ -84,6 +84,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny data, 1 seed, 2 candidates: a smoke run")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--preset", default="quick", choices=["quick", "paper"],
+                    help="search settings (paper: full splits, 25 candidates; hours on a CPU)")
     ap.add_argument("--executor", default="ray", choices=["ray", "local"])
     ap.add_argument("--out", default=str(ROOT / "runs" / "search_vs_random"))
     args = ap.parse_args()
@@ -93,10 +95,10 @@ def main() -> None:
     per_seed: dict[int, dict] = {}
     start = time.perf_counter()
     for seed in seeds:
-        config = SearchConfig.from_preset("quick", seed=seed, executor=args.executor, **overrides)
+        config = SearchConfig.from_preset(args.preset, seed=seed, executor=args.executor, **overrides)
         search_trainings = 2 if config.m is None else 1  # the search itself (+ the student-alone run)
         config.n_random = config.theta.num_candidates + search_trainings
-        out = Path(args.out) / ("quick" if args.quick else "full") / f"seed{seed}"
+        out = Path(args.out) / ("smoke" if args.quick else args.preset) / f"seed{seed}"
         run_search(TEAM, {"name_or_path": "rotten_tomatoes", "seed": 0}, config, out,
                    cache_dir=ROOT / "runs" / "cache", progress=False)
         per_seed[seed] = arm_scores(out, search_trainings)
@@ -112,14 +114,14 @@ def main() -> None:
                       "seconds": sum(per_seed[s][name]["seconds"] for s in seeds)}
     autoskd = arms["autoskd"]["dev_acc_mean"]
     beaten = {n: a["dev_acc_mean"] for n, a in arms.items() if n != "autoskd" and a["dev_acc_mean"] > autoskd}
-    config = SearchConfig.from_preset("quick", **overrides)
+    config = SearchConfig.from_preset(args.preset, **overrides)
     result = {"arms": arms, "seeds": seeds, "target": "autoskd dev_acc_mean >= every baseline's",
               "met": not beaten, "baselines_above_autoskd": beaten, "total_seconds": time.perf_counter() - start,
-              "setup": {"task": "rotten_tomatoes", "team": "minilm-ladder", "preset": "quick", "quick": args.quick,
+              "setup": {"task": "rotten_tomatoes", "team": "minilm-ladder", "preset": args.preset, "quick": args.quick,
                         "max_train": config.max_train, "max_eval": config.max_eval,
                         "candidates": config.theta.num_candidates, "eval_epochs": config.eval_epochs,
                         "search_epochs": config.search_epochs}}
-    name = "search_vs_random" + ("_quick" if args.quick else "")
+    name = "search_vs_random" + ("_quick" if args.quick else "" if args.preset == "quick" else f"_{args.preset}")
     write_result(name, result)
     plot(result, ROOT / "results" / f"{name}.png")
     width = max(map(len, arms))
