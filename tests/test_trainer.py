@@ -498,3 +498,15 @@ def test_errors_are_one_line(tok):
     with pytest.raises(AutoSKDError) as info:
         Distiller(tiny_bert(tok), "kd", None, progress=False, device="cpu")
     assert "\n" not in str(info.value)
+
+
+def test_step_without_trainable_path_is_skipped(tok):
+    """Theseus with replace rate 0 runs the frozen teacher only: the loss has no gradient, so the
+    trainer must skip the update rather than fail, and the student's layers stay as they were."""
+    student, teacher = tiny_bert(tok, layers=2, seed=1), tiny_bert(tok, layers=4, seed=2)
+    distiller = Distiller(student, "theseus", teacher, progress=False, checkpoint=False,
+                          method_options={"replace_rate": 0.0})
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    result = distiller.fit([Stage("task", loader(tok, 32), epochs=1, lr=1e-2)])
+    assert result.steps == 2
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())

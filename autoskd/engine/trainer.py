@@ -222,10 +222,11 @@ class Distiller:
         if not torch.isfinite(loss):
             raise AutoSKDError(f"loss became {float(loss.detach())} at step {ctx.global_step}; lower the learning rate")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if max_grad_norm and max_grad_norm > 0:
-            nn.utils.clip_grad_norm_([p for _, p in self.trainable_parameters()], max_grad_norm)
-        optimizer.step()
+        if loss.requires_grad:  # a step can have no trainable path (Theseus replacing no layer)
+            loss.backward()
+            if max_grad_norm and max_grad_norm > 0:
+                nn.utils.clip_grad_norm_([p for _, p in self.trainable_parameters()], max_grad_norm)
+        optimizer.step()  # without gradients AdamW leaves every parameter as it is
         detached = {k: v.detach() for k, v in losses.items()}
         detached["loss"] = loss.detach()
         for cb in self.callbacks:

@@ -176,10 +176,6 @@ class Theseus(Method):
             return model_logits(self.teacher(**inputs))
 
     def student_forward(self, ctx, extractor, batch: dict) -> dict[str, Tensor]:
-        logits = self.hybrid_forward(batch)
-        if not logits.requires_grad and torch.is_grad_enabled():
-            # No group replaced this step: the hybrid is the frozen teacher, so nothing
-            # learns; a leaf that requires grad keeps the trainer's backward valid (every
-            # student gradient stays None and AdamW skips those parameters).
-            logits = logits.detach().requires_grad_(True)
-        return {"logits": logits}
+        # When no group is replaced the hybrid is the frozen teacher: the loss has no
+        # gradient and the trainer skips the update for this step.
+        return {"logits": self.hybrid_forward(batch)}
