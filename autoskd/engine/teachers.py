@@ -40,15 +40,17 @@ class Teacher:
     def prepare(self, loader: DataLoader, data_id: str | None, cache: TeacherOutputCache | None,
                 device: torch.device | str = "cpu", progress: bool = True) -> None:
         """Load (or compute once and store) this teacher's logits for ``loader``'s split."""
-        if data_id is None:
-            self.logits_table = None
-            return
+        self.logits_table = None if data_id is None else self.logits_for(loader, data_id, cache, device, progress)
+
+    def logits_for(self, loader: DataLoader, data_id: str | None, cache: TeacherOutputCache | None,
+                   device: torch.device | str = "cpu", progress: bool = True) -> torch.Tensor:
+        """This teacher's ``[N, C]`` logits over ``loader``'s split: from the cache when it has a
+        ``data_id`` (computed and stored once otherwise), else computed now."""
         desc = f"teacher {self.name} logits"
-        if cache is None:
-            self.logits_table = compute_logits_table(self.model, loader, device, desc, progress)
-        else:
-            self.logits_table = cache.get_or_compute(self.fingerprint, data_id, self.model, loader,
-                                                     device=device, progress=progress, desc=desc)
+        if cache is None or data_id is None:
+            return compute_logits_table(self.model, loader, device, desc, progress)
+        return cache.get_or_compute(self.fingerprint, data_id, self.model, loader, device=device,
+                                    progress=progress, desc=desc)
 
     @torch.no_grad()
     def features(self, batch: dict, names: Iterable[str]) -> dict[str, torch.Tensor]:

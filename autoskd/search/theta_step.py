@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 from ..engine.batches import model_inputs, to_device
 from ..engine.callbacks import Callback
-from ..engine.teacher_cache import TeacherOutputCache, compute_logits_table
+from ..engine.teacher_cache import TeacherOutputCache
 from ..engine.teachers import SampledTeacher
 from ..errors import AutoSKDError
 from .bilevel import cr_teacher_logits, sswo_teacher_logits, unrolled_theta_grad
@@ -92,25 +92,19 @@ class ThetaStep(Callback):
         self.optimizer = ThetaOptimizer(distribution, strategy=config.strategy, lr=config.lr,
                                         weight_decay=config.weight_decay)
         self.val_loader = val_loader
-        self.val_tables = self._val_logits(cache, val_id)
+        self.val_tables = {name: teacher.logits_for(val_loader, val_id, cache, progress=False)
+                           for name, teacher in policy.teachers.items()}
         self._val_batches: Iterator[dict] | None = None
         self.history: list[dict] = []
         self.candidates: list[dict] = []
         self.dropped: list[int] = []
+        self.selected = False
         self.selection_step = 0
         self.warmup_steps = 0
         self.candidate_steps: set[int] = set()
 
-    def _val_logits(self, cache, val_id) -> dict[str, torch.Tensor]:
-        tables = {}
-        for name, teacher in self.policy.teachers.items():
-            if cache is not None and val_id is not None:
-                tables[name] = cache.get_or_compute(teacher.fingerprint, val_id, teacher.model, self.val_loader,
-                                                    progress=False, desc=f"teacher {name} val logits")
-            else:
-                tables[name] = compute_logits_table(teacher.model, self.val_loader, progress=False)
-        return tables
-
+        self.val_tables = {name: teacher.logits_for(val_loader, val_id, cache, progress=False)
+                           for name, teacher in policy.teachers.items()}
     # ---------------------------------------------------------------- schedule
     def on_stage_start(self, trainer, ctx) -> None:
         total = ctx.total_steps
@@ -128,9 +122,11 @@ class ThetaStep(Callback):
 
     def on_step_begin(self, trainer, ctx, batch) -> None:
         step = ctx.step
-        if step == self.selection_step and self.m > 0 and not self.dropped:
-            self.dropped = self.dist.select_(self.m)
-            self.optimizer.reset()
+        if step == self.selection_step and not self.selected:
+            if self.m > 0:
+                self.dropped = self.dist.select_(self.m)
+                self.optimizer.reset()
+            self.selected = True
             self._record(step, force=True)
         if step >= self.warmup_steps and step % self.config.every == 0:
             self._theta_step(trainer, ctx, batch)
@@ -142,8 +138,8 @@ class ThetaStep(Callback):
 
     def _record(self, step: int, force: bool = False) -> None:
         if force or step % self.config.history_every == 0:
-            phase = 1 if step < self.selection_step or not self.dropped and step <= self.selection_step else 2
-            self.history.append({"step": step, "phase": phase, "theta": self.dist.probs().tolist()})
+            self.history.append({"step": step, "phase": 2 if self.selected else 1,
+                                 "theta": self.dist.probs().tolist()})
 
     # ---------------------------------------------------------------- the theta update
     def _teacher_logits(self, batch: dict, table: dict | None) -> torch.Tensor:
