@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from .data.collate import make_loader, tokenize_split, unlabelled_split
 from .data.tasks import TaskData, load_task
-from .engine.methods import get_method
+from .engine.methods import Method, get_method
 from .engine.teachers import AverageTeachers, SampledTeacher, SingleTeacher, Teacher, TeacherPolicy
 from .engine.trainer import Distiller, Stage, TrainResult, evaluate
 from .errors import AutoSKDError
@@ -96,6 +96,8 @@ def build_policy(team, config: DistillConfig) -> TeacherPolicy | None:
     """The teacher policy a config asks for, over the built team's frozen teachers."""
     if not get_method(config.method, **config.method_options).spec.needs_teacher:
         return None
+    if not getattr(team, "teachers", None):
+        raise AutoSKDError("the team has no built teachers; call team.build(task) first")
     fps = getattr(team, "fingerprints", {}) or {}
     teachers = {name: Teacher(name, model, fps.get(name)) for name, model in team.teachers.items()}
     if config.policy == "single":
@@ -115,8 +117,9 @@ def build_policy(team, config: DistillConfig) -> TeacherPolicy | None:
     raise AutoSKDError(f"unknown teacher policy {config.policy!r}; choose single, average or sampled")
 
 
-def method_stages(config: DistillConfig, loaders: Loaders, unlabelled: DataLoader | None) -> list[Stage]:
-    method = get_method(config.method, **config.method_options)
+def method_stages(method: Method, config: DistillConfig, loaders: Loaders,
+                  unlabelled: DataLoader | None) -> list[Stage]:
+    """The method's stages in order, after an optional pre-training stage on unlabelled text."""
     names = [s for s in method.spec.stages if s != "pretrain"]
     common = dict(lr=config.lr, warmup_ratio=config.warmup_ratio, weight_decay=config.weight_decay)
     stages = []
@@ -136,8 +139,7 @@ def distill(team, task: TaskData | str, config: DistillConfig | None = None, *, 
     """
     config = config or DistillConfig()
     task = load_task(task, seed=config.seed) if isinstance(task, str) else task
-    if not getattr(team, "teachers", None) and get_method(config.method).spec.needs_teacher:
-        raise AutoSKDError("the team has no built teachers; call team.build(task) first")
+    method = get_method(config.method, **config.method_options)
     max_length = config.max_length or team.max_length
     loaders = loaders or make_loaders(task, team.tokenizer, max_length, config.batch_size, config.seed, config.train_split)
     unlabelled = None
@@ -147,10 +149,10 @@ def distill(team, task: TaskData | str, config: DistillConfig | None = None, *, 
     student = student if student is not None else team.build_student(task, seed=config.seed)
     policy = build_policy(team, config)
     out_dir = Path(out_dir) if out_dir else None
-    distiller = Distiller(student, config.method, policy, out_dir=out_dir, seed=config.seed, progress=progress,
+    distiller = Distiller(student, method, policy, out_dir=out_dir, seed=config.seed, progress=progress,
                           callbacks=callbacks, teacher_cache=Path(cache_dir) / "teacher_outputs",
-                          method_options=config.method_options, checkpoint=out_dir is not None)
-    result = distiller.fit(method_stages(config, loaders, unlabelled), dev=loaders.dev, resume=out_dir is not None)
+                          checkpoint=out_dir is not None)
+    result = distiller.fit(method_stages(method, config, loaders, unlabelled), dev=loaders.dev, resume=out_dir is not None)
     dev = evaluate(student, loaders.dev, distiller.device)["accuracy"]
     test = evaluate(student, loaders.test, distiller.device)["accuracy"]
     counts = dict(policy.counts) if isinstance(policy, SampledTeacher) else None
