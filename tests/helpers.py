@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
+from autoskd.engine.callbacks import Callback
+
 
 def tiny_config(layers: int = 4, hidden: int = 32, vocab: int = 30522) -> BertConfig:
     return BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
@@ -18,3 +20,15 @@ def tiny_bert(tok, layers: int = 2, seed: int = 0, dropout: float = 0.1) -> Bert
                         hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     torch.manual_seed(seed)
     return BertForSequenceClassification(config)
+
+
+class InterruptAt(Callback):
+    """Simulates a kill: KeyboardInterrupt at the first step of ``epoch`` (after the previous
+    epoch's checkpoint was written)."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_step_begin(self, trainer, ctx, batch):
+        if ctx.epoch == self.epoch:
+            raise KeyboardInterrupt

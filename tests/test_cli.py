@@ -19,6 +19,7 @@ from transformers import AutoModelForSequenceClassification, BertConfig
 from autoskd.cli import main
 from autoskd.engine.callbacks import Callback
 from autoskd.errors import AutoSKDError
+from helpers import InterruptAt
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -263,15 +264,6 @@ def test_keyboard_interrupt_exits_130(capsys, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- resume
-class InterruptAt(Callback):
-    def __init__(self, epoch: int):
-        self.epoch = epoch
-
-    def on_step_begin(self, trainer, ctx, batch):
-        if ctx.epoch == self.epoch:
-            raise KeyboardInterrupt
-
-
 class Steps(Callback):
     def __init__(self):
         self.epochs: list[int] = []

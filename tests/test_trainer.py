@@ -24,7 +24,7 @@ MAX_LENGTH = 32
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
-from helpers import tiny_bert  # noqa: E402
+from helpers import InterruptAt, tiny_bert  # noqa: E402
 
 
 FILLERS = ["movie", "film", "plot", "story", "cast", "show", "script", "scene"]
@@ -81,17 +81,6 @@ class Recorder(Callback):
 
     def on_stage_end(self, trainer, ctx):
         self.events.append("stage_end")
-
-
-class InterruptAt(Callback):
-    """Raises KeyboardInterrupt at the first step of ``epoch`` (after the previous epoch's checkpoint)."""
-
-    def __init__(self, epoch: int):
-        self.epoch = epoch
-
-    def on_step_begin(self, trainer, ctx, batch):
-        if ctx.epoch == self.epoch:
-            raise KeyboardInterrupt
 
 
 # ---------------------------------------------------------------------------------------------- learning
