@@ -123,14 +123,24 @@ def print_table(rows: list[dict]) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
 
 
+def _number(flag: str, text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise AutoSKDError(f"{flag} {text!r} is not a number") from None
+
+
 def cmd_search(args) -> int:
     from .search.run import SearchConfig, run_search
 
+    xi = args.xi if args.xi in (None, "theta_lr", "student_lr") else _number("--xi", args.xi)
     theta = {k: v for k, v in {"strategy": args.strategy, "order": args.order, "lr": args.theta_lr,
-                               "num_candidates": args.candidates, "val_objective": args.val_objective}.items()
+                               "num_candidates": args.candidates, "val_objective": args.val_objective,
+                               "xi": xi, "scaling": args.theta_scaling, "warmup": args.theta_warmup}.items()
              if v is not None}
     config = SearchConfig.from_preset(
-        args.preset, theta=theta, seed=args.seed, m=args.m, baselines=args.baselines, n_random=args.random,
+        args.preset, theta=theta, theta_lrs=args.theta_lrs, seed=args.seed, m=args.m, baselines=args.baselines,
+        n_random=args.random,
         executor=args.executor, address=args.address, cpus_per_trial=args.cpus_per_trial,
         gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent, max_train=args.max_train,
         max_eval=args.max_eval, search_epochs=args.search_epochs, eval_epochs=args.eval_epochs)
@@ -181,12 +191,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("search", help="AutoSKD: learn which teachers to sample, evaluate candidates and baselines")
     _add_team_args(p)
     _add_data_args(p)
-    p.add_argument("--preset", default="quick", choices=["quick", "paper"], help="settings bundle (default: quick)")
+    p.add_argument("--preset", default="quick", choices=["quick", "medium", "paper"],
+                   help="settings bundle (default: quick; medium: the benchmark's; paper: AutoSKDBERT's)")
     p.add_argument("--out", default="runs/search", help="output folder; rerunning resumes it")
     p.add_argument("--strategy", choices=["sswo", "cr"], help="theta update strategy (default: sswo)")
     p.add_argument("--order", choices=["first", "second"], help="unrolled-gradient order (default: second)")
     p.add_argument("--theta-lr", type=float, help="Adam learning rate on theta (paper: 3e-4 to 1e-3)")
-    p.add_argument("--val-objective", choices=["distill", "task"], help="theta's validation loss (default: distill)")
+    p.add_argument("--theta-lrs", type=float, nargs="+", metavar="LR",
+                   help="a grid of theta learning rates: one search per rate, K candidates each (paper: 8 rates)")
+    p.add_argument("--xi", help="virtual-step size: theta_lr (paper, default), student_lr, or a number")
+    p.add_argument("--theta-scaling", choices=["theta", "max", "n"],
+                   help="SSWO's logit scale for the sampled teacher: theta_i (paper), theta_i/max theta, n*theta_i")
+    p.add_argument("--theta-warmup", type=float, help="fraction of phase 1 with theta held fixed (paper: 0)")
+    p.add_argument("--val-objective", choices=["distill", "task"],
+                   help="theta's validation loss (default: distill; task needs --order second)")
     p.add_argument("--m", type=int, help="teachers dropped at selection (default: those weaker than the student)")
     p.add_argument("--candidates", type=int, help="K candidate distributions from phase 2")
     p.add_argument("--search-epochs", type=float, help="epochs of the bilevel search")

@@ -31,7 +31,8 @@ class DistillConfig:
     """Everything a distillation run needs besides the team and the data.
 
     ``teacher`` picks a team member (default: the best on dev); ``policy`` is ``single``,
-    ``average`` (AvgKD) or ``sampled`` (draw a teacher from ``theta`` each step: AutoSKD).
+    ``average`` (AvgKD) or ``sampled`` (draw a teacher from ``theta`` each step: AutoSKD, the sampled teacher's
+    logits scaled as ``theta_scaling`` says, see :func:`~autoskd.engine.teachers.theta_logit_scale`).
     ``epochs`` apply to each of the method's stages; ``pretrain_epochs`` > 0 adds a
     pre-training-style stage on unlabelled text (the task's training texts by default).
     """
@@ -41,6 +42,7 @@ class DistillConfig:
     teacher: str | None = None
     policy: str = "single"
     theta: list[float] | None = None
+    theta_scaling: str = "theta"
     epochs: float = 3.0
     lr: float = 1e-4
     batch_size: int = 32
@@ -64,6 +66,7 @@ class DistillOutcome:
     result: TrainResult
     out_dir: Path | None
     teacher_counts: dict[str, int] | None = None
+    test_predictions: list[int] | None = None
 
     def summary(self) -> dict:
         return {"dev_acc": self.dev_acc, "test_acc": self.test_acc, "best_dev_acc": self.result.best_dev_acc,
@@ -113,7 +116,7 @@ def build_policy(team, config: DistillConfig) -> TeacherPolicy | None:
         theta = torch.tensor(config.theta, dtype=torch.float64)
         if len(theta) != len(teachers) or (theta < 0).any() or float(theta.sum()) <= 0:
             raise AutoSKDError(f"theta must have {len(teachers)} non-negative weights with a positive sum; got {config.theta}")
-        return SampledTeacher(teachers, theta / theta.sum(), seed=config.seed)
+        return SampledTeacher(teachers, theta / theta.sum(), seed=config.seed, scaling=config.theta_scaling)
     raise AutoSKDError(f"unknown teacher policy {config.policy!r}; choose single, average or sampled")
 
 
@@ -154,9 +157,10 @@ def distill(team, task: TaskData | str, config: DistillConfig | None = None, *, 
                           checkpoint=out_dir is not None)
     result = distiller.fit(method_stages(method, config, loaders, unlabelled), dev=loaders.dev, resume=out_dir is not None)
     dev = evaluate(student, loaders.dev, distiller.device)["accuracy"]
-    test = evaluate(student, loaders.test, distiller.device)["accuracy"]
+    scored = evaluate(student, loaders.test, distiller.device, predictions=True)
     counts = dict(policy.counts) if isinstance(policy, SampledTeacher) else None
-    outcome = DistillOutcome(student, team.tokenizer, dev, test, result, out_dir, counts)
+    outcome = DistillOutcome(student, team.tokenizer, dev, scored["accuracy"], result, out_dir, counts,
+                             scored["predictions"])
     if out_dir is not None:
         save_run(outcome, config, team, task)
     return outcome
@@ -171,6 +175,8 @@ def save_run(outcome: DistillOutcome, config: DistillConfig, team, task: TaskDat
     save_student(outcome.student, outcome.tokenizer, out / "student", label_names=task.label_names)
     (out / "result.json").write_text(json.dumps({"task": task.name, **outcome.summary(),
                                                  "history": outcome.result.history}, indent=2))
+    if outcome.test_predictions is not None:  # for paired tests between runs on the same test rows
+        (out / "predictions.json").write_text(json.dumps({"test": outcome.test_predictions}))
     (out / "config.json").write_text(json.dumps({"task": task.name, "team": getattr(team, "name", None),
                                                  **config.to_dict()}, indent=2))
     ckpt = out / "checkpoint.pt"

@@ -133,20 +133,48 @@ class AverageTeachers(TeacherPolicy):
         return next(iter(self.teachers.values())).model
 
 
+#: How SSWO scales the sampled teacher's logits by its weight (see :func:`theta_logit_scale`).
+THETA_SCALINGS = ("theta", "max", "n", "none")
+
+
+def theta_logit_scale(theta: torch.Tensor, i: int, scaling: str = "theta") -> torch.Tensor:
+    """The factor SSWO multiplies teacher ``i``'s logits by (differentiable in θ_i).
+
+    * ``theta``: θ_i, the paper's eq. 3. With n teachers near uniform θ_i ≈ 1/n, so the
+      targets are n times flatter than single-teacher KD's.
+    * ``max``: θ_i / max_j θ_j (the max held constant): the most likely teacher speaks at full
+      strength, the others in proportion; same ordering and gradient direction as ``theta``.
+    * ``n``: n_active · θ_i: 1 at the uniform distribution.
+    * ``none``: 1 (plain sampled KD; no θ path through the loss, so not for the search).
+    """
+    if scaling == "theta":
+        return theta[i]
+    if scaling == "max":
+        return theta[i] / theta.detach().max().clamp_min(1e-12)
+    if scaling == "n":
+        return theta[i] * float((theta.detach() > 0).sum())
+    if scaling == "none":
+        return torch.ones((), dtype=theta.dtype, device=theta.device)
+    raise AutoSKDError(f"unknown theta scaling {scaling!r}; choose one of: {', '.join(THETA_SCALINGS)}")
+
+
 class SampledTeacher(TeacherPolicy):
     """AutoSKD's stochastic teacher: each step samples teacher i ~ Cat(theta).
 
-    With ``scale_logits`` (SSWO, the paper's eq. 3) the student learns from theta_i * z_Ti,
-    so a rarely-chosen teacher also speaks with less confidence. ``theta`` is read at every
-    step, so the search can update it in place between steps.
+    The student learns from the sampled teacher's logits times :func:`theta_logit_scale`
+    (``scaling="theta"``: θ_i · z_Ti, SSWO as in the paper's eq. 3, so a rarely-chosen
+    teacher also speaks with less confidence). ``theta`` is read at every step, so the search
+    can update it in place between steps.
     """
 
     def __init__(self, teachers: Mapping[str, Teacher], theta: torch.Tensor, seed: int = 0,
-                 scale_logits: bool = True):
+                 scale_logits: bool = True, scaling: str = "theta"):
         super().__init__(teachers)
         self.names = list(self.teachers)
         self.theta = theta
-        self.scale_logits = scale_logits
+        self.scaling = scaling if scale_logits else "none"
+        if self.scaling not in THETA_SCALINGS:
+            raise AutoSKDError(f"unknown theta scaling {scaling!r}; choose one of: {', '.join(THETA_SCALINGS)}")
         self.generator = torch.Generator().manual_seed(seed)
         self.counts = {name: 0 for name in self.names}
         self.last_index: int | None = None
@@ -180,9 +208,9 @@ class SampledTeacher(TeacherPolicy):
 
     def features(self, name: str, batch: dict, names: Iterable[str]) -> dict[str, torch.Tensor]:
         feats = dict(self.teachers[name].features(batch, names))
-        if self.scale_logits and "logits" in feats:
-            weight = self.theta.detach()[self.names.index(name)].to(feats["logits"].dtype)
-            feats["logits"] = feats["logits"] * weight
+        if self.scaling != "none" and "logits" in feats:
+            weight = theta_logit_scale(self.theta.detach(), self.names.index(name), self.scaling)
+            feats["logits"] = feats["logits"] * weight.to(feats["logits"].dtype)
         return feats
 
 

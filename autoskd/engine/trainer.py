@@ -94,11 +94,13 @@ def seed_everything(seed: int) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu") -> dict[str, float]:
-    """Accuracy and mean cross-entropy of ``model`` on a labelled loader."""
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu",
+             predictions: bool = False) -> dict:
+    """Accuracy and mean cross-entropy of ``model`` on a labelled loader; with ``predictions``
+    also the predicted class of every row in loader order (paired tests such as McNemar's)."""
     was_training = model.training
     model.eval()
-    correct, total, loss_sum = 0, 0, 0.0
+    correct, total, loss_sum, predicted = 0, 0, 0.0, []
     for batch in loader:
         batch = to_device(batch, device)
         out = model(**model_inputs(batch))
@@ -107,10 +109,13 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str = 
         loss_sum += float(nn.functional.cross_entropy(logits.float(), labels, reduction="sum"))
         correct += int((logits.argmax(-1) == labels).sum())
         total += labels.numel()
+        if predictions:
+            predicted += logits.argmax(-1).tolist()
     model.train(was_training)
     if total == 0:
         raise AutoSKDError("evaluation data is empty; check the dev/test split")
-    return {"accuracy": correct / total, "loss": loss_sum / total}
+    out = {"accuracy": correct / total, "loss": loss_sum / total}
+    return {**out, "predictions": predicted} if predictions else out
 
 
 def _geometry(model: nn.Module):
