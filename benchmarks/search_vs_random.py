@@ -138,6 +138,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1, help="seeds run at once (processes)")
     ap.add_argument("--threads", type=int, help="torch threads per worker (default: cores / workers)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "search_vs_random"))
+    ap.add_argument("--no-run", action="store_true", help="only summarise the seeds already finished")
     args = ap.parse_args()
     seeds = args.seeds[:1] if args.quick else args.seeds
     overrides = dict(SMOKE) if args.quick else {}
@@ -147,8 +148,10 @@ def main() -> None:
     start = time.perf_counter()
     teachers = build_team(args.preset, cache, overrides)
     team_seconds = time.perf_counter() - start
-    jobs = [(base / f"seed{s}", {**overrides, "seed": s}) for s in seeds]
-    run_jobs(args.preset, jobs, cache, workers=args.workers, threads=args.threads)
+    if not args.no_run:
+        jobs = [(base / f"seed{s}", {**overrides, "seed": s}) for s in seeds]
+        run_jobs(args.preset, jobs, cache, workers=args.workers, threads=args.threads)
+    seeds = [s for s in seeds if (base / f"seed{s}" / "summary.json").exists()]
 
     from _search_runs import TASK
     from autoskd.search.run import SearchConfig, load_search_task
@@ -183,6 +186,8 @@ def main() -> None:
     for arm in result["arms"].values():
         arm.pop("correct", None)
     name = "search_vs_random" + ("_smoke" if args.quick else "" if args.preset == "quick" else f"_{args.preset}")
+    if len(seeds) < len(args.seeds) and not args.quick:
+        name += "_partial"  # fewer seeds finished than asked for: never mistaken for the full result
     write_result(name, result)
     plot(result, ROOT / "results" / f"{name}.png")
     width = max(map(len, result["arms"]))

@@ -144,7 +144,10 @@ def _optimizer(params: list[tuple[str, nn.Parameter]], lr: float, weight_decay: 
     decay = [p for n, p in params if not n.endswith(no_decay)]
     rest = [p for n, p in params if n.endswith(no_decay)]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+    # fused: one kernel over all tensors instead of a loop of small ops (a third of a CPU student
+    # step is AdamW on the 11.7M-parameter embedding otherwise)
+    fused = all(p.dtype in (torch.float32, torch.float16, torch.bfloat16) for _, p in params)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, fused=fused or None)
 
 
 class Distiller:

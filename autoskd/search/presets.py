@@ -22,13 +22,13 @@ PRESETS: dict[str, dict] = {
         "theta": {"lr": 1e-2, "num_candidates": 4, "order": "first", "every": 1, "warmup": 0.25},
         "eval_epochs": 2.0, "n_random": 3, "method_options": {"temperature": 1.0, "alpha": 0.5},
     },
-    # Sized so that benchmarks/search_vs_random.py --preset medium (5 seeds, every arm) takes
-    # about two hours on a 2-core CPU with the team cached: teachers fine-tuned on the whole
-    # training split (good teachers), dev and test whole (~1.2k rows each), students on 1,000 +
-    # 1,000 rows; the search runs 8 epochs of the train half, so phase 2 is 4 epochs and each
-    # of the 4 candidates comes from the end of one of them (App. B.3).
+    # Sized for benchmarks/search_vs_random.py --preset medium (5 seeds, every arm) on a 2-core
+    # CPU with the team cached: teachers fine-tuned on the whole training split (good teachers),
+    # dev and test whole (1,281 rows each), students on 500 + 500 rows; the search runs 8
+    # epochs of the train half, so phase 2 is 4 epochs and each of the 4 candidates comes from
+    # the end of one of them (App. B.3).
     "medium": {
-        "max_train": 1000, "max_eval": None, "teachers_full_data": True,
+        "max_train": 500, "max_eval": None, "teachers_full_data": True,
         "search_epochs": 8.0, "batch_size": 32, "lr": 5e-4,
         "theta": {"lr": 1e-2, "num_candidates": 4, "order": "second", "every": 1, "warmup": 0.25},
         "eval_epochs": 3.0, "n_random": 8, "method_options": {"temperature": 1.0, "alpha": 0.5},
