@@ -22,6 +22,7 @@ from .engine.methods import Method, get_method
 from .engine.teachers import AverageTeachers, SampledTeacher, SingleTeacher, Teacher, TeacherPolicy
 from .engine.trainer import Distiller, Stage, TrainResult, evaluate
 from .errors import AutoSKDError
+from .models.lazy import model_entry
 
 DEFAULT_CACHE = Path(".cache/autoskd")
 
@@ -99,7 +100,7 @@ def build_policy(team, config: DistillConfig) -> TeacherPolicy | None:
     if not getattr(team, "teachers", None):
         raise AutoSKDError("the team has no built teachers; call team.build(task) first")
     fps = getattr(team, "fingerprints", {}) or {}
-    teachers = {name: Teacher(name, model, fps.get(name)) for name, model in team.teachers.items()}
+    teachers = {name: Teacher(name, model_entry(team.teachers, name), fps.get(name)) for name in team.teachers}
     if config.policy == "single":
         name = config.teacher or max(team.dev_accuracy, key=team.dev_accuracy.get)
         if name not in teachers:
