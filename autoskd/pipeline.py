@@ -51,6 +51,7 @@ class DistillConfig:
     seed: int = 0
     pretrain_epochs: float = 0.0
     max_length: int | None = None
+    group_by_length: bool = False  # batch rows of similar length: less padding, faster epochs
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -81,13 +82,15 @@ class Loaders:
 
 
 def make_loaders(task: TaskData, tokenizer, max_length: int, batch_size: int, seed: int,
-                 train_split: str = "train_full") -> Loaders:
-    """Tokenised, dynamically padded loaders; ``train_id`` keys the teacher-output cache."""
+                 train_split: str = "train_full", group_by_length: bool = False) -> Loaders:
+    """Tokenised, dynamically padded loaders; ``train_id`` keys the teacher-output cache.
+    ``group_by_length`` batches training rows of similar length together (less padding)."""
     def tok(split):
         return tokenize_split(task.split(split), tokenizer, max_length)
 
     train_id = f"{task.fingerprint(train_split)}-L{max_length}"
-    return Loaders(train=make_loader(tok(train_split), tokenizer, batch_size, shuffle=True, seed=seed),
+    return Loaders(train=make_loader(tok(train_split), tokenizer, batch_size, shuffle=True, seed=seed,
+                                     group_by_length=group_by_length),
                    dev=make_loader(tok("dev"), tokenizer, batch_size * 2, shuffle=False),
                    test=make_loader(tok("test"), tokenizer, batch_size * 2, shuffle=False),
                    train_id=train_id)
@@ -142,7 +145,8 @@ def distill(team, task: TaskData | str, config: DistillConfig | None = None, *, 
     task = load_task(task, seed=config.seed) if isinstance(task, str) else task
     method = get_method(config.method, **config.method_options)
     max_length = config.max_length or team.max_length
-    loaders = loaders or make_loaders(task, team.tokenizer, max_length, config.batch_size, config.seed, config.train_split)
+    loaders = loaders or make_loaders(task, team.tokenizer, max_length, config.batch_size, config.seed, config.train_split,
+                                      config.group_by_length)
     unlabelled = None
     if config.pretrain_epochs > 0:
         texts = tokenize_split(unlabelled_split(task.split(config.train_split)), team.tokenizer, max_length)

@@ -91,3 +91,31 @@ def test_teacher_features_beyond_logits_load_the_model(tok):
     assert feats["hidden:1"].shape[-1] == 32 and loads == [1]
     teacher.features(batch, ["hidden:1"])
     assert loads == [1] and models["t"] is teacher.model
+
+
+def test_length_grouped_loader_pads_less_and_covers_every_row(tok):
+    from autoskd.data.collate import TokenizedSplit, make_loader
+
+    lengths = [3 + (7 * i) % 40 for i in range(200)]
+    split = TokenizedSplit({"input_ids": [[101] + [1000] * (n - 2) + [102] for n in lengths],
+                            "attention_mask": [[1] * n for n in lengths], "label": [i % 2 for i in range(200)],
+                            "idx": list(range(200))})
+
+    def epoch(loader):
+        batches = list(loader)
+        real = sum(int(b["attention_mask"].sum()) for b in batches)
+        return [b["idx"].tolist() for b in batches], real / sum(b["input_ids"].numel() for b in batches)
+
+    plain, plain_fill = epoch(make_loader(split, tok, 16, shuffle=True, seed=1))
+    grouped = make_loader(split, tok, 16, shuffle=True, seed=1, group_by_length=True)
+    first, fill = epoch(grouped)
+    assert sorted(i for b in first for i in b) == list(range(200))  # every row once per epoch
+    assert len(first) == len(grouped) == 13
+    assert fill > 0.8 and plain_fill < 0.65, (fill, plain_fill)
+    state = grouped.sampler.generator.get_state()  # what the engine checkpoints
+    second, _ = epoch(grouped)
+    assert second != first  # a new order each epoch
+    grouped.sampler.generator.set_state(state)
+    assert epoch(grouped)[0] == second  # resumable from the generator state
+    again = make_loader(split, tok, 16, shuffle=True, seed=1, group_by_length=True)
+    assert epoch(again)[0] == first  # seeded
