@@ -22,6 +22,7 @@ from .engine.methods import Method, get_method
 from .engine.teachers import AverageTeachers, SampledTeacher, SingleTeacher, Teacher, TeacherPolicy
 from .engine.trainer import Distiller, Stage, TrainResult, evaluate
 from .errors import AutoSKDError
+from .models.lazy import model_entry
 
 DEFAULT_CACHE = Path(".cache/autoskd")
 
@@ -52,6 +53,7 @@ class DistillConfig:
     seed: int = 0
     pretrain_epochs: float = 0.0
     max_length: int | None = None
+    group_by_length: bool = False  # batch rows of similar length: less padding, faster epochs
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -83,13 +85,15 @@ class Loaders:
 
 
 def make_loaders(task: TaskData, tokenizer, max_length: int, batch_size: int, seed: int,
-                 train_split: str = "train_full") -> Loaders:
-    """Tokenised, dynamically padded loaders; ``train_id`` keys the teacher-output cache."""
+                 train_split: str = "train_full", group_by_length: bool = False) -> Loaders:
+    """Tokenised, dynamically padded loaders; ``train_id`` keys the teacher-output cache.
+    ``group_by_length`` batches training rows of similar length together (less padding)."""
     def tok(split):
         return tokenize_split(task.split(split), tokenizer, max_length)
 
     train_id = f"{task.fingerprint(train_split)}-L{max_length}"
-    return Loaders(train=make_loader(tok(train_split), tokenizer, batch_size, shuffle=True, seed=seed),
+    return Loaders(train=make_loader(tok(train_split), tokenizer, batch_size, shuffle=True, seed=seed,
+                                     group_by_length=group_by_length),
                    dev=make_loader(tok("dev"), tokenizer, batch_size * 2, shuffle=False),
                    test=make_loader(tok("test"), tokenizer, batch_size * 2, shuffle=False),
                    train_id=train_id)
@@ -102,7 +106,7 @@ def build_policy(team, config: DistillConfig) -> TeacherPolicy | None:
     if not getattr(team, "teachers", None):
         raise AutoSKDError("the team has no built teachers; call team.build(task) first")
     fps = getattr(team, "fingerprints", {}) or {}
-    teachers = {name: Teacher(name, model, fps.get(name)) for name, model in team.teachers.items()}
+    teachers = {name: Teacher(name, model_entry(team.teachers, name), fps.get(name)) for name in team.teachers}
     if config.policy == "single":
         name = config.teacher or max(team.dev_accuracy, key=team.dev_accuracy.get)
         if name not in teachers:
@@ -144,7 +148,8 @@ def distill(team, task: TaskData | str, config: DistillConfig | None = None, *, 
     task = load_task(task, seed=config.seed) if isinstance(task, str) else task
     method = get_method(config.method, **config.method_options)
     max_length = config.max_length or team.max_length
-    loaders = loaders or make_loaders(task, team.tokenizer, max_length, config.batch_size, config.seed, config.train_split)
+    loaders = loaders or make_loaders(task, team.tokenizer, max_length, config.batch_size, config.seed, config.train_split,
+                                      config.group_by_length)
     unlabelled = None
     if config.pretrain_epochs > 0:
         texts = tokenize_split(unlabelled_split(task.split(config.train_split)), team.tokenizer, max_length)

@@ -144,9 +144,9 @@ def _optimizer(params: list[tuple[str, nn.Parameter]], lr: float, weight_decay: 
     decay = [p for n, p in params if not n.endswith(no_decay)]
     rest = [p for n, p in params if n.endswith(no_decay)]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    # fused: one kernel over all tensors instead of a loop of small ops (a third of a CPU student
-    # step is AdamW on the 11.7M-parameter embedding otherwise)
-    fused = all(p.dtype in (torch.float32, torch.float16, torch.bfloat16) for _, p in params)
+    # fused: one kernel over all tensors; on CPU ~4-8x faster than torch's default per-tensor
+    # loop (the 11.7M-entry word embedding dominates a small student's step); same numbers.
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for _, p in params)
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, fused=fused or None)
 
 
@@ -173,8 +173,7 @@ class Distiller:
         if self.method.spec.needs_teacher and self.policy is None:
             raise AutoSKDError(f"method {self.method.spec.name!r} needs a teacher; pass teachers= or use method 'finetune'")
         if self.policy is not None:
-            for model in self.policy.models.values():
-                model.to(self.device)
+            self.policy.to(self.device)  # a lazily held teacher moves there when it is loaded
         self.out_dir = Path(out_dir) if out_dir else None
         self.progress = progress
         self.callbacks = list(callbacks)
