@@ -233,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent", type=positive_int, help="trials at once (default: as resources allow)")
     p.set_defaults(func=cmd_search)
 
+    from .plan_cli import add_plan_parser
+    add_plan_parser(sub)
+
     p = sub.add_parser("demo", help="run the main job on the built-in default team and task")
     p.set_defaults(func=cmd_demo)
     return parser
