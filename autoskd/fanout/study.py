@@ -66,7 +66,8 @@ def make_sampler(name: str, space: SearchSpace, seed: int = 0, multi_objective: 
     return samplers.NSGAIISampler(seed=seed)
 
 
-def open_study(storage, study_name: str, directions: list[str], space: SearchSpace) -> optuna.Study:
+def open_study(storage, study_name: str, directions: list[str], space: SearchSpace,
+               metric_names: list[str] | None = None) -> optuna.Study:
     """Create the study or load it; a stored study made for another space or objectives is one line."""
     signature = json.dumps({"params": space.to_dict()["params"], "kind": space.kind, "fixed": space.fixed},
                            sort_keys=True, default=str)
@@ -79,6 +80,8 @@ def open_study(storage, study_name: str, directions: list[str], space: SearchSpa
     if stored is None:
         study.set_user_attr("space", signature)
         study.set_user_attr("space_name", space.name)
+        if metric_names:  # the dashboard's axis labels
+            study.set_metric_names(metric_names)
     elif stored != signature:
         raise AutoSKDError(f"study {study_name!r} in the storage was made with another search space; "
                            "use another --study name (or the same space file)")

@@ -123,7 +123,7 @@ def run_tune(space: SearchSpace, team_path: str, task_args: dict, settings: Tune
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = open_storage(url)
-    study = open_study(storage, study_name, settings.directions, space)
+    study = open_study(storage, study_name, settings.directions, space, settings.objectives)
     stale = fail_stale_trials(study)
     done = len(finished_trials(study))
     todo = max(0, wanted - done)
