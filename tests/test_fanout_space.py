@@ -117,7 +117,7 @@ def test_grid_and_samplers():
     with pytest.raises(AutoSKDError, match="params.lr"):
         make_sampler("grid", cont)
     for name, cls in (("random", "RandomSampler"), ("tpe", "TPESampler"), ("cmaes", "CmaEsSampler"),
-                      ("nsga2", "NSGAIISampler"), ("grid", "GridSampler")):
+                      ("nsga2", "NSGAIISampler"), ("grid", "ResumableGridSampler")):
         assert type(make_sampler(name, space)).__name__ == cls
     with pytest.raises(AutoSKDError, match="cmaes"):
         make_sampler("cmaes", space, multi_objective=True)
@@ -161,3 +161,19 @@ def test_compute_report_counts_saved_epochs():
                {"dev_acc": None, "status": "failed"}]
     assert compute_report(records, 4) == {"stopped_early": 1, "student_epochs": 5, "student_epochs_planned": 8,
                                           "saved_fraction": 0.375}
+
+
+def test_grid_sampler_reruns_failed_points_and_never_stops_the_study():
+    import optuna
+
+    space = SearchSpace.from_dict({"params": {"lr": {"grid": [1, 2, 3]}}})
+    study = optuna.create_study(sampler=make_sampler("grid", space, seed=0), direction="maximize")
+    dist = space.to_optuna()
+    first = study.ask(dist)
+    study.tell(first, state=optuna.trial.TrialState.FAIL)
+    seen = []
+    for _ in range(3):
+        t = study.ask(dist)
+        seen.append(t.params["lr"])
+        study.tell(t, 0.5)  # Optuna's GridSampler would call study.stop() here at the end: RuntimeError
+    assert sorted(seen) == [1, 2, 3]  # the failed point came round again

@@ -48,6 +48,27 @@ def open_storage(url: str) -> "optuna.storages.RDBStorage":
         raise AutoSKDError(f"cannot open Optuna storage {url!r}: {first}") from None
 
 
+class ResumableGridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid sampler for ask-and-tell under Ray Tune: a grid point whose trial failed (or was
+    left running by a killed tune) is run again, and the exhausted grid does not call
+    ``study.stop()`` (which raises outside ``study.optimize``; Tune runs exactly the missing points)."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        pass
+
+    def _get_unvisited_grid_ids(self, study) -> list[int]:
+        done, running = set(), set()
+        for t in study._storage.get_all_trials(study._study_id, deepcopy=False):
+            if "grid_id" not in t.system_attrs or not self._same_search_space(t.system_attrs["search_space"]):
+                continue
+            if t.state in DONE:
+                done.add(t.system_attrs["grid_id"])
+            elif t.state == TrialState.RUNNING:
+                running.add(t.system_attrs["grid_id"])
+        todo = set(range(self._n_min_trials)) - done
+        return sorted(todo - running) or sorted(todo)
+
+
 def make_sampler(name: str, space: SearchSpace, seed: int = 0, multi_objective: bool = False):
     name = name.lower()
     if name not in SAMPLERS:
@@ -56,7 +77,7 @@ def make_sampler(name: str, space: SearchSpace, seed: int = 0, multi_objective: 
         raise AutoSKDError("sampler cmaes optimises one objective; use nsga2 (or tpe) with --objective2")
     samplers = optuna.samplers
     if name == "grid":
-        return samplers.GridSampler(space.grid(), seed=seed)
+        return ResumableGridSampler(space.grid(), seed=seed)
     if name == "random":
         return samplers.RandomSampler(seed=seed)
     if name == "tpe":
