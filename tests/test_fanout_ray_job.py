@@ -41,7 +41,7 @@ def head():
     """`ray start --head --block` on 127.0.0.1 with its own ports and temp dir; stopped at the end
     by signalling the process this fixture started (never `ray stop`, which would end every Ray
     on the machine)."""
-    pytest.importorskip("aiohttp", reason="`ray job submit` needs ray[default] (the job server)")
+    pytest.importorskip("ray.dashboard.optional_deps", reason="`ray job submit` needs ray[default] (the job server)")
     if not RAY.exists():
         pytest.skip(f"no ray command beside {sys.executable}")
     gcs, dash, client, agent, agent_grpc, runtime_env_port, metrics = _free_ports(7)
