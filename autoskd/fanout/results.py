@@ -136,7 +136,7 @@ def write_results(study: optuna.Study, out_dir: Path, objectives: list[str]) -> 
         name = top.user_attrs.get("trial", f"trial-{top.number:04d}")
         summary["best"] = {"number": top.number, "trial": name, "values": dict(zip(objectives, top.values)),
                            "params": dict(top.params), "test_acc": top.user_attrs.get("test_acc")}
-        if len(best) > 1:
+        if len(study.directions) > 1:
             summary["pareto_front"] = [{"number": t.number, "values": dict(zip(objectives, t.values)),
                                         "params": dict(t.params)} for t in best]
         trial_dir = out_dir / "trials" / name
