@@ -156,7 +156,8 @@ def cmd_search(args) -> int:
         n_random=args.random,
         executor=args.executor, address=args.address, cpus_per_trial=args.cpus_per_trial,
         gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent, max_train=args.max_train,
-        max_eval=args.max_eval, search_epochs=args.search_epochs, eval_epochs=args.eval_epochs)
+        max_eval=args.max_eval, search_epochs=args.search_epochs, eval_epochs=args.eval_epochs,
+        scheduler=args.scheduler)
     task_args = {"name_or_path": args.task, "text_column": args.text_column,
                  "text_pair_column": args.text_pair_column, "label_column": args.label_column}
     if args.encoding:
@@ -231,10 +232,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-trial", type=positive_float, default=1.0)
     p.add_argument("--gpus-per-trial", type=non_negative_float, default=0.0)
     p.add_argument("--max-concurrent", type=positive_int, help="trials at once (default: as resources allow)")
+    p.add_argument("--scheduler", choices=["none", "asha"], help="asha: stop clearly losing candidates/baselines early")
     p.set_defaults(func=cmd_search)
 
     from .plan_cli import add_plan_parser
     add_plan_parser(sub)
+
+    from .fanout.cli import add_commands as add_fanout_commands  # tune, dashboard
+
+    add_fanout_commands(sub, _add_team_args, _add_data_args)
 
     p = sub.add_parser("demo", help="run the main job on the built-in default team and task")
     p.set_defaults(func=cmd_demo)

@@ -64,6 +64,7 @@ class SearchConfig:
     max_train: int | None = None
     max_eval: int | None = None
     teachers_full_data: bool = False
+    scheduler: str | None = None  # "asha": candidates and baselines report per epoch; losing ones stop early
     method_options: dict = field(default_factory=lambda: {"temperature": 1.0})
 
     @classmethod
@@ -221,7 +222,7 @@ def run_search(team_path: str | Path, task_args: dict, config: SearchConfig, out
                      cache_dir=str(cache_dir), base_config=config.base_distill().to_dict(), root=str(out_dir))
     records = run_arms(spec, arms, executor=config.executor, address=config.address,
                        cpus_per_trial=config.cpus_per_trial, gpus_per_trial=config.gpus_per_trial,
-                       max_concurrent=config.max_concurrent, progress=progress)
+                       max_concurrent=config.max_concurrent, progress=progress, scheduler=config.scheduler)
     return summarise(records, searches, team, m, why, out_dir)
 
 

@@ -23,6 +23,7 @@ An arm whose ``arm.json`` exists is finished: running again loads it (resume).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -166,10 +167,13 @@ def distill_arm(spec: TrialSpec, arm: Arm, out_dir: Path) -> dict:
     """The real runner: rebuild task and team, distil a student with the arm's teacher policy."""
     from ..pipeline import distill
 
+    from ..fanout.early_stop import epoch_reporters
+
     task = spec.load_task()
     team = spec.build_team(task)
-    outcome = distill(team, task, arm.distill_config(spec.distill_config()), out_dir=out_dir,
-                      cache_dir=spec.cache_dir, progress=False)
+    config = arm.distill_config(spec.distill_config())
+    outcome = distill(team, task, config, out_dir=out_dir, cache_dir=spec.cache_dir, progress=False,
+                      callbacks=epoch_reporters(config))  # per-epoch dev accuracy when a scheduler is on
     return {"dev_acc": float(outcome.dev_acc), "test_acc": float(outcome.test_acc),
             "steps": int(outcome.result.steps), "train_seconds": round(float(outcome.result.seconds), 2),
             "teacher_counts": outcome.teacher_counts}
@@ -268,19 +272,25 @@ def _worker_env(spec: TrialSpec, cpus_per_trial: float) -> dict[str, str]:
             "PYTHONPATH": os.pathsep.join(seen), "RAY_CHDIR_TO_TRIAL_DIR": "0"}
 
 
-def _ray_trainable(config: dict, spec: dict | None = None, env: dict | None = None) -> None:
-    """One Ray Tune trial: run the arm, report its record (as JSON, so nothing gets flattened)."""
-    from ray import tune
-
+def prepare_worker(spec: dict | TrialSpec, env: dict | None) -> TrialSpec:
+    """Inside a trial process: the driver's environment, working directory and thread count."""
     for key, value in (env or {}).items():  # also when Ray was initialised without our runtime_env
         if key != "PYTHONPATH":
             os.environ.setdefault(key, value)
-    spec = TrialSpec.from_dict(spec)
+    spec = spec if isinstance(spec, TrialSpec) else TrialSpec.from_dict(spec)
     if os.path.isdir(spec.workdir):  # same relative-path behaviour as the driver
         os.chdir(spec.workdir)
     import torch
 
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    return spec
+
+
+def _ray_trainable(config: dict, spec: dict | None = None, env: dict | None = None) -> None:
+    """One Ray Tune trial: run the arm, report its record (as JSON, so nothing gets flattened)."""
+    from ray import tune
+
+    spec = prepare_worker(spec, env)
     record = run_arm(spec, Arm.from_dict(config["arm"]))
     tune.report({"dev_acc": record["dev_acc"], "record_json": json.dumps(record)})
 
@@ -324,15 +334,18 @@ def _progress_callback(total: int):
     return _Bar()
 
 
-def _run_ray(spec: TrialSpec, arms: list[Arm], *, address: str | None, cpus_per_trial: float, gpus_per_trial: float,
-             max_concurrent: int | None, num_cpus: int | None, progress: bool) -> dict[str, dict]:
+@contextlib.contextmanager
+def ray_session(env: dict[str, str], address: str | None = None, num_cpus: int | None = None):
+    """Ray for trials, with ``env`` in every worker: a local Ray on 127.0.0.1 (``num_cpus``, default
+    all cores) or the cluster at ``address`` (``auto`` inside a ``ray job submit`` entrypoint,
+    ``ray://head:10001`` from outside). Ray is shut down at the end if this started it; an
+    initialised Ray is used as it is."""
     ensure_ray_env()
     import ray
-    from ray import tune
 
-    env = _worker_env(spec, cpus_per_trial)
     started = False
     if not ray.is_initialized():
+        env = dict(env)
         runtime_env: dict = {"env_vars": env}
         common = dict(ignore_reinit_error=True, log_to_driver=False, runtime_env=runtime_env)
         if address is None or address == "local":
@@ -343,17 +356,37 @@ def _run_ray(spec: TrialSpec, arms: list[Arm], *, address: str | None, cpus_per_
                 # a remote cluster has no copy of this checkout: ship the package with the job
                 # (the team YAML, cache_dir and root must be on storage the cluster shares)
                 runtime_env["py_modules"] = [str(REPO_ROOT / "autoskd")]
-                env.pop("PYTHONPATH")
+                env.pop("PYTHONPATH", None)
             ray.init(address=address, logging_level="warning", **common)
         started = True
     try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _run_ray(spec: TrialSpec, arms: list[Arm], *, address: str | None, cpus_per_trial: float, gpus_per_trial: float,
+             max_concurrent: int | None, num_cpus: int | None, progress: bool,
+             scheduler: str | None = None) -> dict[str, dict]:
+    from ray import tune
+
+    env = _worker_env(spec, cpus_per_trial)
+    tune_scheduler = None
+    if scheduler not in (None, "none"):
+        from ..fanout.early_stop import REPORT_ENV, evaluated_epochs, make_scheduler
+
+        env[REPORT_ENV] = "1"  # trials report dev accuracy per epoch, so the scheduler can stop them
+        tune_scheduler = make_scheduler(scheduler, evaluated_epochs(spec.distill_config()))
+    with ray_session(env, address=address, num_cpus=num_cpus):
         trainable = tune.with_resources(tune.with_parameters(_ray_trainable, spec=spec.to_dict(), env=env),
                                         {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
         tuner = tune.Tuner(
             trainable,
             param_space={"arm": tune.grid_search([a.to_dict() for a in arms])},
             tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, trial_name_creator=_trial_name,
-                                        trial_dirname_creator=_trial_name, reuse_actors=False),
+                                        trial_dirname_creator=_trial_name, reuse_actors=False,
+                                        scheduler=tune_scheduler),
             run_config=tune.RunConfig(storage_path=str(Path(spec.root) / "ray"), name="trials", verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
                                       callbacks=[_progress_callback(len(arms))] if progress else None),
@@ -376,20 +409,21 @@ def _run_ray(spec: TrialSpec, arms: list[Arm], *, address: str | None, cpus_per_
                 out[name] = {"error": _one_line(result.error)}
             elif result.metrics and "record_json" in result.metrics:
                 out[name] = json.loads(result.metrics["record_json"])
+            elif result.metrics and result.metrics.get("dev_acc") is not None:  # the scheduler stopped it
+                out[name] = {"stopped": dict(result.metrics)}
         return out
-    finally:
-        if started:
-            ray.shutdown()
 
 
 # ---------------------------------------------------------------------------------------- both
 def run_arms(spec: TrialSpec, arms: Iterable[Arm], executor: str = "ray", address: str | None = None,
              cpus_per_trial: float = 1, gpus_per_trial: float = 0, max_concurrent: int | None = None,
-             progress: bool = True, num_cpus: int | None = None) -> list[dict]:
+             progress: bool = True, num_cpus: int | None = None, scheduler: str | None = None) -> list[dict]:
     """Run every arm not finished yet; one record per arm, in input order.
 
     A record is the arm's ``arm.json`` plus ``status``: ``finished`` (ran now), ``loaded`` (found
-    on disk) or ``failed`` (``error`` holds one line; the traceback is in the arm's ``error.txt``).
+    on disk), ``stopped`` (``scheduler="asha"`` stopped it early: its dev accuracy when stopped,
+    ``epochs_run`` of ``epochs_planned``, no test accuracy) or ``failed`` (``error`` holds one
+    line; the traceback is in the arm's ``error.txt``).
     One failing arm never stops the others. ``address``: an existing Ray cluster (e.g.
     ``ray://head:10001``); by default a local Ray is started on 127.0.0.1 with ``num_cpus`` (all
     cores) and shut down afterwards. If Ray is already initialised it is used as is.
@@ -401,6 +435,8 @@ def run_arms(spec: TrialSpec, arms: Iterable[Arm], executor: str = "ray", addres
         raise AutoSKDError(f"arm names must be unique; repeated: {', '.join(dupes)}")
     if executor not in ("ray", "local"):
         raise AutoSKDError(f"unknown executor {executor!r}; choose ray or local")
+    if scheduler not in (None, "none") and executor != "ray":
+        raise AutoSKDError(f"scheduler {scheduler!r} stops Ray Tune trials; use executor 'ray'")
     if cpus_per_trial <= 0 or gpus_per_trial < 0:
         raise AutoSKDError(f"cpus_per_trial must be > 0 and gpus_per_trial >= 0 (got {cpus_per_trial}, {gpus_per_trial})")
     if max_concurrent is not None and max_concurrent < 1:
@@ -430,15 +466,30 @@ def run_arms(spec: TrialSpec, arms: Iterable[Arm], executor: str = "ray", addres
                 records[arm.name] = _failed(arm, _one_line(err))
     elif todo:
         results = _run_ray(spec, todo, address=address, cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
-                           max_concurrent=max_concurrent, num_cpus=num_cpus, progress=progress)
+                           max_concurrent=max_concurrent, num_cpus=num_cpus, progress=progress, scheduler=scheduler)
         for arm in todo:
             got = results.get(arm.name)
             if got is None:
                 records[arm.name] = _failed(arm, "the trial did not run (Ray returned no result)")
+            elif "stopped" in got:
+                from ..fanout.early_stop import evaluated_epochs, stopped_record
+
+                planned = evaluated_epochs(arm.distill_config(spec.distill_config()))
+                record = stopped_record({**arm.to_dict(), "seconds": None, "steps": None, "student_trainings": 1,
+                                         "teacher_counts": None}, got["stopped"], planned)
+                _write_json(arm_dir(spec.root, arm) / "arm.json", record)  # finished work: not re-run on resume
+                records[arm.name] = {**record, "status": "stopped"}
             elif "error" in got and "dev_acc" not in got:
                 records[arm.name] = _failed(arm, got["error"])
             else:
                 if load_record(spec.root, arm) is None:  # remote cluster without shared storage
                     _write_json(arm_dir(spec.root, arm) / "arm.json", got)
                 records[arm.name] = {**got, "status": "finished"}
+        if scheduler not in (None, "none"):
+            from ..fanout.early_stop import compute_report, evaluated_epochs
+
+            saved = compute_report([records[a.name] for a in todo], evaluated_epochs(spec.distill_config()))
+            print(f"{scheduler}: stopped {saved['stopped_early']} of {len(todo)} arms early; "
+                  f"{saved['student_epochs']} of {saved['student_epochs_planned']} student-epochs run "
+                  f"({100 * saved['saved_fraction']:.0f}% saved)")
     return [records[a.name] for a in arms]

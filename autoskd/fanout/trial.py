@@ -1,0 +1,149 @@
+"""One ``autoskd tune`` trial: a search-space point turned into one engine run.
+
+A ``distill`` trial is one :func:`autoskd.pipeline.distill` call with the point's
+:class:`~autoskd.pipeline.DistillConfig` (and student depth); an ``autoskd`` trial is one AutoSKD
+search (:func:`autoskd.search.run.run_search`, candidates run in-process). The trial process is
+prepared like every AutoSKD arm (:func:`autoskd.search.trials.prepare_worker`: the same
+:class:`~autoskd.search.trials.TrialSpec`, environment and thread count), rebuilds task and team
+from disk (teachers come from the cache the driver filled) and writes::
+
+    <root>/trials/<trial>/trial.json    the record: values, dev/test accuracy, student size, ...
+    <root>/trials/<trial>/student/      the student (save_pretrained; an autoskd trial: best_student/)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import AutoSKDError
+from ..search.trials import TrialSpec, _write_json, prepare_worker
+from .early_stop import EpochReporter, evaluated_epochs
+from .space import SearchSpace
+
+__all__ = ["distill_values", "run_distill_trial", "run_autoskd_trial", "tune_trainable", "trial_name",
+           "OBJECTIVES", "student_size", "student_latency_ms"]
+
+#: second objectives for multi-objective samplers (both minimised), beside dev accuracy (maximised)
+OBJECTIVES = {"size": "student_params_m", "latency": "latency_ms"}
+
+
+def trial_name(number: int | None, fallback: str) -> str:
+    return f"trial-{number:04d}" if number is not None else fallback
+
+
+def distill_values(base: dict, values: dict) -> tuple[Any, dict]:
+    """``(DistillConfig, student overrides)`` from a base config dict and one point's flat values."""
+    from ..pipeline import DistillConfig
+
+    config = dict(base)
+    options = dict(config.pop("method_options", None) or {})
+    student: dict = {}
+    for key, value in values.items():
+        if key.startswith("method_options."):
+            options[key.split(".", 1)[1]] = value
+        elif key.startswith("student."):
+            student[key.split(".", 1)[1]] = value
+        else:
+            config[key] = value
+    try:
+        return DistillConfig(**config, method_options=options), student
+    except TypeError as err:
+        raise AutoSKDError(f"trial config: {err}") from None
+
+
+def student_size(model) -> float:
+    """Parameters of the student, in millions."""
+    return sum(p.numel() for p in model.parameters()) / 1e6
+
+
+def student_latency_ms(model, loader, batches: int = 3) -> float:
+    """Mean forward time per example on dev batches (milliseconds), after one warm-up batch."""
+    import torch
+
+    from ..engine.batches import model_inputs
+
+    model.eval()
+    seconds, examples = 0.0, 0
+    with torch.no_grad():
+        for i, batch in enumerate(loader):
+            if i > batches:
+                break
+            start = time.perf_counter()
+            model(**model_inputs(batch))
+            if i:  # the first batch warms caches up
+                seconds += time.perf_counter() - start
+                examples += int(batch["labels"].numel())
+    return 1000.0 * seconds / max(examples, 1)
+
+
+def run_distill_trial(spec: TrialSpec, values: dict, out_dir: Path, report: Callable | None = None,
+                      latency: bool = False) -> dict:
+    """Distil one student with the point's config; ``report`` gets per-epoch dev accuracy."""
+    from ..pipeline import distill, make_loaders
+
+    config, student = distill_values(spec.base_config, values)
+    task = spec.load_task()
+    team = spec.build_team(task)
+    if student:
+        team.student_spec = dataclasses.replace(team.student_spec, **student)
+        team.student_spec.check("student", role="student")
+    callbacks = [EpochReporter(evaluated_epochs(config), report=report)] if report is not None else []
+    outcome = distill(team, task, config, out_dir=out_dir, cache_dir=spec.cache_dir, progress=False,
+                      callbacks=callbacks)
+    record = {"dev_acc": float(outcome.dev_acc), "test_acc": float(outcome.test_acc),
+              "student_params_m": round(student_size(outcome.student), 4),
+              "epochs": sum(1 for h in outcome.result.history if h.get("dev_acc") is not None),
+              "steps": int(outcome.result.steps), "train_seconds": round(float(outcome.result.seconds), 3),
+              "history": [h.get("dev_acc") for h in outcome.result.history if h.get("dev_acc") is not None]}
+    if latency:
+        loaders = make_loaders(task, team.tokenizer, config.max_length or team.max_length, config.batch_size,
+                               config.seed, config.train_split)
+        record["latency_ms"] = round(student_latency_ms(outcome.student, loaders.dev), 4)
+    return record
+
+
+def run_autoskd_trial(spec: TrialSpec, values: dict, out_dir: Path) -> dict:
+    """One AutoSKD search with the point's settings (theta.* and SearchConfig fields)."""
+    from ..search.run import SearchConfig, run_search
+
+    values = dict(values)
+    preset = values.pop("preset", "quick")
+    theta = {k.split(".", 1)[1]: v for k, v in values.items() if k.startswith("theta.")}
+    options = {k.split(".", 1)[1]: v for k, v in values.items() if k.startswith("method_options.")}
+    rest = {k: v for k, v in values.items() if "." not in k}
+    task = dict(spec.task)
+    rest.setdefault("max_train", task.pop("max_train", None))
+    rest.setdefault("max_eval", task.pop("max_eval", None))
+    config = SearchConfig.from_preset(preset, theta=theta, executor="local", **rest)
+    if options:
+        config.method_options = {**config.method_options, **options}
+    summary = run_search(spec.team_path, task, config, out_dir, cache_dir=spec.cache_dir, progress=False)
+    return {"dev_acc": float(summary["best"]["dev_acc"]), "test_acc": float(summary["best"]["test_acc"]),
+            "best_candidate": summary["best"]["name"], "theta": summary["best"].get("theta"), "epochs": 1}
+
+
+def tune_trainable(config: dict, spec: dict | None = None, space: dict | None = None, env: dict | None = None,
+                   report_epochs: bool = False, latency: bool = False) -> None:
+    """The Ray Tune function trainable of ``autoskd tune``."""
+    from ray import tune
+
+    spec = prepare_worker(spec, env)
+    space = SearchSpace.from_dict(space)
+    config = dict(config)
+    name = trial_name(config.pop("optuna_trial", None), tune.get_context().get_trial_id())
+    values = space.trial_values(config)
+    out = Path(spec.root) / "trials" / name
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    if space.kind == "autoskd":
+        record = run_autoskd_trial(spec, values, out)
+    else:
+        record = run_distill_trial(spec, values, out, report=tune.report if report_epochs else None, latency=latency)
+    record = {"trial": name, "values": values, **record, "seconds": round(time.perf_counter() - start, 3)}
+    _write_json(out / "trial.json", record)
+    tune.report({k: record[k] for k in ("dev_acc", "test_acc", "student_params_m", "latency_ms", "epochs")
+                 if record.get(k) is not None} | {"record_json": json.dumps(record)})

@@ -1,0 +1,221 @@
+"""``autoskd tune``: a search space's points as Ray Tune trials, sampled by Optuna, on the one engine.
+
+1. the driver loads the space, builds the team once (teachers into the shared cache) and opens
+   the Optuna study in its storage (a killed tune resumes: see :mod:`autoskd.fanout.study`);
+2. Ray Tune runs the missing trials (:func:`autoskd.fanout.trial.tune_trainable`) with
+   ``OptunaSearch`` and the chosen sampler, and ASHA when ``scheduler="asha"`` (trials report dev
+   accuracy per epoch through an engine callback);
+3. :func:`autoskd.fanout.results.write_results`: table, best config, best student, plots.
+
+Ray is started and stopped as for AutoSKD's arms (:func:`autoskd.search.trials.ray_session`):
+locally on 127.0.0.1, or on the cluster at ``address`` (``auto`` inside ``ray job submit``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..errors import AutoSKDError
+from ..search.trials import TrialSpec, _worker_env, ray_session
+from .early_stop import SCHEDULERS, evaluated_epochs, make_scheduler
+from .results import write_results
+from .space import SearchSpace
+from .study import SAMPLERS, fail_stale_trials, finished_trials, make_sampler, open_storage, open_study, storage_url
+from .trial import OBJECTIVES, distill_values
+
+__all__ = ["TuneSettings", "run_tune"]
+
+_DEFAULT_TRIALS = 10
+
+
+@dataclass
+class TuneSettings:
+    """How to tune: sampler, scheduler, how many trials, where the study lives, resources."""
+
+    sampler: str = "tpe"
+    scheduler: str = "none"
+    trials: int | None = None           # None: the grid's size (grid sampler) or 10
+    storage: str | None = None          # None: sqlite:///<out>/optuna.db
+    study: str | None = None            # None: the space's name
+    objective2: str | None = None       # size | latency: a second objective (nsga2 defaults to size)
+    seed: int = 0
+    reduction_factor: float = 2.0
+    grace_period: int = 1
+    address: str | None = None
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_concurrent: int | None = None
+    num_cpus: int | None = None
+    base: dict = field(default_factory=dict)  # DistillConfig fields every trial starts from
+
+    def check(self, space: SearchSpace) -> None:
+        if self.sampler not in SAMPLERS:
+            raise AutoSKDError(f"unknown sampler {self.sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+        if self.scheduler not in SCHEDULERS:
+            raise AutoSKDError(f"unknown scheduler {self.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
+        if self.sampler == "nsga2" and self.objective2 is None:
+            self.objective2 = "size"
+        if self.objective2 is not None and self.objective2 not in OBJECTIVES:
+            raise AutoSKDError(f"unknown second objective {self.objective2!r}; choose one of: {', '.join(OBJECTIVES)}")
+        if self.objective2 and space.kind == "autoskd":
+            raise AutoSKDError("a second objective needs kind 'distill' trials (an autoskd trial reports dev accuracy)")
+        if self.trials is not None and self.trials < 1:
+            raise AutoSKDError(f"--trials must be at least 1 (got {self.trials})")
+        if self.cpus_per_trial <= 0:
+            raise AutoSKDError(f"--cpus-per-trial must be > 0 (got {self.cpus_per_trial})")
+        if self.max_concurrent is not None and self.max_concurrent < 1:
+            raise AutoSKDError(f"--max-concurrent must be at least 1 (got {self.max_concurrent})")
+
+    @property
+    def objectives(self) -> list[str]:
+        return ["dev_acc"] + ([OBJECTIVES[self.objective2]] if self.objective2 else [])
+
+    @property
+    def directions(self) -> list[str]:
+        return ["maximize"] + (["minimize"] if self.objective2 else [])
+
+
+def _max_epochs(space: SearchSpace, base: dict) -> int:
+    """The most dev evaluations any point of the space makes (ASHA's ``max_t``)."""
+    if space.kind == "autoskd":
+        return 1
+    grid_keys = {k: d for k, d in space.params.items() if k in ("method", "epochs") and d.kind in ("grid", "choice")}
+    methods = list(grid_keys["method"].values) if "method" in grid_keys else [space.fixed.get("method", base.get("method", "kd"))]
+    epochs_dom = space.params.get("epochs")
+    epochs = (max(epochs_dom.values) if epochs_dom.kind in ("grid", "choice") else epochs_dom.high) if epochs_dom \
+        else space.fixed.get("epochs", base.get("epochs", 3.0))
+    best = 1
+    for m in methods:
+        config, _ = distill_values(base, {**space.fixed, "method": m, "epochs": epochs})
+        config.method_options = {}  # a space's tuned options never change the stage count
+        best = max(best, evaluated_epochs(config))
+    return best
+
+
+def _build_team(spec: TrialSpec, progress: bool) -> None:
+    """Fine-tune (or find cached) the team's teachers once, before any trial needs them."""
+    from ..team import TeacherTeam
+
+    task = spec.load_task()
+    TeacherTeam.from_yaml(spec.team_path).build(task, cache_dir=Path(spec.cache_dir) / "teachers", seed=spec.seed,
+                                                progress=progress)
+
+
+def run_tune(space: SearchSpace, team_path: str, task_args: dict, settings: TuneSettings, out_dir: str | Path,
+             cache_dir: str | Path = ".cache/autoskd", progress: bool = True) -> dict:
+    """Run (or resume) a tune; returns the summary written to ``<out>/summary.json``."""
+    import optuna
+
+    settings.check(space)
+    out_dir = Path(out_dir).absolute()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    url = storage_url(settings.storage, out_dir)
+    study_name = settings.study or space.name
+    sampler = make_sampler(settings.sampler, space, seed=settings.seed, multi_objective=bool(settings.objective2))
+    grid_size = space.grid_size() if settings.sampler == "grid" else None
+    wanted = settings.trials or grid_size or _DEFAULT_TRIALS
+    if grid_size is not None and wanted > grid_size:
+        raise AutoSKDError(f"--trials {wanted} is more than the grid's {grid_size} points")
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = open_storage(url)
+    study = open_study(storage, study_name, settings.directions, space, settings.objectives)
+    stale = fail_stale_trials(study)
+    done = len(finished_trials(study))
+    todo = max(0, wanted - done)
+    spec = TrialSpec(team_path=team_path, task=task_args, root=str(out_dir), cache_dir=str(cache_dir),
+                     base_config=settings.base)
+    (out_dir / "tune.json").write_text(json.dumps({"space": space.to_dict(), "storage": url, "study": study_name,
+                                                   "settings": asdict(settings), "team": spec.team_path,
+                                                   "task": spec.task}, indent=2, default=str))
+    if done or stale:
+        print(f"study {study_name!r}: {done} finished trial(s) kept" + (f", {stale} unfinished marked failed" if stale
+                                                                           else "") + f"; {todo} to run")
+    if todo:
+        _build_team(spec, progress)
+        _run_trials(space, spec, settings, study_name, storage, sampler, todo, progress)
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    summary = write_results(study, out_dir, settings.objectives)
+    summary.update(storage=url, sampler=settings.sampler, scheduler=settings.scheduler)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def _progress(total: int):
+    from ray import tune
+    from tqdm.auto import tqdm
+
+    class _Bar(tune.Callback):
+        def __init__(self):
+            self._bar = None
+
+        def __getstate__(self):
+            return {"_bar": None}
+
+        def setup(self, **info):
+            self._bar = tqdm(total=total, desc="trials (ray)", unit="trial")
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            if self._bar is not None:
+                self._bar.update(1)
+                self._bar.set_postfix_str(f"dev_acc {trial.last_result.get('dev_acc', float('nan')):.4f}")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            if self._bar is not None:
+                self._bar.update(1)
+
+        def on_experiment_end(self, trials, **info):
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
+
+    return _Bar()
+
+
+def _run_trials(space: SearchSpace, spec: TrialSpec, settings: TuneSettings, study_name: str, storage, sampler,
+                todo: int, progress: bool) -> None:
+    from ray import tune
+
+    from .study import TuneSearch
+
+    objectives = settings.objectives
+    multi = len(objectives) > 1
+    search = TuneSearch(space=space.to_optuna(), metric=objectives if multi else objectives[0],
+                        mode=["max", "min"] if multi else "max", sampler=sampler, study_name=study_name,
+                        storage=storage)
+    scheduler = make_scheduler(settings.scheduler, _max_epochs(space, settings.base), settings.grace_period,
+                               settings.reduction_factor)
+    env = _worker_env(spec, settings.cpus_per_trial)
+    trainable = tune.with_parameters(tune_trainable_ref(), spec=spec.to_dict(), space=space.to_dict(), env=env,
+                                     report_epochs=scheduler is not None, latency=settings.objective2 == "latency")
+    trainable = tune.with_resources(trainable, {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial})
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    with ray_session(env, address=settings.address, num_cpus=settings.num_cpus):
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler, num_samples=todo,
+                                        max_concurrent_trials=settings.max_concurrent, reuse_actors=True,
+                                        trial_dirname_creator=lambda t: t.trial_id),
+            run_config=tune.RunConfig(storage_path=str(Path(spec.root) / "ray"), name=f"tune-{stamp}", verbose=0,
+                                      failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+                                      callbacks=[_progress(todo)] if progress else None),
+        )
+        quiet = [logging.getLogger(n) for n in ("ray.tune", "ray.train", "ray.air")]
+        levels = [q.level for q in quiet]
+        for q in quiet:
+            q.setLevel(max(q.getEffectiveLevel(), logging.WARNING))
+        try:
+            tuner.fit()
+        finally:
+            for q, level in zip(quiet, levels):
+                q.setLevel(level)
+
+
+def tune_trainable_ref():
+    from .trial import tune_trainable
+
+    return tune_trainable
