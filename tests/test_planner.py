@@ -228,6 +228,7 @@ def test_cli_text_output_lists_fitting_and_reasons(capsys, tmp_path):
     (["--teacher", "100B", "--student", "20B", "--offload", "disk"], ["--offload"]),
     (["--teacher", "./no/such/dir", "--student", "20B"], ["not found"]),
     (["--student", "20B"], ["--teacher"]),
+    (["--teacher", "100B", "--student", "20B", "--top", "0"], ["--top"]),
 ])
 def test_cli_bad_input_is_one_line_exit_2(capsys, argv, words):
     code, out, err = _run(capsys, "plan", *argv)
