@@ -53,7 +53,7 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--features", default="tinybert", choices=["classifier", "hidden", "tinybert", "lm-logits"],
                    help="what the loss reads from the teacher (default tinybert: hidden states + attention maps)")
     p.add_argument("--fragmentation", type=float, default=0.10, help="allocator reserve above the peak (default 0.10)")
-    p.add_argument("--top", type=int, default=20, help="rows to print per section (default 20)")
+    p.add_argument("--top", type=int, help="print at most N layouts per section (default: all)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--out", help="folder for plan.json and plan.png")
     p.add_argument("--plot", help="where to save the memory-per-component plot (PNG)")
@@ -68,6 +68,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from .planner.deepspeed_config import launch_command, write_deepspeed_config
     from .planner.report import format_plan, plot_plan
 
+    if args.top is not None and args.top < 1:
+        raise AutoSKDError(f"--top must be a positive integer (got {args.top})")
     if args.gpus < 1:
         raise AutoSKDError(f"--gpus must be a positive integer (got {args.gpus})")
     if not 0 <= args.fragmentation < 1:

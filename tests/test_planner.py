@@ -96,11 +96,14 @@ def test_terms_follow_mixed_precision_adam_and_zero():
 
 def test_model_parallel_and_checkpointing_shrink_memory():
     assert _est(zero=0, mp=2, dp=4).peak_bytes < _est(zero=0).peak_bytes / 1.8
-    with_ckpt = _est(zero=1, checkpointing=True).components["activations"]
-    without = _est(zero=1, checkpointing=False).components["activations"]
-    assert with_ckpt < without / 3
-    longer = _est(zero=1, checkpointing=False, seq_len=1024).components["activations"]
-    assert longer > 2 * without  # the attention term grows with s^2
+    def act(**kw):  # "hidden" features: no hooked attention maps kept alive across checkpoints
+        return estimate(T, S, Layout(mp=1, dp=8, zero=1, **kw), features="hidden").components["activations"]
+
+    assert act(checkpointing=True) < act(checkpointing=False) / 10
+    assert act(checkpointing=False, seq_len=1024) > 2 * act(checkpointing=False)  # attention grows with s^2
+    # TinyBERT's loss keeps the student's attention maps, so checkpointing saves less
+    tiny = _est(zero=1, checkpointing=True).components["activations"]
+    assert act(checkpointing=True) < tiny < act(checkpointing=False)
 
 
 def test_invalid_layouts_are_one_line_errors():
@@ -228,6 +231,7 @@ def test_cli_text_output_lists_fitting_and_reasons(capsys, tmp_path):
     (["--teacher", "100B", "--student", "20B", "--offload", "disk"], ["--offload"]),
     (["--teacher", "./no/such/dir", "--student", "20B"], ["not found"]),
     (["--student", "20B"], ["--teacher"]),
+    (["--teacher", "100B", "--student", "20B", "--top", "0"], ["--top"]),
 ])
 def test_cli_bad_input_is_one_line_exit_2(capsys, argv, words):
     code, out, err = _run(capsys, "plan", *argv)

@@ -3,7 +3,7 @@
 The config uses DeepSpeed's own keys (``zero_optimization``, ``offload_optimizer``,
 ``offload_param``, ``fp16``/``bf16``, ``activation_checkpointing``); ``autoskd distill
 --deepspeed CONFIG.json`` reads it. Model parallelism is not a DeepSpeed key: it goes on the
-command line as ``--model-parallel N``.
+command line as ``--tensor-parallel N`` (autoskd distill's flag).
 """
 
 from __future__ import annotations
@@ -57,10 +57,11 @@ def deepspeed_config(layout: Layout, *, gradient_accumulation: int = 1, lr: floa
 def launch_command(layout: Layout, config_path: str | Path, *, team: str = "TEAM.yaml",
                    extra: list[str] | None = None) -> str:
     """The ``deepspeed`` launcher line (one node, ``layout.gpus`` GPUs) running ``autoskd distill``
-    under this config; ``--model-parallel`` carries the MP degree, which DeepSpeed has no key for."""
+    under this config; ``--tensor-parallel`` carries the MP degree, which DeepSpeed has no key for."""
     args = ["deepspeed", "--num_gpus", str(layout.gpus), "--module", "autoskd.cli", "distill",
-            "--deepspeed", str(config_path), "--model-parallel", str(layout.mp), "--team", team,
-            "--batch-size", str(layout.micro_batch * layout.dp), "--max-length", str(layout.seq_len)]
+            "--deepspeed", str(config_path), "--tensor-parallel", str(layout.mp), "--team", team,
+            # autoskd's DeepSpeed backend splits --batch-size over all processes (micro-batch each)
+            "--batch-size", str(layout.micro_batch * layout.gpus), "--max-length", str(layout.seq_len)]
     return " ".join(shlex.quote(a) for a in args + list(extra or []))
 
 

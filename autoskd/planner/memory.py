@@ -20,21 +20,28 @@ from first principles, not from fitting GKD's tables:
                      al. 2022, "Reducing activation recomputation", tensor parallel t = MP, no
                      sequence parallelism): s*b*h*(10 + 24/t + 5*a*s/(h*t)) bytes in 16-bit. With
                      full activation checkpointing only each layer's input (2*s*b*h) is kept, plus
-                     one layer's full activations while it is recomputed.
-``teacher_activations`` the teacher runs without grad: one layer's working set, plus the
-                     features the distillation loss reads (per ``features``: hidden states and/or
-                     attention probabilities of the mapped layers, or LM logits).
+                     one layer's full activations while it is recomputed. Backward adds the
+                     gradient of the layer's largest activation and the one it produces,
+                     2*max(a*s^2, ffn*s)*b bytes-per-element / t.
+``teacher_activations`` the teacher runs without grad: one layer's working set (freed before
+                     the student's backward, so it only counts when larger than the student's
+                     activations), plus the features the distillation loss reads and keeps (per
+                     ``features``: hidden states and/or attention maps of the mapped layers, or LM
+                     logits).
 ``step_transient``   extra memory during ``optimizer.step``: DeepSpeed's fp16 optimizer (ZeRO 0)
                      casts every fp16 gradient to fp32 and flattens them (4 + 4 bytes/param);
                      ZeRO 1/2 flatten their gradient partition and cast it to fp32 (2 + 4 bytes per
                      partitioned param); ZeRO-3 casts its partition (4); torch's foreach Adam on a
                      GPU makes one fp32 temporary per parameter (4).
 
-The peak ("max allocated") is ``persistent + max(forward/backward phase, optimizer-step phase)``
+On a GPU the peak ("max allocated") is ``persistent + max(forward/backward phase, optimizer-step phase)``
 where persistent = teacher + student weights + optimizer states + buffers, the forward/backward
 phase holds gradients + activations (+ the ZeRO-0 all-reduce bucket) and the step phase holds
 gradients + the step transient. Activations are freed before the step; Adam states persist from
-the first step on.
+the first step on. On a CPU the peak resident memory is the sum of the phases (persistent + teacher working set +
+forward/backward + step transient): glibc's malloc keeps the blocks each phase frees in its
+heap, so later phases do not reuse them. Not in the prediction: the process's own runtime (the
+Python interpreter, torch's libraries, lazily loaded kernels: tens to hundreds of MB of RSS).
 
 Whether it fits: the caching allocator reserves more than it hands out (freed blocks of mixed
 sizes, 2 MiB rounding), so a layout fits a GPU when
@@ -187,10 +194,12 @@ def estimate(teacher: ModelShape, student: ModelShape, layout: Layout, *, featur
     # activations
     per_layer = _layer_activation_bytes(student, lo)
     s_, b = lo.seq_len, lo.micro_batch
+    # backward also holds the gradient of the layer's largest activation and the one it produces
+    backward = 2 * max(student.heads * s_ * s_, student.ffn * s_) * b * e / lo.mp
     if lo.checkpointing:
-        c["activations"] = student.layers * s_ * b * student.hidden * e + per_layer
+        c["activations"] = student.layers * s_ * b * student.hidden * e + per_layer + backward
     else:
-        c["activations"] = student.layers * per_layer
+        c["activations"] = student.layers * per_layer + backward
     # teacher: one layer's working set (no grad) + the features the loss reads
     t_layer = s_ * b * teacher.hidden * 8 / lo.mp * e + 2 * teacher.heads * s_ * s_ * b / lo.mp * e
     mapped = min(student.layers, teacher.layers)
@@ -209,19 +218,30 @@ def estimate(teacher: ModelShape, student: ModelShape, layout: Layout, *, featur
     # optimizer step transient
     if lo.offload == "none":
         if lo.zero == 0:
-            c["step_transient"] = 8 * s_local if mixed else (4 * s_local if device == "cuda" else 0.0)
+            largest = max(student.vocab, student.ffn, 3 * student.hidden) * student.hidden / lo.mp
+            # fp32 torch Adam: foreach on a GPU (one temporary per parameter), one parameter at a
+            # time on a CPU (the largest tensor's temporary, usually the word embeddings)
+            c["step_transient"] = 8 * s_local if mixed else 4 * (s_local if device == "cuda" else largest)
         elif lo.zero in (1, 2):
             c["step_transient"] = (2 + 4) * s_part if mixed else 4 * s_part
         else:
             c["step_transient"] = 4 * s_part
 
     persistent = sum(c[k] for k in ("teacher_weights", "student_weights", "optimizer_states", "comm_buffers"))
-    fwd_bwd = c["gradients"] + c["activations"] + c["teacher_activations"] + allreduce_bucket
+    # the teacher's one-layer working set is gone before the student's backward starts
+    fwd_bwd = c["gradients"] + feats + max(t_layer, c["activations"]) + allreduce_bucket
     step = c["gradients"] + c["step_transient"]
-    if device == "cpu":  # one address space: what is "offloaded" still lives in this process
-        persistent += host
-    peak = persistent + max(fwd_bwd, step)
-    phase = "forward/backward" if fwd_bwd >= step else "optimizer step"
+    if device == "cpu":
+        # One address space: what is "offloaded" still lives in this process. And glibc's malloc
+        # keeps the many mid-sized blocks freed by one phase in its heap (RSS does not drop), so
+        # the teacher's working set, the student's activations and the step's temporaries add up
+        # instead of reusing each other's memory.
+        peak = persistent + host + c["gradients"] + feats + t_layer + c["activations"] + allreduce_bucket \
+            + c["step_transient"]
+        phase = "forward/backward + optimizer step"
+    else:
+        peak = persistent + max(fwd_bwd, step)
+        phase = "forward/backward" if fwd_bwd >= step else "optimizer step"
     return Estimate(lo, {k: int(v) for k, v in c.items()}, int(peak), int(host), phase)
 
 

@@ -16,8 +16,10 @@ def _gib(v: float) -> str:
     return f"{v / GiB:.2f}"
 
 
-def format_plan(plan: Plan, top: int = 20) -> str:
+def format_plan(plan: Plan, top: int | None = None) -> str:
+    """All fitting layouts (fastest first) and all others with the reason; ``top`` limits each."""
     hw = plan.hardware
+    top = top or max(len(plan.fitting), len(plan.rejected), 1)
     lines = [f"teacher {plan.teacher.name}: {plan.teacher.params:,} params "
              f"({plan.teacher.layers} layers, hidden {plan.teacher.hidden}); "
              f"student {plan.student.name}: {plan.student.params:,} params "
@@ -63,7 +65,7 @@ def plot_plan(plan: Plan, path: str | Path, top: int = 24) -> Path:
     cands = plan.fitting[: top * 2 // 3] + plan.rejected[: top - min(len(plan.fitting), top * 2 // 3)]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(10, 0.32 * max(len(cands), 4) + 1.8))
+    fig, ax = plt.subplots(figsize=(12, 0.32 * max(len(cands), 4) + 1.8))
     labels = [("" if c.fits else "x ") + c.estimate.layout.label() for c in cands]
     left = [0.0] * len(cands)
     colors = plt.get_cmap("tab10").colors
@@ -71,16 +73,18 @@ def plot_plan(plan: Plan, path: str | Path, top: int = 24) -> Path:
         vals = [c.estimate.components[comp] / GiB for c in cands]
         ax.barh(range(len(cands)), vals, left=left, color=colors[k % 10], label=comp)
         left = [a + b for a, b in zip(left, vals)]
+    ax.scatter([c.estimate.peak_bytes / GiB for c in cands], range(len(cands)), marker="|", s=200, color="k",
+               zorder=3, label="predicted peak")
     ax.axvline(plan.hardware.usable_peak() / GiB, color="k", ls="--", lw=1, label="largest peak that fits")
     ax.set_yticks(range(len(cands)))
     ax.set_yticklabels(labels, fontsize=7)
     ax.invert_yaxis()
-    ax.set_xlabel("GiB per device (bars: all components; the peak is lower: activations and the "
-                  "step transient are not live together)", fontsize=7)
+    ax.set_xlabel("GiB per device (bars: every component; the peak | is lower on a GPU: activations and "
+                  "the optimizer-step temporaries are not live together)", fontsize=7)
     ax.set_title(f"{plan.teacher.name} => {plan.student.name} on {plan.gpus} x "
                  f"{plan.hardware.memory_bytes / GiB:.0f} GiB: fitting layouts (fastest first), then 'x' = does not fit",
                  fontsize=8)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
