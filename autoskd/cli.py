@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from .errors import AutoSKDError
+from .parallel_cli import add_parallel_args, parallel_config
 
 DEFAULT_TEAM = "teams/minilm-ladder.yaml"
 
@@ -100,11 +101,13 @@ def cmd_distill(args) -> int:
 
     options = _parse_options(args.option)
     get_method(args.method, **options)  # a typo fails now, not after the teachers are built
+    parallel = parallel_config(args)  # so does a bad --deepspeed file
     task = _load_task(args)
     team = _build_team(args, task)
     config = DistillConfig(method=args.method, method_options=options, teacher=args.teacher,
                            policy=args.policy, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                           seed=args.seed, pretrain_epochs=args.pretrain_epochs, max_length=args.max_length)
+                           seed=args.seed, pretrain_epochs=args.pretrain_epochs, max_length=args.max_length,
+                           **parallel)
     outcome = distill(team, task, config, out_dir=args.out, cache_dir=args.cache_dir, progress=not args.no_progress)
     print_table([{"model": f"teacher {n}", "dev_acc": a, "test_acc": None} for n, a in team.dev_accuracy.items()]
                 + [{"model": f"student ({args.method})", "dev_acc": outcome.dev_acc, "test_acc": outcome.test_acc}])
@@ -133,7 +136,8 @@ def cmd_search(args) -> int:
         args.preset, theta=theta, seed=args.seed, m=args.m, baselines=args.baselines, n_random=args.random,
         executor=args.executor, address=args.address, cpus_per_trial=args.cpus_per_trial,
         gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent, max_train=args.max_train,
-        max_eval=args.max_eval, search_epochs=args.search_epochs, eval_epochs=args.eval_epochs)
+        max_eval=args.max_eval, search_epochs=args.search_epochs, eval_epochs=args.eval_epochs,
+        **parallel_config(args))
     task_args = {"name_or_path": args.task, "text_column": args.text_column,
                  "text_pair_column": args.text_pair_column, "label_column": args.label_column}
     run_search(args.team, task_args, config, args.out, cache_dir=args.cache_dir, progress=not args.no_progress)
@@ -176,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, help="token limit (default: the team's max_length)")
     p.add_argument("--out", default="runs/distill", help="output folder (student/, metrics.jsonl, training.png, result.json)")
+    add_parallel_args(p)
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("search", help="AutoSKD: learn which teachers to sample, evaluate candidates and baselines")
@@ -198,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-trial", type=float, default=1.0)
     p.add_argument("--gpus-per-trial", type=float, default=0.0)
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: as resources allow)")
+    add_parallel_args(p, trials=True)
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("demo", help="run the main job on the built-in default team and task")

@@ -82,14 +82,14 @@ class Interrupt(Callback):
             raise KeyboardInterrupt
 
 
-def run(deepspeed=None, tensor_parallel=None, out_dir=None, callbacks=(), resume=False, epochs=2.0,
-        method="tinybert") -> dict:
+def run(deepspeed=None, tensor_parallel=None, out_dir=None, callbacks=(), resume=False, epochs=1.0,
+        method="tinybert", batch_size: int = 8) -> dict:
     teacher, student = bert(4, 48, seed=1), bert(2, 32, seed=2)
     record = RecordLosses()
     distiller = Distiller(student, method, teacher, seed=0, progress=False, deepspeed=deepspeed,
                           tensor_parallel=tensor_parallel, out_dir=out_dir, callbacks=[record, *callbacks],
                           restore_best=False, device="cpu")
-    train = loader()
+    train = loader(batch_size)
     stages = [Stage(name, train, epochs=epochs, lr=1e-3, warmup_ratio=0.0) for name in distiller.method.spec.stages]
     distiller.fit(stages, resume=resume)
     return {"losses": record.losses, "weights": {k: v.detach().clone() for k, v in student.state_dict().items()}}
@@ -105,13 +105,13 @@ def main(out: str, cases: list[str]) -> None:
         elif case == "zero3_resume":
             ckpt = out_dir / "resume-run"
             try:
-                run(deepspeed=ZERO["zero3"], out_dir=ckpt, callbacks=[Interrupt(1)])
+                run(deepspeed=ZERO["zero3"], out_dir=ckpt, callbacks=[Interrupt(0)])
                 raise AssertionError("the interrupted run was not interrupted")
             except KeyboardInterrupt:
                 pass
             result = run(deepspeed=ZERO["zero3"], out_dir=ckpt, resume=True)
         elif case.startswith("tp"):
-            from tp_cases import run_tp_case
+            from tp_cases import run_tp_case  # noqa: PLC0415
 
             result = run_tp_case(case, run)
         else:

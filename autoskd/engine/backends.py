@@ -51,11 +51,23 @@ class TorchBackend:
     world_size = 1
     shards_teacher = False
 
+    def __init__(self, tensor_parallel=None):
+        self.tensor_parallel = tensor_parallel
+        if tensor_parallel is not None:  # every rank runs the same data; rank 0 logs
+            self.rank = tensor_parallel.rank
+            self.is_main = self.rank == 0
+
     def setup(self, distiller) -> None:
         """Called once the Distiller has its student, auxiliary model and teachers."""
+        if self.tensor_parallel is not None and self.tensor_parallel.shard_student:
+            self.tensor_parallel.shard(distiller.student)
+            distiller.checkpoint = False  # per-rank DTensor checkpoints: not supported yet
 
     def start_stage(self, distiller, stage, total_steps: int, params: list[tuple[str, nn.Parameter]]):
         optimizer = adamw(params, stage.lr, stage.weight_decay)
+        if self.tensor_parallel is not None:  # foreach kernels refuse lists mixing DTensors and tensors
+            for group in optimizer.param_groups:
+                group["foreach"] = False
         scheduler = get_linear_schedule_with_warmup(optimizer, int(stage.warmup_ratio * total_steps), total_steps)
         self._params = [p for _, p in params]
         return optimizer, scheduler
@@ -71,19 +83,25 @@ class TorchBackend:
         if loss.requires_grad:  # a step can have no trainable path (Theseus replacing no layer)
             loss.backward()
             if max_grad_norm and max_grad_norm > 0:
-                nn.utils.clip_grad_norm_(self._params, max_grad_norm)
+                clip = nn.utils.clip_grad_norm_ if self.tensor_parallel is None else clip_mixed_grad_norm
+                clip(self._params, max_grad_norm)
         optimizer.step()  # without gradients AdamW leaves every parameter as it is
 
     def step_scheduler(self, scheduler) -> None:
         scheduler.step()
 
     def prepare_teachers(self, policy, loader, data_id, cache, device, progress) -> None:
-        policy.prepare(loader, data_id, cache, device, progress)
+        # sharded teachers compute in lockstep on every rank: no rank may skip via the cache
+        policy.prepare(loader, data_id, None if self.tensor_parallel is not None else cache, device, progress)
 
     def eval_model(self, student: nn.Module) -> nn.Module:
         return student
 
     def full_state(self, module: nn.Module) -> dict:
+        if self.tensor_parallel is not None:
+            from .tensor_parallel import full_state_dict
+
+            return {k: v.to("cpu") for k, v in full_state_dict(module).items()}
         return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
     def load_full_state(self, module: nn.Module, state: dict) -> None:
@@ -113,8 +131,34 @@ class TorchBackend:
     def end_stage(self, distiller) -> None:
         """After a stage: nothing to release in one process."""
 
+    def finish(self, distiller) -> None:
+        """After the last stage: plain (unsharded) student and teachers."""
+        if self.tensor_parallel is not None:
+            self.tensor_parallel.finish(distiller)
+
     def barrier(self) -> None:
         """Nothing to wait for in one process."""
+
+
+@torch.no_grad()
+def clip_mixed_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """``clip_grad_norm_`` for a mix of DTensor (tensor-parallel) and plain parameters."""
+    from torch.distributed.tensor import DTensor
+
+    squares = []
+    for p in params:
+        if p.grad is None:
+            continue
+        norm = torch.linalg.vector_norm(p.grad.float())
+        squares.append((norm.full_tensor() if isinstance(norm, DTensor) else norm) ** 2)
+    if not squares:
+        return torch.tensor(0.0)
+    total = torch.stack(squares).sum().sqrt()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(coef.to(p.grad.dtype) if not isinstance(p.grad, DTensor) else float(coef))
+    return total
 
 
 def write_atomic(path: Path, state: dict) -> None:
@@ -132,7 +176,7 @@ def scheduler_steps(total_steps: int, accumulation: int) -> int:
 def make_backend(deepspeed: Any = None, tensor_parallel: Any = None):
     """The backend for a ``deepspeed`` config (path, dict or None) and an optional TP mesh."""
     if deepspeed is None:
-        return TorchBackend()
+        return TorchBackend(tensor_parallel)
     from .deepspeed_backend import DeepSpeedBackend
 
     return DeepSpeedBackend(deepspeed, tensor_parallel=tensor_parallel)

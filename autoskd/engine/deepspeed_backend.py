@@ -208,6 +208,9 @@ class DeepSpeedBackend(TorchBackend):
         self.stage = zero_stage(self.config)
         self.shards_teacher = (self.stage == 3) if shard_teacher is None else shard_teacher
         self.tensor_parallel = tensor_parallel
+        if tensor_parallel is not None and tensor_parallel.shard_student:
+            raise AutoSKDError("a tensor-parallel student trains without DeepSpeed (ZeRO takes no DTensors); "
+                               "drop --deepspeed or shard only the teacher")
         self.engine = None
         self.teacher_engines: list = []
         self._pending: dict | None = None
@@ -251,7 +254,7 @@ class DeepSpeedBackend(TorchBackend):
         module = _Trained(distiller.student, distiller.auxiliary)
         self.engine, optimizer, _, scheduler = deepspeed.initialize(
             model=module, optimizer=optimizer, model_parameters=param_groups(params, stage.weight_decay),
-            lr_scheduler=scheduler, config=cfg, mpu=getattr(self.tensor_parallel, "mpu", None))
+            lr_scheduler=scheduler, config=cfg)
         self.resolved = cfg
         return optimizer, scheduler
 
@@ -339,6 +342,7 @@ class DeepSpeedBackend(TorchBackend):
             unshard(engine.module)
             engine.destroy()
         self.teacher_engines = []
+        super().finish(distiller)
 
     def barrier(self) -> None:
         if self.world_size > 1:

@@ -190,7 +190,7 @@ class Distiller:
         self.extractor = FeatureExtractor(self.student, ["logits"])
         self.log = MetricsLog(self.out_dir / "metrics.jsonl" if self.out_dir and self.backend.is_main else None)
         if tensor_parallel is not None and self.policy is not None:
-            tensor_parallel.shard_teachers(self.policy)
+            tensor_parallel.shard_teachers(self.policy, batch_sharded=self.backend.world_size > 1)
         self.backend.setup(self)
 
     def _teacher_names(self) -> list[str]:
@@ -329,7 +329,7 @@ class Distiller:
                 cb.on_stage_end(self, ctx)
             resumed_state = None
 
-        getattr(self.backend, "finish", lambda _: None)(self)
+        self.backend.finish(self)
         if self.restore_best and best_state is not None:
             self.student.load_state_dict(best_state)
         result.steps = self.ctx.global_step

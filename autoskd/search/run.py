@@ -54,6 +54,9 @@ class SearchConfig:
     max_train: int | None = None
     max_eval: int | None = None
     method_options: dict = field(default_factory=lambda: {"temperature": 1.0})
+    deepspeed: dict | None = None  # trials (candidates, baselines) train under DeepSpeed
+    tensor_parallel: int = 1
+    processes: int = 1  # processes per trial (a Ray Train worker group)
 
     @classmethod
     def from_preset(cls, preset: str, **overrides) -> "SearchConfig":
@@ -64,7 +67,8 @@ class SearchConfig:
 
     def base_distill(self) -> DistillConfig:
         return DistillConfig(method="kd", method_options=dict(self.method_options), epochs=self.eval_epochs,
-                             lr=self.lr, batch_size=self.batch_size, seed=self.seed, train_split="train_full")
+                             lr=self.lr, batch_size=self.batch_size, seed=self.seed, train_split="train_full",
+                             deepspeed=self.deepspeed, tensor_parallel=self.tensor_parallel, processes=self.processes)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -158,13 +162,18 @@ def run_search(team_path: str | Path, task_args: dict, config: SearchConfig, out
 
     arms = candidate_arms([c["theta"] for c in search["candidates"]])
     arms += baseline_arms(names, parse_baselines(config.baselines), config.n_random, config.seed)
-    spec = TrialSpec(team_path=team_ref,
+    spec = TrialSpec(team_path=team_ref, **parallel_runner(config),
                      task={**task_args, "max_train": max_train, "max_eval": max_eval},
                      cache_dir=str(cache_dir), base_config=config.base_distill().to_dict(), root=str(out_dir))
     records = run_arms(spec, arms, executor=config.executor, address=config.address,
                        cpus_per_trial=config.cpus_per_trial, gpus_per_trial=config.gpus_per_trial,
                        max_concurrent=config.max_concurrent, progress=progress)
     return summarise(records, search, team, m, out_dir)
+
+
+def parallel_runner(config: SearchConfig) -> dict:
+    """Trials of more than one process run as a Ray Train worker group (one trial = one parallel job)."""
+    return {"runner": "autoskd.engine.ray_parallel:distill_arm_parallel"} if config.processes > 1 else {}
 
 
 def summarise(records: list[dict], search: dict, team, m: int, out_dir: Path) -> dict:
