@@ -206,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_parallel_args(p, trials=True)
     p.set_defaults(func=cmd_search)
 
+    from .plan_cli import add_plan_parser
+    add_plan_parser(sub)
+
     p = sub.add_parser("demo", help="run the main job on the built-in default team and task")
     p.set_defaults(func=cmd_demo)
     return parser
