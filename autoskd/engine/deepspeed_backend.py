@@ -219,7 +219,15 @@ class DeepSpeedBackend(TorchBackend):
     def setup(self, distiller) -> None:
         """Shard the frozen teachers under ZeRO-3 (fingerprints are taken first, from full weights)."""
         policy = distiller.policy
-        if policy is None or not self.shards_teacher or self.tensor_parallel is not None:
+        if policy is None:
+            return
+        half = next((dt for key, dt in (("bf16", torch.bfloat16), ("fp16", torch.float16))
+                     if (self.config.get(key) or {}).get("enabled") is True), None)
+        if not self.shards_teacher or self.tensor_parallel is not None:
+            if half is not None:  # the frozen teacher runs in the training precision
+                for teacher in policy.teachers.values():
+                    teacher.fingerprint  # noqa: B018 - from the full-precision weights
+                    teacher.model.to(half)
             return
         import deepspeed
 
