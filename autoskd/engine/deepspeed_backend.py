@@ -130,7 +130,8 @@ def resolve_config(config: dict, *, micro_batch: int, world: int, lr: float, wei
             section["enabled"] = half == "bf16" and device.type == "cuda" and torch.cuda.is_bf16_supported()
     if (cfg.get("fp16") or {}).get("enabled") and device.type != "cuda":
         raise AutoSKDError("DeepSpeed fp16 needs a CUDA device; on CPU use \"bf16\": {\"enabled\": true} or fp32")
-    cfg.pop("scheduler", None) if cfg.get("scheduler") == "auto" else None
+    if cfg.get("scheduler") == "auto":
+        del cfg["scheduler"]  # autoskd's linear warm-up schedule
     return cfg
 
 

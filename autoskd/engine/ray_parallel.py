@@ -59,4 +59,7 @@ def _worker(config: dict) -> None:
     if os.path.isdir(spec.workdir):
         os.chdir(spec.workdir)
     record = distill_arm(spec, Arm.from_dict(config["arm"]), Path(config["out"]))
+    import torch.distributed as dist
+
+    record["processes"] = dist.get_world_size() if dist.is_initialized() else 1
     ray.train.report({"record_json": json.dumps(record)})

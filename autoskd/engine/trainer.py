@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..errors import AutoSKDError
-from .backends import adamw, make_backend
+from .backends import make_backend
 from .batches import model_inputs, to_device
 from .callbacks import Callback
 from .metrics_log import MetricsLog, plot_history
@@ -131,9 +131,6 @@ def _generator_states(obj) -> dict:
 def _set_generators(obj, states: dict) -> None:
     for k, g_state in states.items():
         getattr(obj, k).set_state(g_state)
-
-
-
 
 
 class Distiller:
