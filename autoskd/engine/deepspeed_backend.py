@@ -314,9 +314,6 @@ class DeepSpeedBackend(TorchBackend):
             module.load_state_dict(state)
 
     # ------------------------------------------------------------------ checkpoints
-    def restore_modules(self, distiller, state: dict) -> None:
-        """Weights come back with the engine checkpoint, once the stage's engine exists."""
-
     def restore_stage(self, state: dict, optimizer, scheduler) -> None:
         path, tag = state["deepspeed_dir"], state["deepspeed_tag"]
         loaded, _ = self.engine.load_checkpoint(path, tag=tag, load_optimizer_states=True,
@@ -328,9 +325,11 @@ class DeepSpeedBackend(TorchBackend):
         ds_dir = path.parent / "deepspeed"
         tag = f"stage{meta['stage_index']}-epoch{meta['epoch']}"
         self.engine.save_checkpoint(str(ds_dir), tag=tag)
+        # whole weights too (gathered under ZeRO-3): a run resumed in a later stage starts from them
+        weights = {"student": self.full_state(distiller.student), "auxiliary": self.full_state(distiller.auxiliary)}
         self.barrier()
         if self.is_main:
-            write_atomic(path, {**meta, "deepspeed_dir": str(ds_dir), "deepspeed_tag": tag})
+            write_atomic(path, {**meta, **weights, "deepspeed_dir": str(ds_dir), "deepspeed_tag": tag})
             for old in ds_dir.iterdir():  # keep only the checkpoint that checkpoint.pt points at
                 if old.is_dir() and old.name != tag:
                     shutil.rmtree(old, ignore_errors=True)
