@@ -1,13 +1,15 @@
 """Measured peak memory per rank under DeepSpeed ZeRO 0/1/2/3 (+ offload) vs the memory planner.
 
-Each layout is one ``torchrun --nproc_per_node N`` launch of this file (``--worker``), so each
-process's peak is its own: a few KD steps of the real engine (``Distiller`` with a DeepSpeed
+One ``torchrun --nproc_per_node N`` launch of this file (``--worker``) runs the layouts one after
+another; before each, memory is trimmed back to the OS and the kernel's peak-RSS counter is reset
+(``/proc/self/clear_refs``), so each layout's peak is its own: a few KD steps of the real engine (``Distiller`` with a DeepSpeed
 config) on synthetic batches, teacher = all-MiniLM-L6-v2 (6 layers, alias ``minilm-l6``, real
 weights), student = its first 2 layers (the ladder team's student), fp32, micro-batch 8 per
 rank, 128 tokens. Measured per rank:
 
-* CPU: peak RSS (``ru_maxrss``) minus the RSS after imports and process-group setup, before any
-  model exists -- the training state the planner predicts (it leaves the runtime out);
+* CPU: peak RSS (``VmHWM``) minus the RSS just before the layout's models are built (after
+  imports and process-group setup) -- the training state the planner predicts (it leaves the
+  runtime out);
 * CUDA: ``torch.cuda.max_memory_allocated`` (the planner's "max allocated").
 
 The planner's prediction is :func:`autoskd.planner.predict_memory` for the same layout;
@@ -23,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -48,6 +49,29 @@ OFFLOAD = {"zero2+offload": "optimizer", "zero3+offload": "optimizer+params"}
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def reset_peak() -> int:
+    """Give freed memory back to the OS, reset the peak-RSS counter; the RSS now (the baseline)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return rss_bytes()
 
 
 def teacher_source(args, tmp: Path) -> str:
@@ -80,11 +104,32 @@ def worker(args) -> None:
     import deepspeed  # noqa: F401 - imported before the baseline, like torch
 
     rank, world = dist.get_rank(), dist.get_world_size()
+    results = {}
+    for layout in args.layouts.split(","):
+        results[layout] = one_layout(args, layout, rank, world)
+    records = [None] * world
+    dist.all_gather_object(records, results)
+    if rank == 0:
+        Path(args.worker_out).write_text(json.dumps(records))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def one_layout(args, layout: str, rank: int, world: int) -> dict:
+    import torch
+    import torch.distributed as dist
+    from torch.utils.data import DataLoader
+
+    from autoskd.engine.trainer import Distiller, Stage
+
     cuda = args.device == "cuda"
     dist.barrier()
-    baseline = rss_bytes()
     if cuda:
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+    else:
+        baseline = reset_peak()
     teacher, student = build_models(args)
     g = torch.Generator().manual_seed(0)
     n = args.micro_batch * world * args.steps
@@ -92,7 +137,7 @@ def worker(args) -> None:
              "attention_mask": torch.ones(args.seq_len, dtype=torch.long), "labels": torch.tensor(i % 2),
              "idx": torch.tensor(i)} for i in range(n)]
     loader = DataLoader(rows, batch_size=args.micro_batch * world, shuffle=False)
-    config = {"zero_optimization": LAYOUTS[args.layout], "optimizer": {"type": "AdamW", "params": {
+    config = {"zero_optimization": LAYOUTS[layout], "optimizer": {"type": "AdamW", "params": {
         "lr": "auto", "weight_decay": "auto", "torch_adam": True}}}
     if args.precision != "fp32":
         config[args.precision] = {"enabled": True}
@@ -101,17 +146,9 @@ def worker(args) -> None:
                           checkpoint=False)
     distiller.fit([Stage("task", loader, epochs=1, lr=1e-4, warmup_ratio=0.0)])
     seconds = time.perf_counter() - start
-    if cuda:
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
-    record = {"rank": rank, "peak_bytes": int(peak), "baseline_rss_bytes": baseline, "seconds": round(seconds, 2)}
-    records = [None] * world
-    dist.all_gather_object(records, record)
-    if rank == 0:
-        Path(args.worker_out).write_text(json.dumps(records))
-    dist.barrier()
-    dist.destroy_process_group()
+    peak = (torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()) - baseline
+    del distiller, teacher, student
+    return {"rank": rank, "peak_bytes": int(peak), "baseline_bytes": baseline, "seconds": round(seconds, 2)}
 
 
 def build_models(args):
@@ -149,7 +186,6 @@ def main() -> None:
     p.add_argument("--layouts", default=",".join(LAYOUTS), help="comma list of " + ", ".join(LAYOUTS))
     p.add_argument("--out", help="result JSON (default benchmarks/results/zero_<device>.json)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--layout", help=argparse.SUPPRESS)
     p.add_argument("--teacher", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -164,19 +200,20 @@ def main() -> None:
     if args.device == "cpu":
         env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
     rows = []
+    out = tmp / "measured.json"
+    cmd = [sys.executable, "-W", "ignore", "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
+           "--master_port", str(_free_port()), __file__, "--worker", "--layouts", args.layouts, "--teacher", args.teacher,
+           "--worker-out", str(out), "--device", args.device, "--student-layers", str(args.student_layers),
+           "--micro-batch", str(args.micro_batch), "--seq-len", str(args.seq_len), "--steps", str(args.steps),
+           "--precision", args.precision] + (["--teacher-size", args.teacher_size] if args.teacher_size else [])
+    print(f"launching {args.nproc} processes for {args.layouts}", flush=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        raise SystemExit("the measurement run failed")
+    per_rank = json.loads(out.read_text())
     for layout in args.layouts.split(","):
-        out = tmp / f"{layout}.json"
-        cmd = [sys.executable, "-W", "ignore", "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
-               "--master_port", str(_free_port()), __file__, "--worker", "--layout", layout, "--teacher", args.teacher,
-               "--worker-out", str(out), "--device", args.device, "--student-layers", str(args.student_layers),
-               "--micro-batch", str(args.micro_batch), "--seq-len", str(args.seq_len), "--steps", str(args.steps),
-               "--precision", args.precision] + (["--teacher-size", args.teacher_size] if args.teacher_size else [])
-        print(f"[{layout}] launching {args.nproc} processes", flush=True)
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            print(proc.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"layout {layout} failed")
-        ranks = json.loads(out.read_text())
+        ranks = [r[layout] for r in per_rank]
         measured = statistics.mean(r["peak_bytes"] for r in ranks)
         pred = predict(args, layout)
         rel = abs(pred["peak_bytes"] - measured) / measured

@@ -9,6 +9,7 @@ same run in this one process on the plain torch backend: per-step losses and tra
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -35,8 +36,14 @@ def distributed(tmp_path_factory):
 
     cmd = [sys.executable, "-W", "ignore", "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", str(_free_port()), str(ROOT / "tests" / "dist_worker.py"), str(out), *CASES]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=1800)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers
+        raise
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-5000:]
     return {case: torch.load(out / f"{case}.pt", weights_only=False) for case in CASES}
 
 
