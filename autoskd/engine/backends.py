@@ -57,6 +57,10 @@ class TorchBackend:
             self.rank = tensor_parallel.rank
             self.is_main = self.rank == 0
 
+    def signature(self) -> dict:
+        """What a checkpoint of this backend must agree with, besides the method and stages."""
+        return {}
+
     def setup(self, distiller) -> None:
         """Called once the Distiller has its student, auxiliary model and teachers."""
         if self.tensor_parallel is not None and self.tensor_parallel.shard_student:

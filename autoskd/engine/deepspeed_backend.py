@@ -216,6 +216,10 @@ class DeepSpeedBackend(TorchBackend):
         self.teacher_engines: list = []
         self._pending: dict | None = None
 
+    def signature(self) -> dict:
+        """A DeepSpeed checkpoint resumes only with the same config and number of processes."""
+        return {"deepspeed": json.dumps(self.config, sort_keys=True), "processes": self.world_size}
+
     # ------------------------------------------------------------------ setup
     def setup(self, distiller) -> None:
         """Shard the frozen teachers under ZeRO-3 (fingerprints are taken first, from full weights)."""

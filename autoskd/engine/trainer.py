@@ -344,7 +344,8 @@ class Distiller:
         """What a checkpoint must agree with to be resumed: same method, options and stages."""
         return {"method": self.method.spec.name, "options": repr(sorted(self.method.options.items())),
                 "seed": self.seed, "stages": [[s.name, s.epochs, s.lr, s.warmup_ratio, s.weight_decay,
-                                               s.max_grad_norm, s.data_id, len(s.train)] for s in stages]}
+                                               s.max_grad_norm, s.data_id, len(s.train)] for s in stages],
+                **self.backend.signature()}
 
     def _load_checkpoint(self, path: Path | None, signature: dict) -> dict | None:
         """Restore the student, auxiliary model, random states and policy/method samplers."""
