@@ -14,6 +14,7 @@ from pathlib import Path
 from .cli_types import (baseline_list, encoding_name, fraction, int_at_least, non_negative_float, non_negative_int, output_dir,
                         positive_float, positive_int)
 from .errors import AutoSKDError
+from .parallel_cli import add_parallel_args, parallel_config
 
 DEFAULT_TEAM = "teams/minilm-ladder.yaml"
 
@@ -113,11 +114,13 @@ def cmd_distill(args) -> int:
         names = [t.name for t in TeamSpec.from_yaml(args.team).teachers]
         if args.teacher not in names:
             raise AutoSKDError(f"--teacher {args.teacher!r} is not in team {args.team}; choose one of: {', '.join(names)}")
+    parallel = parallel_config(args)  # so does a bad --deepspeed file
     task = _load_task(args)
     team = _build_team(args, task)
     config = DistillConfig(method=args.method, method_options=options, teacher=args.teacher,
                            policy=args.policy, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                           seed=args.seed, pretrain_epochs=args.pretrain_epochs, max_length=args.max_length)
+                           seed=args.seed, pretrain_epochs=args.pretrain_epochs, max_length=args.max_length,
+                           **parallel)
     outcome = distill(team, task, config, out_dir=args.out, cache_dir=args.cache_dir, progress=not args.no_progress)
     print_table([{"model": f"teacher {n}", "dev_acc": a, "test_acc": None} for n, a in team.dev_accuracy.items()]
                 + [{"model": f"student ({args.method})", "dev_acc": outcome.dev_acc, "test_acc": outcome.test_acc}])
@@ -157,7 +160,7 @@ def cmd_search(args) -> int:
         executor=args.executor, address=args.address, cpus_per_trial=args.cpus_per_trial,
         gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent, max_train=args.max_train,
         max_eval=args.max_eval, search_epochs=args.search_epochs, eval_epochs=args.eval_epochs,
-        scheduler=args.scheduler)
+        scheduler=args.scheduler, **parallel_config(args))
     task_args = {"name_or_path": args.task, "text_column": args.text_column,
                  "text_pair_column": args.text_pair_column, "label_column": args.label_column}
     if args.encoding:
@@ -202,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--max-length", type=int_at_least(2), help="token limit (default: the team's max_length)")
     p.add_argument("--out", type=output_dir, default="runs/distill", help="output folder (student/, metrics.jsonl, training.png, result.json)")
+    add_parallel_args(p)
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("search", help="AutoSKD: learn which teachers to sample, evaluate candidates and baselines")
@@ -233,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-trial", type=non_negative_float, default=0.0)
     p.add_argument("--max-concurrent", type=positive_int, help="trials at once (default: as resources allow)")
     p.add_argument("--scheduler", choices=["none", "asha"], help="asha: stop clearly losing candidates/baselines early")
+    add_parallel_args(p, trials=True)
     p.set_defaults(func=cmd_search)
 
     from .plan_cli import add_plan_parser

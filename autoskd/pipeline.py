@@ -8,6 +8,7 @@ baselines call :func:`distill` too, with a different teacher policy.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,8 @@ class DistillConfig:
     logits scaled as ``theta_scaling`` says, see :func:`~autoskd.engine.teachers.theta_logit_scale`).
     ``epochs`` apply to each of the method's stages; ``pretrain_epochs`` > 0 adds a
     pre-training-style stage on unlabelled text (the task's training texts by default).
+    ``deepspeed`` (a DeepSpeed config dict or JSON/YAML path) trains under DeepSpeed ZeRO;
+    ``tensor_parallel`` > 1 splits the teacher over that many ranks (README, "Scale").
     """
 
     method: str = "kd"
@@ -54,6 +57,9 @@ class DistillConfig:
     pretrain_epochs: float = 0.0
     max_length: int | None = None
     group_by_length: bool = False  # batch rows of similar length: less padding, faster epochs
+    deepspeed: dict | str | None = None
+    tensor_parallel: int = 1
+    processes: int = 1  # a trial's worker-group size (Ray Train); a launcher sets it for distill
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -159,16 +165,29 @@ def distill(team, task: TaskData | str, config: DistillConfig | None = None, *, 
     out_dir = Path(out_dir) if out_dir else None
     distiller = Distiller(student, method, policy, out_dir=out_dir, seed=config.seed, progress=progress,
                           callbacks=callbacks, teacher_cache=Path(cache_dir) / "teacher_outputs",
-                          checkpoint=out_dir is not None)
+                          checkpoint=out_dir is not None, **parallel_options(config))
     result = distiller.fit(method_stages(method, config, loaders, unlabelled), dev=loaders.dev, resume=out_dir is not None)
     dev = evaluate(student, loaders.dev, distiller.device)["accuracy"]
     scored = evaluate(student, loaders.test, distiller.device, predictions=True)
     counts = dict(policy.counts) if isinstance(policy, SampledTeacher) else None
     outcome = DistillOutcome(student, team.tokenizer, dev, scored["accuracy"], result, out_dir, counts,
                              scored["predictions"])
-    if out_dir is not None:
+    if out_dir is not None and distiller.backend.is_main:  # one rank writes the student
         save_run(outcome, config, team, task)
+    distiller.backend.barrier()
     return outcome
+
+
+def parallel_options(config: DistillConfig) -> dict:
+    """Distiller keywords for DeepSpeed / tensor parallelism (nothing for a plain run)."""
+    options: dict = {}
+    if config.deepspeed is not None:
+        options["deepspeed"] = config.deepspeed
+    if config.tensor_parallel and config.tensor_parallel > 1:
+        from .engine.tensor_parallel import TensorParallel
+
+        options["tensor_parallel"] = TensorParallel(config.tensor_parallel)
+    return options
 
 
 def save_run(outcome: DistillOutcome, config: DistillConfig, team, task: TaskData) -> None:
@@ -187,3 +206,4 @@ def save_run(outcome: DistillOutcome, config: DistillConfig, team, task: TaskDat
     ckpt = out / "checkpoint.pt"
     if ckpt.exists():  # the run finished: the saved student supersedes the resume point
         ckpt.unlink()
+    shutil.rmtree(out / "deepspeed", ignore_errors=True)  # DeepSpeed's part of that resume point

@@ -179,7 +179,9 @@ class FeatureExtractor:
     def _make_hook(self, path: str) -> Callable:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             if self._recording:
-                self._captured[path] = _first_tensor(output)
+                tensor = _first_tensor(output)
+                gather = getattr(module, "autoskd_gather", None)  # a tensor-parallel shard -> whole feature
+                self._captured[path] = gather(tensor) if gather is not None else tensor
         return hook
 
     def _accepted_input_keys(self) -> tuple[str, ...]:

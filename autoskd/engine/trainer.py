@@ -20,9 +20,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import get_linear_schedule_with_warmup
 
 from ..errors import AutoSKDError
+from .backends import make_backend
 from .batches import model_inputs, to_device
 from .callbacks import Callback
 from .metrics_log import MetricsLog, plot_history
@@ -138,18 +138,6 @@ def _set_generators(obj, states: dict) -> None:
         getattr(obj, k).set_state(g_state)
 
 
-def _optimizer(params: list[tuple[str, nn.Parameter]], lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW without weight decay on biases and LayerNorm weights (BERT's recipe)."""
-    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
-    decay = [p for n, p in params if not n.endswith(no_decay)]
-    rest = [p for n, p in params if n.endswith(no_decay)]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    # fused: one kernel over all tensors; on CPU ~4-8x faster than torch's default per-tensor
-    # loop (the 11.7M-entry word embedding dominates a small student's step); same numbers.
-    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for _, p in params)
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, fused=fused or None)
-
-
 class Distiller:
     """Train ``student`` with ``method`` from ``teachers`` through a list of stages.
 
@@ -157,6 +145,11 @@ class Distiller:
     methods that need no teacher (``finetune``). With ``out_dir`` the run writes
     ``metrics.jsonl``, ``training.png`` and ``checkpoint.pt`` (one per finished epoch,
     from which ``fit(..., resume=True)`` continues).
+
+    ``deepspeed`` (a DeepSpeed config: dict or JSON/YAML path) trains the student and the
+    auxiliary model under DeepSpeed ZeRO in this same loop (see
+    :mod:`autoskd.engine.deepspeed_backend`); ``tensor_parallel`` (a
+    :class:`~autoskd.engine.tensor_parallel.TensorParallel`) shards the teachers over a mesh.
     """
 
     def __init__(self, student: nn.Module, method: str | Method = "kd", teachers: Any = None, *,
@@ -164,9 +157,12 @@ class Distiller:
                  progress: bool = True, callbacks: Sequence[Callback] = (),
                  teacher_cache: TeacherOutputCache | str | Path | None = None, restore_best: bool = True,
                  checkpoint: bool = True, log_every: int = 20, method_options: dict | None = None,
-                 teacher_fingerprints: dict[str, str] | None = None):
+                 teacher_fingerprints: dict[str, str] | None = None, deepspeed: Any = None,
+                 tensor_parallel: Any = None):
         seed_everything(seed)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.backend = make_backend(deepspeed, tensor_parallel)
+        self.device = getattr(self.backend, "device", None) or torch.device(
+            device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.student = student.to(self.device)
         self.method = get_method(method, **(method_options or {}))
         self.policy: TeacherPolicy | None = as_policy(teachers, teacher_fingerprints)
@@ -175,7 +171,7 @@ class Distiller:
         if self.policy is not None:
             self.policy.to(self.device)  # a lazily held teacher moves there when it is loaded
         self.out_dir = Path(out_dir) if out_dir else None
-        self.progress = progress
+        self.progress = progress and self.backend.is_main
         self.callbacks = list(callbacks)
         self.cache = TeacherOutputCache(teacher_cache) if isinstance(teacher_cache, (str, Path)) else teacher_cache
         self.restore_best = restore_best
@@ -193,7 +189,10 @@ class Distiller:
         from .hooks import FeatureExtractor
 
         self.extractor = FeatureExtractor(self.student, ["logits"])
-        self.log = MetricsLog(self.out_dir / "metrics.jsonl" if self.out_dir else None)
+        self.log = MetricsLog(self.out_dir / "metrics.jsonl" if self.out_dir and self.backend.is_main else None)
+        if tensor_parallel is not None and self.policy is not None:
+            tensor_parallel.shard_teachers(self.policy, batch_sharded=self.backend.world_size > 1)
+        self.backend.setup(self)
 
     def _teacher_names(self) -> list[str]:
         if self.policy is None:
@@ -220,20 +219,19 @@ class Distiller:
         if set(student_req) != set(self.extractor.features):
             self.extractor.set_features(student_req)
         teacher_feats = self.policy.features(teacher_name, batch, teacher_req) if teacher_name and teacher_req else {}
-        student_feats = self.method.student_forward(ctx, self.extractor, batch)
-        losses = self.method.losses(ctx, student_feats, teacher_feats, teacher_name, batch)
+
+        def compute() -> dict[str, torch.Tensor]:  # under ZeRO-3 it runs inside the engine's forward
+            student_feats = self.method.student_forward(ctx, self.extractor, batch)
+            return self.method.losses(ctx, student_feats, teacher_feats, teacher_name, batch)
+
+        losses = self.backend.compute(compute)
         if not losses:
             raise AutoSKDError(f"method {self.method.spec.name!r} has no loss in stage {ctx.stage!r}; "
                                f"its stages are: {', '.join(self.method.spec.stages)}")
         loss = torch.stack([v for v in losses.values()]).sum()
         if not torch.isfinite(loss):
             raise AutoSKDError(f"loss became {float(loss.detach())} at step {ctx.global_step}; lower the learning rate")
-        optimizer.zero_grad(set_to_none=True)
-        if loss.requires_grad:  # a step can have no trainable path (Theseus replacing no layer)
-            loss.backward()
-            if max_grad_norm and max_grad_norm > 0:
-                nn.utils.clip_grad_norm_([p for _, p in self.trainable_parameters()], max_grad_norm)
-        optimizer.step()  # without gradients AdamW leaves every parameter as it is
+        self.backend.update(loss, optimizer, max_grad_norm)
         detached = {k: v.detach() for k, v in losses.items()}
         detached["loss"] = loss.detach()
         for cb in self.callbacks:
@@ -267,16 +265,15 @@ class Distiller:
             if first_epoch >= epochs:
                 continue
             if self.policy is not None:
-                self.policy.prepare(stage.train, stage.data_id, self.cache, self.device, self.progress)
+                self.backend.prepare_teachers(self.policy, stage.train, stage.data_id, self.cache, self.device,
+                                              self.progress)
             ctx = self.ctx
             ctx.stage, ctx.total_steps = stage.name, total_steps
             params = self.trainable_parameters()
-            optimizer = _optimizer(params, stage.lr, stage.weight_decay)
-            scheduler = get_linear_schedule_with_warmup(optimizer, int(stage.warmup_ratio * total_steps), total_steps)
+            optimizer, scheduler = self.backend.start_stage(self, stage, total_steps, params)
             self.optimizer = optimizer  # callbacks read the current learning rate from it
             if resumed_state is not None and stage_index == done_stage:
-                optimizer.load_state_dict(resumed_state["optimizer"])
-                scheduler.load_state_dict(resumed_state["scheduler"])
+                self.backend.restore_stage(resumed_state, optimizer, scheduler)
                 sampler_gen = getattr(stage.train.sampler, "generator", None)
                 if sampler_gen is not None and resumed_state.get("sampler_state") is not None:
                     sampler_gen.set_state(resumed_state["sampler_state"])
@@ -290,12 +287,12 @@ class Distiller:
                 ctx.epoch = epoch
                 sums: dict[str, torch.Tensor] = {}
                 count = 0
-                for batch in stage.train:
+                for batch in self.backend.batches(stage.train):
                     if step >= total_steps:
                         break
                     ctx.step = step
                     terms = self.train_step(to_device(batch, self.device), optimizer, stage.max_grad_norm)
-                    scheduler.step()
+                    self.backend.step_scheduler(scheduler)
                     step += 1
                     ctx.global_step += 1
                     count += 1
@@ -312,12 +309,12 @@ class Distiller:
                 metrics: dict[str, Any] = {"kind": "epoch", "stage": stage.name, "epoch": epoch, "step": step,
                                            "global_step": ctx.global_step}
                 if dev is not None and stage.evaluate:
-                    scores = evaluate(self.student, dev, self.device)
+                    scores = evaluate(self.backend.eval_model(self.student), dev, self.device)
                     metrics.update(dev_acc=scores["accuracy"], dev_loss=scores["loss"])
                     if result.best_dev_acc is None or scores["accuracy"] > result.best_dev_acc:
                         result.best_dev_acc, result.best_epoch = scores["accuracy"], len(result.history)
                         if self.restore_best:
-                            best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.student.state_dict().items()}
+                            best_state = self.backend.full_state(self.student)
                     result.final_dev_acc = scores["accuracy"]
                     bar.set_postfix(dev_acc=f"{scores['accuracy']:.4f}")
                 result.history.append(metrics)
@@ -328,15 +325,17 @@ class Distiller:
                     self._save_checkpoint(ckpt_path, signature, stage_index, epoch + 1, optimizer, scheduler,
                                           stage, result, best_state)
             bar.close()
+            self.backend.end_stage(self)
             for cb in self.callbacks:
                 cb.on_stage_end(self, ctx)
             resumed_state = None
 
+        self.backend.finish(self)
         if self.restore_best and best_state is not None:
             self.student.load_state_dict(best_state)
         result.steps = self.ctx.global_step
         result.seconds = time.perf_counter() - start
-        if self.out_dir is not None:
+        if self.out_dir is not None and self.backend.is_main:
             plot_history(self.log.path, self.out_dir / "training.png",
                          title=f"{self.method.spec.name}: loss and dev accuracy")
         return result
@@ -349,18 +348,20 @@ class Distiller:
         """What a checkpoint must agree with to be resumed: same method, options and stages."""
         return {"method": self.method.spec.name, "options": repr(sorted(self.method.options.items())),
                 "seed": self.seed, "stages": [[s.name, s.epochs, s.lr, s.warmup_ratio, s.weight_decay,
-                                               s.max_grad_norm, s.data_id, len(s.train)] for s in stages]}
+                                               s.max_grad_norm, s.data_id, len(s.train)] for s in stages],
+                **self.backend.signature()}
 
     def _load_checkpoint(self, path: Path | None, signature: dict) -> dict | None:
         """Restore the student, auxiliary model, random states and policy/method samplers."""
-        if path is None or not path.exists():
+        if path is None:
             return None
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        state = self.backend.load_meta(path, self.device)
+        if state is None:
+            return None
         if state.get("signature") != signature:
             raise AutoSKDError(f"{path.parent} holds an unfinished run with another configuration "
                                f"(method, options, epochs, lr or data); use a new --out folder or delete {path}")
-        self.student.load_state_dict(state["student"])
-        self.auxiliary.load_state_dict(state["auxiliary"])
+        self.backend.restore_modules(self, state)
         self.ctx.global_step = state["global_step"]
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
@@ -377,14 +378,9 @@ class Distiller:
         rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
                "method": _generator_states(self.method)}
         state = {"signature": signature, "stage_index": stage_index, "epoch": epoch,
-                 "global_step": self.ctx.global_step, "student": self.student.state_dict(),
-                 "auxiliary": self.auxiliary.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(),
+                 "global_step": self.ctx.global_step,
                  "sampler_state": sampler_gen.get_state() if sampler_gen is not None else None, "rng": rng,
                  "policy": self.policy.state_dict() if self.policy is not None else {},
                  "history": result.history, "best_dev_acc": result.best_dev_acc, "best_epoch": result.best_epoch,
                  "best_state": best_state}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(path)
+        self.backend.save(path, state, self, optimizer, scheduler)

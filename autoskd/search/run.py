@@ -66,6 +66,9 @@ class SearchConfig:
     teachers_full_data: bool = False
     scheduler: str | None = None  # "asha": candidates and baselines report per epoch; losing ones stop early
     method_options: dict = field(default_factory=lambda: {"temperature": 1.0})
+    deepspeed: dict | None = None  # trials (candidates, baselines) train under DeepSpeed
+    tensor_parallel: int = 1
+    processes: int = 1  # processes per trial (a Ray Train worker group)
 
     @classmethod
     def from_preset(cls, preset: str, **overrides) -> "SearchConfig":
@@ -95,7 +98,8 @@ class SearchConfig:
     def base_distill(self) -> DistillConfig:
         return DistillConfig(method="kd", method_options=dict(self.method_options), epochs=self.eval_epochs,
                              lr=self.lr, batch_size=self.batch_size, seed=self.seed, train_split="train_full",
-                             theta_scaling=self.theta.scaling)
+                             theta_scaling=self.theta.scaling, deepspeed=self.deepspeed,
+                             tensor_parallel=self.tensor_parallel, processes=self.processes)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -216,7 +220,7 @@ def run_search(team_path: str | Path, task_args: dict, config: SearchConfig, out
     candidates = [c for s in searches for c in s["candidates"]]
     arms = candidate_arms([c["theta"] for c in candidates], [c["name"] for c in candidates])
     arms += baseline_arms(names, parse_baselines(config.baselines), config.n_random, config.seed)
-    spec = TrialSpec(team_path=team_ref,
+    spec = TrialSpec(team_path=team_ref, **parallel_runner(config),
                      task={**task_args, "max_train": config.max_train, "max_eval": config.max_eval,
                            "teachers_full_data": config.teachers_full_data},
                      cache_dir=str(cache_dir), base_config=config.base_distill().to_dict(), root=str(out_dir))
@@ -224,6 +228,11 @@ def run_search(team_path: str | Path, task_args: dict, config: SearchConfig, out
                        cpus_per_trial=config.cpus_per_trial, gpus_per_trial=config.gpus_per_trial,
                        max_concurrent=config.max_concurrent, progress=progress, scheduler=config.scheduler)
     return summarise(records, searches, team, m, why, out_dir)
+
+
+def parallel_runner(config: SearchConfig) -> dict:
+    """Trials of more than one process run as a Ray Train worker group (one trial = one parallel job)."""
+    return {"runner": "autoskd.engine.ray_parallel:distill_arm_parallel"} if config.processes > 1 else {}
 
 
 def _keep_student(out_dir: Path, arm: dict, dst_name: str) -> None:
