@@ -258,3 +258,6 @@ def cos_nce(student: Tensor, teacher: Tensor, *, temperature: float = 1.0, mask:
 
 soft_ce.on_logits = True  # type: ignore[attr-defined]
 cos_nce.on_logits = False  # type: ignore[attr-defined]
+
+
+from . import relations as _relations  # noqa: E402,F401  (registers the relation transforms)

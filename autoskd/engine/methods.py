@@ -154,7 +154,31 @@ class Method:
         return AuxiliaryModel(self.spec, student_geom, teacher_geoms)
 
     def setup(self, student: nn.Module, teachers: dict[str, nn.Module]) -> None:
-        """Called once before training (e.g. copy teacher modules into the student)."""
+        """Called once before training (e.g. copy teacher modules into the student).
+
+        The default gives the student BERT's MLM head when the method reads its word
+        predictions, and checks that teachers whose word predictions are read have one."""
+        reads = lambda side: any(getattr(l, side).startswith("mlm_logits") for l in self.spec.losses)  # noqa: E731
+        if self.spec.mlm_weight > 0 or reads("student"):
+            from .mlm import attach_mlm_head
+
+            attach_mlm_head(student)
+        if reads("teacher"):
+            for name, model in teachers.items():
+                if not isinstance(getattr(model, "mlm_head", None), nn.Module):
+                    raise AutoSKDError(
+                        f"method {self.spec.name!r} distils word predictions but teacher {name!r} has no MLM head; "
+                        f"run its MLM adaptation stage first (autoskd.engine.mlm.adapt_teacher_mlm; "
+                        f"`autoskd distill` does it)")
+
+    def reads_teacher_mlm(self, stages) -> bool:
+        """Whether any of ``stages`` compares the teacher's word predictions."""
+        return any(l.teacher.startswith("mlm_logits") for l in self.spec.losses if l.stage in set(stages))
+
+    def masked_stage(self, stage: str) -> bool:
+        """Whether ``stage`` trains on MLM-masked text (word predictions or the MLM loss)."""
+        return self.spec.uses_mlm(stage) or any(
+            l.student.startswith("mlm_logits") for l in self.spec.losses if l.stage == stage)
 
     def on_step(self, ctx) -> None:
         """Called at the start of every training step (schedules)."""
