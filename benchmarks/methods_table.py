@@ -11,7 +11,7 @@ while it runs, sampled every 20 ms -- and is written to ``benchmarks/results/met
 soon as it finishes, so an interrupted run resumes where it stopped. The table is
 ``benchmarks/results/methods_table.json`` (keys = method names) and ``methods_table.png``.
 
-    python benchmarks/methods_table.py [--seeds 0] [--budget 2] [--max-train 160] [--methods kd,pkd]
+    python benchmarks/methods_table.py [--seeds 0] [--budget 2] [--max-train 100] [--methods kd,pkd]
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ def team_and_task(args):
     from autoskd.team_spec import TeamSpec
 
     data = yaml.safe_load((ROOT.parent / "teams" / "minilm-ladder.yaml").read_text())
-    data["teachers"] = [t for t in data["teachers"] if t["name"] in TEACHERS]
+    data["teachers"] = [{**t, "finetune": {**t["finetune"], "epochs": args.teacher_epochs}}
+                        for t in data["teachers"] if t["name"] in TEACHERS]
     full = load_task("rotten_tomatoes", seed=0)
     team = TeacherTeam(TeamSpec.from_dict(data))  # teachers see more rows than the students' budget
     team.build(full.subsample(args.teacher_rows, args.max_eval, seed=0), cache_dir=CACHE / "teachers", seed=0,
@@ -182,13 +183,14 @@ def main() -> int:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--budget", type=float, default=2.0, help="epochs per method, split over its stages")
-    p.add_argument("--max-train", type=int, default=160, help="train and val rows each (students)")
-    p.add_argument("--max-eval", type=int, default=250)
+    p.add_argument("--max-train", type=int, default=100, help="train and val rows each (students)")
+    p.add_argument("--max-eval", type=int, default=200)
     p.add_argument("--lr", type=float, default=5e-4, help="student lr (the quick preset's: cut MiniLM needs a high one)")
     p.add_argument("--mlm-adapt-steps", type=int, default=30)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: the shared CPU spins less)")
-    p.add_argument("--teacher-rows", type=int, default=400, help="train/val rows the teachers are fine-tuned on")
-    p.add_argument("--max-length", type=int, default=40)
+    p.add_argument("--teacher-rows", type=int, default=150, help="train/val rows the teachers are fine-tuned on")
+    p.add_argument("--max-length", type=int, default=32)
+    p.add_argument("--teacher-epochs", type=float, default=1.0, help="teacher fine-tuning epochs")
     p.add_argument("--glmd-alpha", type=float, default=0.1, help="GLMD vocabulary kept (fraction)")
     args = p.parse_args()
     from tqdm import tqdm
@@ -216,7 +218,7 @@ def main() -> int:
                    f"{record['seconds_per_epoch']:.1f} s/epoch {record['peak_rss_mib']:.0f} MiB")
     table = aggregate(args)
     settings = {k: getattr(args, k) for k in ("budget", "max_train", "max_eval", "lr", "mlm_adapt_steps", "seeds",
-                                              "teacher_rows", "max_length", "glmd_alpha")}
+                                              "teacher_rows", "teacher_epochs", "max_length", "glmd_alpha")}
     path = write_result("methods_table", {"settings": settings, "teacher": "minilm-L6", "multi_teachers": TEACHERS,
                                           "teacher_dev_acc": team.dev_accuracy, "methods": table})
     plot(table, ROOT / "results" / "methods_table.png")

@@ -288,3 +288,29 @@ def test_combination_runs_one_forward_per_model_and_sums_the_methods(tok, tmp_pa
         get_method("kd+tmkd")
     with pytest.raises(AutoSKDError, match="both replace the student's forward"):
         get_method("theseus+glmd")
+
+
+# ------------------------------------------------------------------ a teacher with its own tokenizer
+def test_own_tokenizer_teacher_serves_logit_methods_and_refuses_feature_methods(tok, other_vocab_dir, tmp_path):
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    from autoskd.engine.own_tokenizer import OwnTokenizerTeacher
+    from autoskd.engine.teacher_cache import TeacherOutputCache
+    from test_methods_all import TEXTS
+
+    other_tok = AutoTokenizer.from_pretrained(other_vocab_dir)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification.from_pretrained(other_vocab_dir, num_labels=2)
+    teacher = OwnTokenizerTeacher("roberta-like", model, other_tok, TEXTS, max_length=16)
+    batch = next(iter(loader(tok, False)))
+    expected = model(**other_tok(TEXTS[:4], padding=True, return_tensors="pt")).logits
+    assert torch.allclose(teacher.features(batch, ["logits"])["logits"], expected, atol=1e-5)
+    cache = TeacherOutputCache(tmp_path)
+    teacher.prepare(loader(tok, False), "toy", cache)
+    assert torch.allclose(teacher.logits_table[:4], expected, atol=1e-5) and len(list(tmp_path.iterdir())) == 1
+    student = tiny_bert(tok, layers=2)
+    Distiller(student, "kd", SingleTeacher(teacher), progress=False, checkpoint=False).fit(
+        [Stage("task", loader(tok, False), epochs=1, data_id="toy")])
+    with pytest.raises(AutoSKDError, match="uses its own tokenizer.*hidden.*logit-level method"):
+        Distiller(tiny_bert(tok, layers=2), "pkd", SingleTeacher(teacher), progress=False, checkpoint=False).fit(
+            [Stage("task", loader(tok, False), epochs=1)])
