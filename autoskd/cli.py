@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+from .cli_types import (baseline_list, encoding_name, fraction, int_at_least, non_negative_float, non_negative_int, output_dir,
+                        positive_float, positive_int)
 from .errors import AutoSKDError
 
 DEFAULT_TEAM = "teams/minilm-ladder.yaml"
@@ -30,14 +32,17 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--text-column", help="column with the text (default: text or sentence)")
     g.add_argument("--text-pair-column", help="second text column for sentence-pair tasks (e.g. RTE)")
     g.add_argument("--label-column", help="column with the label (default: label)")
-    g.add_argument("--max-train", type=int, help="keep at most N rows in each of train and val (quick runs)")
-    g.add_argument("--max-eval", type=int, help="keep at most N rows in each of dev and test")
-    g.add_argument("--seed", type=int, default=0, help="seed for splits, initialisation and data order")
+    g.add_argument("--encoding", type=encoding_name,
+                   help="text encoding of a CSV/TSV/JSON data file (default: utf-8), e.g. latin-1, cp1252")
+    g.add_argument("--max-train", type=positive_int, help="keep at most N rows in each of train and val (quick runs)")
+    g.add_argument("--max-eval", type=positive_int, help="keep at most N rows in each of dev and test")
+    g.add_argument("--seed", type=non_negative_int, default=0, help="seed for splits, initialisation and data order")
 
 
 def _add_team_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--team", default=DEFAULT_TEAM, help=f"teacher-team YAML (default: {DEFAULT_TEAM})")
-    p.add_argument("--cache-dir", default=".cache/autoskd", help="where fine-tuned teachers and teacher outputs are cached")
+    p.add_argument("--cache-dir", type=output_dir, default=".cache/autoskd",
+                   help="where fine-tuned teachers and teacher outputs are cached")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -59,7 +64,7 @@ def _load_task(args):
     from .data.tasks import load_task
 
     task = load_task(args.task, text_column=args.text_column, text_pair_column=args.text_pair_column,
-                     label_column=args.label_column, seed=args.seed)
+                     label_column=args.label_column, seed=args.seed, encoding=args.encoding)
     if args.max_train or args.max_eval:
         task = task.subsample(args.max_train, args.max_eval, seed=args.seed)
     return task
@@ -100,6 +105,14 @@ def cmd_distill(args) -> int:
 
     options = _parse_options(args.option)
     get_method(args.method, **options)  # a typo fails now, not after the teachers are built
+    if (Path(args.out) / "result.json").exists():  # never overwrite a finished student
+        raise AutoSKDError(f"--out {args.out} already holds a finished run (result.json); pass a new --out folder")
+    if args.teacher is not None:  # a typo fails now, not after the teachers are built
+        from .team_spec import TeamSpec
+
+        names = [t.name for t in TeamSpec.from_yaml(args.team).teachers]
+        if args.teacher not in names:
+            raise AutoSKDError(f"--teacher {args.teacher!r} is not in team {args.team}; choose one of: {', '.join(names)}")
     task = _load_task(args)
     team = _build_team(args, task)
     config = DistillConfig(method=args.method, method_options=options, teacher=args.teacher,
@@ -124,19 +137,31 @@ def print_table(rows: list[dict]) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
 
 
+def _number(flag: str, text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise AutoSKDError(f"{flag} {text!r} is not a number") from None
+
+
 def cmd_search(args) -> int:
     from .search.run import SearchConfig, run_search
 
+    xi = args.xi if args.xi in (None, "theta_lr", "student_lr") else _number("--xi", args.xi)
     theta = {k: v for k, v in {"strategy": args.strategy, "order": args.order, "lr": args.theta_lr,
-                               "num_candidates": args.candidates, "val_objective": args.val_objective}.items()
+                               "num_candidates": args.candidates, "val_objective": args.val_objective,
+                               "xi": xi, "scaling": args.theta_scaling, "warmup": args.theta_warmup}.items()
              if v is not None}
     config = SearchConfig.from_preset(
-        args.preset, theta=theta, seed=args.seed, m=args.m, baselines=args.baselines, n_random=args.random,
+        args.preset, theta=theta, theta_lrs=args.theta_lrs, seed=args.seed, m=args.m, baselines=args.baselines,
+        n_random=args.random,
         executor=args.executor, address=args.address, cpus_per_trial=args.cpus_per_trial,
         gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent, max_train=args.max_train,
         max_eval=args.max_eval, search_epochs=args.search_epochs, eval_epochs=args.eval_epochs)
     task_args = {"name_or_path": args.task, "text_column": args.text_column,
                  "text_pair_column": args.text_pair_column, "label_column": args.label_column}
+    if args.encoding:
+        task_args["encoding"] = args.encoding
     run_search(args.team, task_args, config, args.out, cache_dir=args.cache_dir, progress=not args.no_progress)
     return 0
 
@@ -159,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                         parser_class=OneLineParser)
     p = team.add_parser("build", help="fine-tune (or reuse cached) teachers of a team and print their dev accuracy")
     p.add_argument("team", help="teacher-team YAML, e.g. teams/minilm-ladder.yaml")
-    p.add_argument("--cache-dir", default=".cache/autoskd", help="where fine-tuned teachers are cached")
+    p.add_argument("--cache-dir", type=output_dir, default=".cache/autoskd", help="where fine-tuned teachers are cached")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     _add_data_args(p)
     p.set_defaults(func=cmd_team_build)
@@ -173,34 +198,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="method option, e.g. temperature=2 (repeatable)")
     p.add_argument("--teacher", help="team member to distil from (default: best on dev)")
     p.add_argument("--policy", default="single", choices=["single", "average"], help="one teacher, or AvgKD over the team")
-    p.add_argument("--epochs", type=float, default=3.0, help="epochs per method stage")
-    p.add_argument("--pretrain-epochs", type=float, default=0.0, help="epochs of a pre-training-style stage on unlabelled text")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-length", type=int, help="token limit (default: the team's max_length)")
-    p.add_argument("--out", default="runs/distill", help="output folder (student/, metrics.jsonl, training.png, result.json)")
+    p.add_argument("--epochs", type=positive_float, default=3.0, help="epochs per method stage")
+    p.add_argument("--pretrain-epochs", type=non_negative_float, default=0.0, help="epochs of a pre-training-style stage on unlabelled text")
+    p.add_argument("--lr", type=positive_float, default=1e-4)
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--max-length", type=int_at_least(2), help="token limit (default: the team's max_length)")
+    p.add_argument("--out", type=output_dir, default="runs/distill", help="output folder (student/, metrics.jsonl, training.png, result.json)")
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("search", help="AutoSKD: learn which teachers to sample, evaluate candidates and baselines")
     _add_team_args(p)
     _add_data_args(p)
-    p.add_argument("--preset", default="quick", choices=["quick", "paper"], help="settings bundle (default: quick)")
-    p.add_argument("--out", default="runs/search", help="output folder; rerunning resumes it")
+    p.add_argument("--preset", default="quick", choices=["quick", "medium", "paper"],
+                   help="settings bundle (default: quick; medium: the benchmark's; paper: AutoSKDBERT's)")
+    p.add_argument("--out", type=output_dir, default="runs/search", help="output folder; rerunning resumes it")
     p.add_argument("--strategy", choices=["sswo", "cr"], help="theta update strategy (default: sswo)")
     p.add_argument("--order", choices=["first", "second"], help="unrolled-gradient order (default: second)")
-    p.add_argument("--theta-lr", type=float, help="Adam learning rate on theta (paper: 3e-4 to 1e-3)")
-    p.add_argument("--val-objective", choices=["distill", "task"], help="theta's validation loss (default: distill)")
-    p.add_argument("--m", type=int, help="teachers dropped at selection (default: those weaker than the student)")
-    p.add_argument("--candidates", type=int, help="K candidate distributions from phase 2")
-    p.add_argument("--search-epochs", type=float, help="epochs of the bilevel search")
-    p.add_argument("--eval-epochs", type=float, help="epochs of each candidate/baseline training")
-    p.add_argument("--baselines", default="all", help="all, none, or a comma list of single,avgkd,uniform,random")
-    p.add_argument("--random", type=int, help="number of random Dirichlet(1) distributions")
+    p.add_argument("--theta-lr", type=positive_float, help="Adam learning rate on theta (paper: 3e-4 to 1e-3)")
+    p.add_argument("--theta-lrs", type=positive_float, nargs="+", metavar="LR",
+                   help="a grid of theta learning rates: one search per rate, K candidates each (paper: 8 rates)")
+    p.add_argument("--xi", help="virtual-step size: theta_lr (paper, default), student_lr, or a number")
+    p.add_argument("--theta-scaling", choices=["theta", "max", "n"],
+                   help="SSWO's logit scale for the sampled teacher: theta_i (paper), theta_i/max theta, n*theta_i")
+    p.add_argument("--theta-warmup", type=fraction, help="fraction of phase 1 with theta held fixed (paper: 0)")
+    p.add_argument("--val-objective", choices=["distill", "task"],
+                   help="theta's validation loss (default: distill; task needs --order second)")
+    p.add_argument("--m", type=non_negative_int, help="teachers dropped at selection (default: those smaller than the student)")
+    p.add_argument("--candidates", type=positive_int, help="K candidate distributions from phase 2")
+    p.add_argument("--search-epochs", type=positive_float, help="epochs of the bilevel search")
+    p.add_argument("--eval-epochs", type=positive_float, help="epochs of each candidate/baseline training")
+    p.add_argument("--baselines", type=baseline_list, default="all", help="all, none, or a comma list of single,avgkd,uniform,random")
+    p.add_argument("--random", type=non_negative_int, help="number of random Dirichlet(1) distributions")
     p.add_argument("--executor", default="ray", choices=["ray", "local"], help="run trials on Ray Tune or in-process")
     p.add_argument("--address", help="existing Ray cluster, e.g. ray://head:10001 (default: local Ray on 127.0.0.1)")
-    p.add_argument("--cpus-per-trial", type=float, default=1.0)
-    p.add_argument("--gpus-per-trial", type=float, default=0.0)
-    p.add_argument("--max-concurrent", type=int, help="trials at once (default: as resources allow)")
+    p.add_argument("--cpus-per-trial", type=positive_float, default=1.0)
+    p.add_argument("--gpus-per-trial", type=non_negative_float, default=0.0)
+    p.add_argument("--max-concurrent", type=positive_int, help="trials at once (default: as resources allow)")
     p.set_defaults(func=cmd_search)
 
     from .cli_methods import add_commands as add_method_commands

@@ -22,6 +22,7 @@ from .engine.methods import Method, get_method
 from .engine.teachers import AverageTeachers, SampledTeacher, SingleTeacher, Teacher, TeacherPolicy
 from .engine.trainer import Distiller, Stage, TrainResult, evaluate
 from .errors import AutoSKDError
+from .models.lazy import model_entry
 
 DEFAULT_CACHE = Path(".cache/autoskd")
 
@@ -31,7 +32,8 @@ class DistillConfig:
     """Everything a distillation run needs besides the team and the data.
 
     ``teacher`` picks a team member (default: the best on dev); ``policy`` is ``single``,
-    ``average`` (AvgKD) or ``sampled`` (draw a teacher from ``theta`` each step: AutoSKD).
+    ``average`` (AvgKD) or ``sampled`` (draw a teacher from ``theta`` each step: AutoSKD, the sampled teacher's
+    logits scaled as ``theta_scaling`` says, see :func:`~autoskd.engine.teachers.theta_logit_scale`).
     ``epochs`` apply to each of the method's stages; ``pretrain_epochs`` > 0 adds a
     pre-training-style stage on unlabelled text (the task's training texts by default).
     Multi-teacher methods ignore ``policy`` and read every member named in ``teachers``.
@@ -42,6 +44,7 @@ class DistillConfig:
     teacher: str | None = None
     policy: str = "single"
     theta: list[float] | None = None
+    theta_scaling: str = "theta"
     epochs: float = 3.0
     lr: float = 1e-4
     batch_size: int = 32
@@ -51,6 +54,7 @@ class DistillConfig:
     seed: int = 0
     pretrain_epochs: float = 0.0
     max_length: int | None = None
+    group_by_length: bool = False  # batch rows of similar length: less padding, faster epochs
     #: Team members a multi-teacher method (tmkd, mt_bert, rl_kd, uncertainty, dgkd) reads
     #: (default: every teacher of the team).
     teachers: list[str] | None = None
@@ -71,6 +75,7 @@ class DistillOutcome:
     result: TrainResult
     out_dir: Path | None
     teacher_counts: dict[str, int] | None = None
+    test_predictions: list[int] | None = None
 
     def summary(self) -> dict:
         return {"dev_acc": self.dev_acc, "test_acc": self.test_acc, "best_dev_acc": self.result.best_dev_acc,
@@ -87,13 +92,15 @@ class Loaders:
 
 
 def make_loaders(task: TaskData, tokenizer, max_length: int, batch_size: int, seed: int,
-                 train_split: str = "train_full") -> Loaders:
-    """Tokenised, dynamically padded loaders; ``train_id`` keys the teacher-output cache."""
+                 train_split: str = "train_full", group_by_length: bool = False) -> Loaders:
+    """Tokenised, dynamically padded loaders; ``train_id`` keys the teacher-output cache.
+    ``group_by_length`` batches training rows of similar length together (less padding)."""
     def tok(split):
         return tokenize_split(task.split(split), tokenizer, max_length)
 
     train_id = f"{task.fingerprint(train_split)}-L{max_length}"
-    return Loaders(train=make_loader(tok(train_split), tokenizer, batch_size, shuffle=True, seed=seed),
+    return Loaders(train=make_loader(tok(train_split), tokenizer, batch_size, shuffle=True, seed=seed,
+                                     group_by_length=group_by_length),
                    dev=make_loader(tok("dev"), tokenizer, batch_size * 2, shuffle=False),
                    test=make_loader(tok("test"), tokenizer, batch_size * 2, shuffle=False),
                    train_id=train_id)
@@ -109,7 +116,7 @@ def build_policy(team, config: DistillConfig, method: Method | None = None) -> T
     if not getattr(team, "teachers", None):
         raise AutoSKDError("the team has no built teachers; call team.build(task) first")
     fps = getattr(team, "fingerprints", {}) or {}
-    teachers = {name: Teacher(name, model, fps.get(name)) for name, model in team.teachers.items()}
+    teachers = {name: Teacher(name, model_entry(team.teachers, name), fps.get(name)) for name in team.teachers}
     if isinstance(method, MultiTeacherMethod) or getattr(method, "multi", False):
         names = config.teachers or list(teachers)
         unknown = [n for n in names if n not in teachers]
@@ -129,7 +136,7 @@ def build_policy(team, config: DistillConfig, method: Method | None = None) -> T
         theta = torch.tensor(config.theta, dtype=torch.float64)
         if len(theta) != len(teachers) or (theta < 0).any() or float(theta.sum()) <= 0:
             raise AutoSKDError(f"theta must have {len(teachers)} non-negative weights with a positive sum; got {config.theta}")
-        return SampledTeacher(teachers, theta / theta.sum(), seed=config.seed)
+        return SampledTeacher(teachers, theta / theta.sum(), seed=config.seed, scaling=config.theta_scaling)
     raise AutoSKDError(f"unknown teacher policy {config.policy!r}; choose single, average or sampled")
 
 
@@ -195,7 +202,8 @@ def distill(team, task: TaskData | str, config: DistillConfig | None = None, *, 
     task = load_task(task, seed=config.seed) if isinstance(task, str) else task
     method = get_method(config.method, **config.method_options)
     max_length = config.max_length or team.max_length
-    loaders = loaders or make_loaders(task, team.tokenizer, max_length, config.batch_size, config.seed, config.train_split)
+    loaders = loaders or make_loaders(task, team.tokenizer, max_length, config.batch_size, config.seed, config.train_split,
+                                      config.group_by_length)
     unlabelled = None
     if config.pretrain_epochs > 0:
         texts = tokenize_split(unlabelled_split(task.split(config.train_split)), team.tokenizer, max_length)
@@ -222,9 +230,10 @@ def distill(team, task: TaskData | str, config: DistillConfig | None = None, *, 
                           checkpoint=out_dir is not None)
     result = distiller.fit(stages, dev=loaders.dev, resume=out_dir is not None)
     dev = evaluate(student, loaders.dev, distiller.device)["accuracy"]
-    test = evaluate(student, loaders.test, distiller.device)["accuracy"]
+    scored = evaluate(student, loaders.test, distiller.device, predictions=True)
     counts = dict(policy.counts) if isinstance(policy, SampledTeacher) else None
-    outcome = DistillOutcome(student, tokenizer, dev, test, result, out_dir, counts)
+    outcome = DistillOutcome(student, tokenizer, dev, scored["accuracy"], result, out_dir, counts,
+                             scored["predictions"])
     if out_dir is not None:
         save_run(outcome, config, team, task)
     return outcome
@@ -244,6 +253,8 @@ def save_run(outcome: DistillOutcome, config: DistillConfig, team, task: TaskDat
         outcome.student.add_module("mlm_head", head)
     (out / "result.json").write_text(json.dumps({"task": task.name, **outcome.summary(),
                                                  "history": outcome.result.history}, indent=2))
+    if outcome.test_predictions is not None:  # for paired tests between runs on the same test rows
+        (out / "predictions.json").write_text(json.dumps({"test": outcome.test_predictions}))
     (out / "config.json").write_text(json.dumps({"task": task.name, "team": getattr(team, "name", None),
                                                  **config.to_dict()}, indent=2))
     ckpt = out / "checkpoint.pt"

@@ -28,6 +28,7 @@ import re
 import shutil
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -35,6 +36,7 @@ import torch
 from torch import nn
 
 from .errors import AutoSKDError
+from .models.lazy import LazyModel, LazyModels, meta_skeleton
 from .team_spec import FinetuneSettings, ModelSpec, TeamSpec, _integer, _sha256, bundled_teams  # noqa: F401  (re-exported)
 from .models.loading import (
     _check_layers,
@@ -73,6 +75,10 @@ def _freeze(model: nn.Module) -> nn.Module:
     return model
 
 
+def _load_frozen(path: str, num_labels: int) -> nn.Module:
+    return _freeze(load_classifier(path, num_labels=num_labels))
+
+
 def _set_label_names(model: nn.Module, label_names: list[str]) -> None:
     config = getattr(model, "config", None)
     if config is not None and getattr(config, "num_labels", None) == len(label_names):
@@ -98,7 +104,8 @@ class TeacherTeam:
                     tokenizer="minilm-l6")
 
     A teacher given as an ``nn.Module`` is used as given (already trained on the task); it is
-    only evaluated on ``dev``. After ``build``: ``teachers`` (name -> frozen module in eval mode),
+    only evaluated on ``dev``. After ``build``: ``teachers`` (name -> frozen module in eval mode; a
+    cached teacher's weights are read on first access, see :mod:`autoskd.models.lazy`),
     ``dev_accuracy``, ``status`` (``built``/``cached``/``given``), ``fingerprints`` (name -> id
     of the weights, for the teacher-output cache; absent for given modules), ``cache_dirs``.
     """
@@ -136,7 +143,7 @@ class TeacherTeam:
                                f"(teachers: {', '.join(self.teacher_specs)})")
         self._tokenizer_source = tokenizer
         self._tokenizer = None
-        self.teachers: dict[str, nn.Module] = {}
+        self.teachers: LazyModels = LazyModels()  # name -> module; cached ones load on first access
         self.dev_accuracy: dict[str, float] = {}
         self.status: dict[str, str] = {}
         self.fingerprints: dict[str, str] = {}
@@ -356,7 +363,9 @@ class TeacherTeam:
                 if meta is not None:
                     if progress:
                         print(f"[team] teacher {name} ({index}/{len(self.teacher_specs)}): cached at {entry}", flush=True)
-                    model = load_classifier(str(entry), num_labels=task.num_labels)
+                    # loaded on first use: a trial that reads cached logits never needs the weights
+                    model = LazyModel(partial(_load_frozen, str(entry), task.num_labels),
+                                      partial(meta_skeleton, str(entry)))
                     self.status[name] = "cached"
                 else:
                     if train_tok is None:
@@ -369,10 +378,13 @@ class TeacherTeam:
                     self.status[name] = "built"
                 self.dev_accuracy[name] = float(meta["dev_accuracy"])
                 self.fingerprints[name] = meta["weights_id"]
-                self.teachers[name] = _freeze(model)
-            model = self.teachers[name]
-            layers = _safe(lambda: count_layers(model))
-            rows.append((name, layers, count_parameters(model), self.dev_accuracy[name], self.status[name]))
+                self.teachers[name] = model if isinstance(model, LazyModel) else _freeze(model)
+            if self.teachers.loaded(name):
+                model = self.teachers[name]
+                layers, params = _safe(lambda: count_layers(model)), count_parameters(model)
+            else:
+                layers, params = meta.get("layers"), meta.get("parameters", 0)
+            rows.append((name, layers, params, self.dev_accuracy[name], self.status[name]))
         self._table = rows
         if progress:
             print(self.summary(), flush=True)

@@ -1,79 +1,127 @@
 """AutoSKD's best candidate against the baselines, over several seeds (AutoSKDBERT figure 3).
 
-On rotten_tomatoes with the ladder team, for each seed: one full ``run_search`` (search,
-K candidates, every baseline) with the data split and the teachers fixed and the run seed
-varied. Arms: ``autoskd`` (best candidate by dev), ``single-<teacher>``, ``avgkd``,
-``uniform``, ``random_best`` and ``random_median`` over as many random Dirichlet(1)
-distributions as AutoSKD used student trainings (search + K candidates + the student-alone
-run that sets m), so both get the same number of trainings. Target: AutoSKD's mean dev
-accuracy >= every baseline's. Writes ``benchmarks/results/search_vs_random.json`` with
-``arms.<name>.dev_acc_mean|dev_acc_std|test_acc_mean|student_trainings|seconds``.
+On rotten_tomatoes with the ladder team, one full ``run_search`` per seed (search, K
+candidates, every baseline) with the data split and the teachers fixed and the run seed
+varied, so the arms of one seed are paired. Arms:
 
-    python benchmarks/search_vs_random.py [--quick] [--preset quick|paper] [--seeds 0 1 2] [--executor ray|local]
+* ``autoskd``: the best candidate by dev;
+* ``single-<teacher>``, ``avgkd``, ``uniform``: one training each;
+* ``random_best`` / ``random_median``: over the first N random Dirichlet(1) distributions,
+  N = AutoSKD's compute in student-training equivalents (the search's seconds over a
+  baseline training's, plus K), so random search gets the same budget.
+
+Reported: per arm the mean and 95% interval over seeds (dev and test); the paired difference
+AutoSKD − each baseline with its interval (a tie when it contains 0); McNemar's test on the
+test predictions pooled over seeds; the fraction of all random distributions the best
+candidate beats (figure 3); the compute per arm. Writes
+``benchmarks/results/search_vs_random[_<preset>].json`` and a plot with the intervals.
+
+    python benchmarks/search_vs_random.py --preset medium --seeds 0 1 2 3 4 [--workers 5]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from _common import write_result
-from autoskd.search.run import SearchConfig, run_search
+from _search_runs import ROOT, build_team, load_run, run_jobs
 
-ROOT = Path(__file__).resolve().parent
-TEAM = ROOT.parent / "teams" / "minilm-ladder.yaml"
+from autoskd.search.stats import mcnemar, mean_ci, paired_ci, verdict
+
+SMOKE = dict(max_train=150, max_eval=150, search_epochs=2, eval_epochs=1, theta={"num_candidates": 2})
 
 
-def arm_scores(out_dir: Path, search_trainings: int) -> dict[str, dict]:
-    """Per-arm dev/test accuracy, trainings and seconds of one seed's finished search."""
-    records = [r for r in json.loads((out_dir / "results.json").read_text()) if r.get("dev_acc") is not None]
-    search = json.loads((out_dir / "search.json").read_text())
-    cands = [r for r in records if r["group"] == "autoskd"]
-    best = max(cands, key=lambda r: r["dev_acc"])
-    arms = {"autoskd": {"dev_acc": best["dev_acc"], "test_acc": best["test_acc"],
-                        "student_trainings": len(cands) + search_trainings,
-                        "seconds": sum(r["seconds"] for r in cands) + search["search_seconds"]}}
-    for r in records:
-        if r["group"] in ("single", "average", "uniform"):
-            arms[r["name"]] = {"dev_acc": r["dev_acc"], "test_acc": r["test_acc"], "student_trainings": 1,
-                               "seconds": r["seconds"]}
-    randoms = sorted((r for r in records if r["group"] == "random"), key=lambda r: r["dev_acc"])
-    n = arms["autoskd"]["student_trainings"]
-    pool = randoms[:n] if len(randoms) >= n else randoms
-    pool_sorted = sorted(pool, key=lambda r: r["dev_acc"])
-    median = pool_sorted[len(pool_sorted) // 2]
-    best_random = pool_sorted[-1]
-    seconds = sum(r["seconds"] for r in pool)
-    arms["random_best"] = {"dev_acc": best_random["dev_acc"], "test_acc": best_random["test_acc"],
-                           "student_trainings": len(pool), "seconds": seconds}
-    arms["random_median"] = {"dev_acc": median["dev_acc"], "test_acc": median["test_acc"],
-                             "student_trainings": len(pool), "seconds": seconds}
+def seed_arms(run: dict, test_labels: list[int] | None) -> dict[str, dict]:
+    """One seed's arms: ``{arm: {dev_acc, test_acc, trainings, seconds, correct}}``."""
+    recs = run["records"]
+    singles = [r for r in recs.values() if r["group"] in ("single", "average", "uniform")]
+    base_seconds = statistics.median(r["seconds"] for r in singles) if singles else 1.0
+    search_seconds = sum(s["search_seconds"] for s in run["searches"])
+    cands = [r for r in recs.values() if r["group"] == "autoskd"]
+    best = max(cands, key=lambda r: (r["dev_acc"], -int(r["name"].split("-")[-1])))
+
+    def arm(r, trainings, seconds):
+        correct = None
+        if test_labels is not None and r.get("test_predictions") is not None:
+            correct = [p == y for p, y in zip(r["test_predictions"], test_labels)]
+        return {"dev_acc": r["dev_acc"], "test_acc": r["test_acc"], "trainings": trainings, "seconds": seconds,
+                "correct": correct, "name": r["name"]}
+
+    budget = len(cands) + search_seconds / base_seconds
+    arms = {"autoskd": arm(best, budget, search_seconds + sum(r["seconds"] for r in cands))}
+    for r in singles:
+        arms[r["name"]] = arm(r, 1, r["seconds"])
+    randoms = sorted((r for r in recs.values() if r["group"] == "random"), key=lambda r: r["name"])
+    n = min(len(randoms), max(1, math.ceil(budget - 1e-9)))
+    pool = randoms[:n]  # the first N drawn, in the order they were generated: no peeking at scores
+    if pool:
+        seconds = sum(r["seconds"] for r in pool)
+        ranked = sorted(pool, key=lambda r: r["dev_acc"])
+        arms["random_best"] = arm(ranked[-1], len(pool), seconds)
+        arms["random_median"] = arm(ranked[len(ranked) // 2], len(pool), seconds)
+    arms["_fraction_random_beaten"] = {
+        "dev": sum(r["dev_acc"] < best["dev_acc"] for r in randoms) / max(1, len(randoms)),
+        "test": sum(r["test_acc"] < best["test_acc"] for r in randoms) / max(1, len(randoms)),
+        "n_random": len(randoms), "budget_trainings": budget}
     return arms
 
 
+def aggregate(per_seed: dict[int, dict], seeds: list[int]) -> dict:
+    names = [n for n in per_seed[seeds[0]] if not n.startswith("_") and all(n in per_seed[s] for s in seeds)]
+    arms = {}
+    for name in names:
+        devs = [per_seed[s][name]["dev_acc"] for s in seeds]
+        tests = [per_seed[s][name]["test_acc"] for s in seeds]
+        arms[name] = {"dev_acc_mean": statistics.mean(devs), "dev_ci95": mean_ci(devs),
+                      "test_acc_mean": statistics.mean(tests), "test_ci95": mean_ci(tests),
+                      "dev_acc_per_seed": devs, "test_acc_per_seed": tests,
+                      "student_trainings": statistics.mean(per_seed[s][name]["trainings"] for s in seeds),
+                      "seconds": sum(per_seed[s][name]["seconds"] for s in seeds)}
+    comparisons = {}
+    a = "autoskd"
+    for name in names:
+        if name == a:
+            continue
+        dev = paired_ci(arms[a]["dev_acc_per_seed"], arms[name]["dev_acc_per_seed"])
+        test = paired_ci(arms[a]["test_acc_per_seed"], arms[name]["test_acc_per_seed"])
+        pooled_a, pooled_b = [], []
+        for s in seeds:
+            ca, cb = per_seed[s][a]["correct"], per_seed[s][name]["correct"]
+            if ca is not None and cb is not None:
+                pooled_a += ca
+                pooled_b += cb
+        comparisons[name] = {"dev_diff": dev, "dev_verdict": verdict(dev), "test_diff": test,
+                             "test_verdict": verdict(test),
+                             "mcnemar_test": mcnemar(pooled_a, pooled_b) if pooled_a else None}
+    fr = [per_seed[s]["_fraction_random_beaten"] for s in seeds]
+    fraction = {"dev": statistics.mean(f["dev"] for f in fr), "test": statistics.mean(f["test"] for f in fr),
+                "n_random_per_seed": fr[0]["n_random"]}
+    return {"arms": arms, "comparisons": comparisons, "fraction_of_random_beaten": fraction}
+
+
 def plot(result: dict, out_png: Path) -> Path:
-    """Mean dev accuracy per arm with the seed-to-seed spread, AutoSKD highlighted."""
+    """Mean dev and test accuracy per arm with 95% intervals over seeds, AutoSKD in red."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     arms = sorted(result["arms"].items(), key=lambda kv: kv[1]["dev_acc_mean"])
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(arms) + 1.2))
-    for y, (name, a) in enumerate(arms):
-        color = "tab:red" if name == "autoskd" else "tab:blue"
-        ax.errorbar(a["dev_acc_mean"], y, xerr=a["dev_acc_std"], fmt="o", color=color, capsize=3)
-        ax.scatter(a["dev_acc_per_seed"], [y] * len(a["dev_acc_per_seed"]), s=10, color=color, alpha=0.35)
-    ax.set_yticks(range(len(arms)), [n for n, _ in arms])
-    ax.set_xlabel(f"dev accuracy (mean ± std over seeds {result['seeds']})")
-    ax.set_title("AutoSKD best candidate vs baselines (rotten_tomatoes, ladder team)")
-    ax.grid(alpha=0.3, axis="x")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.45 * len(arms) + 1.6), sharey=True)
+    for ax, split in zip(axes, ("dev", "test")):
+        for y, (name, a) in enumerate(arms):
+            color = "tab:red" if name == "autoskd" else "tab:blue"
+            ci = a[f"{split}_ci95"]
+            ax.errorbar(ci["mean"], y, xerr=ci["half_width"], fmt="o", color=color, capsize=3)
+            ax.scatter(a[f"{split}_acc_per_seed"], [y] * len(a[f"{split}_acc_per_seed"]), s=10, color=color, alpha=0.35)
+        ax.set_yticks(range(len(arms)), [n for n, _ in arms])
+        ax.set_xlabel(f"{split} accuracy (mean, 95% CI over {len(result['seeds'])} seeds)")
+        ax.grid(alpha=0.3, axis="x")
+    fig.suptitle(f"AutoSKD best candidate vs baselines (rotten_tomatoes, ladder team, preset {result['setup']['preset']})")
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
@@ -83,52 +131,76 @@ def plot(result: dict, out_png: Path) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny data, 1 seed, 2 candidates: a smoke run")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--preset", default="quick", choices=["quick", "paper"],
-                    help="search settings (paper: full splits, 25 candidates; hours on a CPU)")
-    ap.add_argument("--executor", default="ray", choices=["ray", "local"])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--preset", default="medium", choices=["quick", "medium", "paper"])
+    ap.add_argument("--random", type=int, default=12, help="random distributions per seed (the budget-matched "
+                                                             "arm uses the first N of them)")
+    ap.add_argument("--workers", type=int, default=1, help="seeds run at once (processes)")
+    ap.add_argument("--threads", type=int, help="torch threads per worker (default: cores / workers)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "search_vs_random"))
+    ap.add_argument("--no-run", action="store_true", help="only summarise the seeds already finished")
     args = ap.parse_args()
     seeds = args.seeds[:1] if args.quick else args.seeds
-    overrides = dict(max_train=150, max_eval=150, search_epochs=1, eval_epochs=1,
-                     theta={"num_candidates": 2}) if args.quick else {}
-    per_seed: dict[int, dict] = {}
+    overrides = dict(SMOKE) if args.quick else {}
+    overrides.update(executor="local", n_random=args.random)
+    base = Path(args.out) / ("smoke" if args.quick else args.preset)
+    cache = ROOT / "runs" / "cache"
     start = time.perf_counter()
-    for seed in seeds:
-        config = SearchConfig.from_preset(args.preset, seed=seed, executor=args.executor, **overrides)
-        search_trainings = 2 if config.m is None else 1  # the search itself (+ the student-alone run)
-        config.n_random = config.theta.num_candidates + search_trainings
-        out = Path(args.out) / ("smoke" if args.quick else args.preset) / f"seed{seed}"
-        run_search(TEAM, {"name_or_path": "rotten_tomatoes", "seed": 0}, config, out,
-                   cache_dir=ROOT / "runs" / "cache", progress=False)
-        per_seed[seed] = arm_scores(out, search_trainings)
-        print(f"seed {seed}: " + ", ".join(f"{k} {v['dev_acc']:.4f}" for k, v in per_seed[seed].items()), flush=True)
+    teachers = build_team(args.preset, cache, overrides)
+    team_seconds = time.perf_counter() - start
+    if not args.no_run:
+        jobs = [(base / f"seed{s}", {**overrides, "seed": s}) for s in seeds]
+        run_jobs(args.preset, jobs, cache, workers=args.workers, threads=args.threads)
+    seeds = [s for s in seeds if (base / f"seed{s}" / "summary.json").exists()]
 
-    arms = {}
-    for name in per_seed[seeds[0]]:
-        devs = [per_seed[s][name]["dev_acc"] for s in seeds]
-        tests = [per_seed[s][name]["test_acc"] for s in seeds]
-        arms[name] = {"dev_acc_mean": statistics.mean(devs), "dev_acc_std": statistics.pstdev(devs),
-                      "test_acc_mean": statistics.mean(tests), "dev_acc_per_seed": devs,
-                      "student_trainings": per_seed[seeds[0]][name]["student_trainings"],
-                      "seconds": sum(per_seed[s][name]["seconds"] for s in seeds)}
-    autoskd = arms["autoskd"]["dev_acc_mean"]
-    beaten = {n: a["dev_acc_mean"] for n, a in arms.items() if n != "autoskd" and a["dev_acc_mean"] > autoskd}
+    from _search_runs import TASK
+    from autoskd.search.run import SearchConfig, load_search_task
+
     config = SearchConfig.from_preset(args.preset, **overrides)
-    result = {"arms": arms, "seeds": seeds, "target": "autoskd dev_acc_mean >= every baseline's",
-              "met": not beaten, "baselines_above_autoskd": beaten, "total_seconds": time.perf_counter() - start,
-              "setup": {"task": "rotten_tomatoes", "team": "minilm-ladder", "preset": args.preset, "quick": args.quick,
-                        "max_train": config.max_train, "max_eval": config.max_eval,
-                        "candidates": config.theta.num_candidates, "eval_epochs": config.eval_epochs,
-                        "search_epochs": config.search_epochs}}
-    name = "search_vs_random" + ("_quick" if args.quick else "" if args.preset == "quick" else f"_{args.preset}")
+    task, _ = load_search_task(dict(TASK), config)
+    labels = [int(y) for y in task.split("test")["label"]]
+    per_seed = {s: seed_arms(load_run(base / f"seed{s}"), labels) for s in seeds}
+    result = aggregate(per_seed, seeds)
+    autoskd = result["arms"]["autoskd"]
+    above_dev = {n: a["dev_acc_mean"] for n, a in result["arms"].items() if n != "autoskd"
+                 and a["dev_acc_mean"] > autoskd["dev_acc_mean"]}
+    above_test = {n: a["test_acc_mean"] for n, a in result["arms"].items() if n != "autoskd"
+                  and a["test_acc_mean"] > autoskd["test_acc_mean"]}
+    singles = {n: a for n, a in result["arms"].items() if n.startswith("single-")}
+    best_single = max(singles, key=lambda n: singles[n]["dev_acc_mean"]) if singles else None
+    key_diffs = {n: result["comparisons"][n] for n in ("avgkd", best_single) if n in result["comparisons"]}
+    met = (not above_dev and not above_test
+           and all(d["dev_diff"]["mean"] > 0 and d["test_diff"]["mean"] > 0 for d in key_diffs.values()))
+    result.update({
+        "seeds": seeds, "met": met, "best_single_teacher": best_single,
+        "target": "autoskd mean >= every arm's mean on dev and on test; paired difference to avgkd and to the "
+                  "best single teacher above zero",
+        "arms_above_autoskd": {"dev": above_dev, "test": above_test},
+        "teachers_dev_accuracy": teachers, "team_build_seconds": round(team_seconds, 1),
+        "total_seconds": round(time.perf_counter() - start, 1),
+        "setup": {"task": "rotten_tomatoes", "team": "minilm-ladder", "preset": args.preset, "quick": args.quick,
+                  "train_rows": task.sizes(), "max_train": config.max_train, "max_eval": config.max_eval,
+                  "teachers_full_data": config.teachers_full_data, "candidates": config.theta.num_candidates,
+                  "theta": config.theta.to_dict(), "eval_epochs": config.eval_epochs,
+                  "search_epochs": config.search_epochs, "method_options": config.method_options}})
+    for arm in result["arms"].values():
+        arm.pop("correct", None)
+    name = "search_vs_random" + ("_smoke" if args.quick else "" if args.preset == "quick" else f"_{args.preset}")
+    if len(seeds) < len(args.seeds) and not args.quick:
+        name += "_partial"  # fewer seeds finished than asked for: never mistaken for the full result
     write_result(name, result)
     plot(result, ROOT / "results" / f"{name}.png")
-    width = max(map(len, arms))
-    for name, a in sorted(arms.items(), key=lambda kv: -kv[1]["dev_acc_mean"]):
-        print(f"{name:<{width}}  dev {a['dev_acc_mean']:.4f} ± {a['dev_acc_std']:.4f}  test {a['test_acc_mean']:.4f}"
-              f"  trainings {a['student_trainings']}")
-    print("target met" if not beaten else f"target missed: {beaten}")
+    width = max(map(len, result["arms"]))
+    for n, a in sorted(result["arms"].items(), key=lambda kv: -kv[1]["dev_acc_mean"]):
+        c = result["comparisons"].get(n)
+        diff = "" if c is None else (f"  Δdev {c['dev_diff']['mean']:+.4f} [{c['dev_diff']['lo']:+.4f},"
+                                     f"{c['dev_diff']['hi']:+.4f}] {c['dev_verdict']}  Δtest {c['test_diff']['mean']:+.4f}"
+                                     f" {c['test_verdict']}")
+        print(f"{n:<{width}}  dev {a['dev_acc_mean']:.4f} ± {a['dev_ci95']['half_width']:.4f}  "
+              f"test {a['test_acc_mean']:.4f} ± {a['test_ci95']['half_width']:.4f}  "
+              f"trainings {a['student_trainings']:.1f}{diff}")
+    print(f"best candidate beats {result['fraction_of_random_beaten']['test']:.0%} of random distributions on test")
+    print("target met" if met else f"target missed: above autoskd {result['arms_above_autoskd']}")
 
 
 if __name__ == "__main__":

@@ -176,13 +176,11 @@ def test_theta_stays_on_simplex_over_random_steps(strategy):
 def test_sswo_moves_only_the_sampled_weight():
     d = TeacherDistribution.from_list([0.1, 0.2, 0.3, 0.4])
     opt = ThetaOptimizer(d, strategy="sswo", lr=0.01)
-    # build up Adam momentum on every entry first (as if other teachers had been updated)
-    opt.optimizer.state.clear()
-    d.theta.grad = torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=torch.float64)
-    opt.optimizer.step()
-    d.theta.grad = None
-    d.project_()
-    assert len(opt.optimizer.state[d.theta]) > 0
+    # build up Adam momentum on other entries first (as if other teachers had been updated)
+    for i in (0, 1, 3):
+        opt.step(torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=torch.float64), sampled=i)
+    assert (opt.exp_avg[[0, 1, 3]] != 0).all() and opt.exp_avg[2] == 0
+    moments = (opt.exp_avg.clone(), opt.exp_avg_sq.clone())
 
     before = d.probs()
     opt.step(torch.tensor([5.0, 5.0, -3.0, 5.0], dtype=torch.float64), sampled=2)
@@ -200,6 +198,9 @@ def test_sswo_moves_only_the_sampled_weight():
     unnorm = after / scale
     assert torch.allclose(unnorm[others], before[others], rtol=1e-12)
     assert not torch.isclose(unnorm[2], before[2])
+    # and only index 2's Adam state advanced
+    assert torch.equal(opt.exp_avg[[0, 1, 3]], moments[0][[0, 1, 3]])
+    assert torch.equal(opt.exp_avg_sq[[0, 1, 3]], moments[1][[0, 1, 3]])
 
     with pytest.raises(ValueError):
         opt.step(torch.zeros(4), sampled=None)
@@ -226,9 +227,7 @@ def test_cr_moves_several_weights():
 def test_theta_optimizer_defaults_follow_the_paper():
     d = TeacherDistribution.uniform(3)
     opt = ThetaOptimizer(d)
-    group = opt.optimizer.param_groups[0]
-    assert isinstance(opt.optimizer, torch.optim.Adam)
-    assert group["weight_decay"] == 1e-3 and 3e-4 <= group["lr"] <= 1e-3
+    assert opt.weight_decay == 1e-3 and 3e-4 <= opt.lr <= 1e-3 and opt.betas == (0.9, 0.999)
     assert opt.strategy == "sswo"
 
 

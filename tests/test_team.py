@@ -260,18 +260,6 @@ def test_build_student_variants(tiny_dir):
 # ---------------------------------------------------------------------------------------------- build + cache
 
 
-def _engine_ready() -> bool:
-    try:
-        from autoskd.engine.methods import get_method
-        from autoskd.engine.trainer import Distiller  # noqa: F401
-
-        get_method("finetune")
-        return True
-    except Exception:
-        return False
-
-
-@pytest.mark.skipif(not _engine_ready(), reason="needs autoskd.engine.trainer with the 'finetune' method")
 def test_build_caches_and_rebuilds_only_changed(tiny_dir, tmp_path, capsys):
     task = make_task(n_train=8, n_dev=8)  # train_full: 16 rows = 2 steps per teacher
     fast = FinetuneSettings(epochs=1, lr=1e-3, batch_size=8)
@@ -313,7 +301,6 @@ def test_build_caches_and_rebuilds_only_changed(tiny_dir, tmp_path, capsys):
     assert forced.status == {"a": "built", "b": "built"}
 
 
-@pytest.mark.skipif(not _engine_ready(), reason="needs autoskd.engine.trainer with the 'finetune' method")
 def test_build_evaluates_given_module(tiny_dir, tmp_path):
     module = AutoModelForSequenceClassification.from_config(tiny_config(layers=1))
     team = TeacherTeam(student=ModelSpec(str(tiny_dir), layers=1), teachers={"mine": module},

@@ -12,7 +12,7 @@ from typing import Any
 
 import datasets
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -100,11 +100,50 @@ class DynamicPaddingCollator:
         return batch
 
 
+class LengthGroupedSampler(Sampler[int]):
+    """A shuffled order in which each run of ``batch_size`` rows has similar lengths.
+
+    Each epoch: a random permutation, cut into windows of ``batch_size * window`` rows; each
+    window is sorted by length and cut into batches; then the batches are shuffled. Dynamic
+    padding then pads each batch to nearly its own rows' length (the idea of HF's
+    ``group_by_length``). Sampling draws only from ``generator`` (checkpointed by the engine
+    like a shuffling loader's).
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, generator: torch.Generator, window: int = 50):
+        self.lengths = torch.as_tensor(lengths)
+        self.batch_size = batch_size
+        self.window = max(1, window) * batch_size
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        order = torch.randperm(len(self.lengths), generator=self.generator)
+        batches = []
+        for chunk in order.split(self.window):
+            by_length = chunk[torch.argsort(self.lengths[chunk], descending=True, stable=True)]
+            batches += list(by_length.split(self.batch_size))
+        for i in torch.randperm(len(batches), generator=self.generator).tolist():
+            yield from batches[i].tolist()
+
+
 def make_loader(tokenized, tokenizer, batch_size: int, shuffle: bool, seed: int = 0,
-                drop_last: bool = False) -> DataLoader:
+                drop_last: bool = False, group_by_length: bool = False) -> DataLoader:
     """A DataLoader with dynamic padding and its own seeded generator: the sequence of epoch
-    orders is the same on every run with the same seed, independent of global RNG use."""
+    orders is the same on every run with the same seed, independent of global RNG use.
+
+    ``group_by_length`` (with ``shuffle``) batches rows of similar length together
+    (:class:`LengthGroupedSampler`): far less padding on short-text tasks, at the price of
+    batches that are less mixed by length.
+    """
     generator = torch.Generator()
     generator.manual_seed(seed)
+    collate = DynamicPaddingCollator(tokenizer)
+    if shuffle and group_by_length:
+        sampler = LengthGroupedSampler([len(ids) for ids in tokenized.columns["input_ids"]], batch_size, generator)
+        return DataLoader(tokenized, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=0,
+                          drop_last=drop_last)
     return DataLoader(tokenized, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                      collate_fn=DynamicPaddingCollator(tokenizer), num_workers=0, drop_last=drop_last)
+                      collate_fn=collate, num_workers=0, drop_last=drop_last)

@@ -15,6 +15,7 @@ the same task with the same seed see identical splits and identical fingerprints
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import importlib.util
 import json
@@ -120,7 +121,7 @@ class TaskData:
 
 def load_task(name_or_path: str, *, text_column: str | None = None, text_pair_column: str | None = None,
               label_column: str | None = None, seed: int = 0, dev_fraction: float = 0.1,
-              test_fraction: float = 0.1, split: str | None = None) -> TaskData:
+              test_fraction: float = 0.1, split: str | None = None, encoding: str | None = None) -> TaskData:
     """Load a built-in task, a local file/directory, or a ``datasets`` hub name into a TaskData.
 
     Sources with their own splits (hub datasets such as glue, or a directory with
@@ -129,9 +130,10 @@ def load_task(name_or_path: str, *, text_column: str | None = None, text_pair_co
     source lacks (or whose test labels are hidden, as in GLUE) is carved from the training data
     with ``dev_fraction``/``test_fraction``. ``split`` (hub names and directories only) uses that
     one source split alone and carves every role from it. Hub names may carry a config after a
-    colon, e.g. ``glue:sst2``.
+    colon, e.g. ``glue:sst2``. ``encoding`` is the text encoding of local CSV/TSV/JSON files
+    (default UTF-8), as in ``pandas.read_csv``.
     """
-    source = _read_source(str(name_or_path), split)
+    source = _read_source(str(name_or_path), split, _check_encoding(encoding))
     if source.builtin and (text_column or text_pair_column or label_column):
         raise AutoSKDError(f"built-in task '{source.name}' has fixed columns; drop --text-column/"
                            "--text-pair-column/--label-column or pass a data file instead")
@@ -154,14 +156,26 @@ class _Source(NamedTuple):
     builtin: bool = False
 
 
-def _read_source(name: str, split: str | None) -> _Source:
+def _check_encoding(encoding: str | None) -> str | None:
+    if encoding is not None:
+        try:
+            codecs.lookup(encoding)
+        except LookupError:
+            raise AutoSKDError(f"unknown encoding {encoding!r}; use a Python codec name such as utf-8, latin-1, "
+                               "cp1252 or utf-16") from None
+    return encoding
+
+
+def _read_source(name: str, split: str | None, encoding: str | None = None) -> _Source:
     if name in TASKS:
         if split is not None:
             raise AutoSKDError(f"--split does not apply to built-in task '{name}'; drop it")
+        if encoding is not None:
+            raise AutoSKDError(f"--encoding applies to data files, not built-in task '{name}'; drop it")
         return _read_rotten_tomatoes(name)
     path = Path(name).expanduser()
     if path.is_dir():
-        return _read_directory(name, path, split)
+        return _read_directory(name, path, split, encoding)
     if path.is_file() and _file_kind(path) is None:
         raise AutoSKDError(f"unsupported data file type: {name}; use .csv, .tsv, .json, .jsonl or .parquet")
     if _file_kind(path) is not None:
@@ -169,10 +183,12 @@ def _read_source(name: str, split: str | None) -> _Source:
             raise AutoSKDError(f"data file not found: {name}; check the path")
         if split is not None:
             raise AutoSKDError(f"--split does not apply to a single file ({name}); drop it")
-        return _Source(name, {"train": _read_file(path, name)}, {})
+        return _Source(name, {"train": _read_file(path, name, encoding)}, {})
     if os.sep in name and (name.startswith((".", "~", os.sep)) or path.parent.exists()):
         raise AutoSKDError(f"data path not found: {name}; pass an existing .csv/.tsv/.json/.jsonl/"
                            ".parquet file or directory")
+    if encoding is not None:
+        raise AutoSKDError(f"--encoding applies to local data files, not hub dataset '{name}'; drop it")
     return _read_hub(name, split)
 
 
@@ -204,27 +220,38 @@ def _file_kind(path: Path) -> str | None:
     return _SUFFIXES.get(suffixes[-1]) if suffixes else None
 
 
-def _read_file(path: Path, name: str) -> pd.DataFrame:
+def _read_file(path: Path, name: str, encoding: str | None = None) -> pd.DataFrame:
     """Read one data file with pandas (handles .bz2/.gz). Only empty cells count as missing, so
-    a review that says "NA" or "null" stays text."""
+    a review that says "NA" or "null" stays text. Text files are decoded as ``encoding``
+    (default UTF-8); undecodable bytes are refused, never silently replaced."""
     kind = _file_kind(path)
     try:
         if kind in ("csv", "tsv"):
-            return pd.read_csv(path, sep="\t" if kind == "tsv" else ",", keep_default_na=False, na_values=[""])
+            return pd.read_csv(path, sep="\t" if kind == "tsv" else ",", keep_default_na=False, na_values=[""],
+                               encoding=encoding)
         if kind == "parquet":
             return pd.read_parquet(path)
         if kind == "json":
             try:  # a JSON array of records, or (as the hub often ships) JSON lines
-                return pd.read_json(path, dtype=False)
+                return pd.read_json(path, dtype=False, encoding=encoding)
+            except UnicodeError:
+                raise
             except ValueError:
-                return pd.read_json(path, lines=True, dtype=False)
-        return pd.read_json(path, lines=True, dtype=False)
+                return pd.read_json(path, lines=True, dtype=False, encoding=encoding)
+        return pd.read_json(path, lines=True, dtype=False, encoding=encoding)
+    except UnicodeError as err:  # before ValueError, its base class
+        used = encoding or "utf-8"
+        detail = (f"cannot decode byte(s) 0x{err.object[err.start:err.end].hex()}"
+                  if isinstance(err, UnicodeDecodeError) else str(err).strip().splitlines()[0])
+        example = "utf-8" if codecs.lookup(used).name != "utf-8" else "cp1252"
+        raise AutoSKDError(f"{name} is not valid {used} text ({detail}); pass the file's encoding with "
+                           f"--encoding, e.g. --encoding {example}") from err
     except (ValueError, OSError, pd.errors.ParserError, ImportError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise AutoSKDError(f"could not read {name} as {kind.upper()} ({reason}); check the file format") from err
 
 
-def _read_directory(name: str, path: Path, split: str | None) -> _Source:
+def _read_directory(name: str, path: Path, split: str | None, encoding: str | None = None) -> _Source:
     """A directory of files named by split: train.csv, dev.csv / validation.csv, test.csv, ..."""
     frames = {}
     for file in sorted(path.iterdir()):
@@ -232,7 +259,7 @@ def _read_directory(name: str, path: Path, split: str | None) -> _Source:
         if file.is_file() and _file_kind(file) and stem in _ROLES:
             if stem in frames:
                 raise AutoSKDError(f"{name} has two files for split '{stem}'; keep one")
-            frames[stem] = _read_file(file, str(file))
+            frames[stem] = _read_file(file, str(file), encoding)
     if not frames:
         raise AutoSKDError(f"no data files in directory {name}; expected e.g. train.csv "
                            "(and optionally dev.csv, test.csv)")

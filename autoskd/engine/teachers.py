@@ -16,20 +16,53 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..errors import AutoSKDError
+from ..models.lazy import LazyModel, LazyModels
 from .teacher_cache import TeacherOutputCache, compute_logits_table, model_fingerprint
+
+
+def _frozen(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
 
 
 class Teacher:
     """A frozen teacher model and, once ``prepare``d, its logits table for a training split."""
 
-    def __init__(self, name: str, model: nn.Module, fingerprint: str | None = None):
+    def __init__(self, name: str, model: nn.Module | LazyModel, fingerprint: str | None = None):
         self.name = name
-        self.model = model.eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
+        # A LazyModel is loaded on first use of ``model``: a run that reads every logit from the
+        # cache never loads the weights (see autoskd.models.lazy).
+        self._lazy = model if isinstance(model, LazyModel) else None
+        self._model = None if self._lazy is not None else _frozen(model)
+        self._device: torch.device | str | None = None
         self._fingerprint = fingerprint
         self.logits_table: torch.Tensor | None = None
         self._extractor = None
+
+    @property
+    def model(self) -> nn.Module:
+        if self._model is None:
+            model = _frozen(self._lazy.get())
+            self._model = model.to(self._device) if self._device is not None else model
+        return self._model
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    @property
+    def shape_model(self) -> nn.Module:
+        """A model with this teacher's architecture (weightless while the teacher is not loaded)."""
+        return self._model if self._model is not None else self._lazy.shape_model()
+
+    def to(self, device: torch.device | str) -> "Teacher":
+        """Move the model to ``device`` now, or when it is loaded."""
+        self._device = device
+        if self._model is not None:
+            self._model.to(device)
+        return self
 
     @property
     def fingerprint(self) -> str:
@@ -49,6 +82,9 @@ class Teacher:
         desc = f"teacher {self.name} logits"
         if cache is None or data_id is None:
             return compute_logits_table(self.model, loader, device, desc, progress)
+        cached = cache.load(self.fingerprint, data_id)  # before touching self.model (lazy load)
+        if cached is not None:
+            return cached
         return cache.get_or_compute(self.fingerprint, data_id, self.model, loader, device=device,
                                     progress=progress, desc=desc)
 
@@ -76,8 +112,15 @@ class TeacherPolicy(ABC):
         self.teachers = dict(teachers)
 
     @property
-    def models(self) -> dict[str, nn.Module]:
-        return {name: t.model for name, t in self.teachers.items()}
+    def models(self) -> LazyModels:
+        """name -> teacher model; a teacher not loaded yet loads when its entry is read."""
+        return LazyModels({name: t.model if t.loaded else LazyModel(lambda t=t: t.model, lambda t=t: t.shape_model)
+                           for name, t in self.teachers.items()})
+
+    def to(self, device: torch.device | str) -> "TeacherPolicy":
+        for teacher in self.teachers.values():
+            teacher.to(device)
+        return self
 
     def prepare(self, loader: DataLoader, data_id: str | None, cache: TeacherOutputCache | None,
                 device: torch.device | str = "cpu", progress: bool = True) -> None:
@@ -99,8 +142,8 @@ class TeacherPolicy(ABC):
         return self.teachers[name].features(batch, names)
 
     def geometry_source(self, name: str) -> nn.Module:
-        """The model whose shape a loss term for ``name`` refers to."""
-        return self.teachers[name].model
+        """The model whose shape a loss term for ``name`` refers to (weightless if not loaded)."""
+        return self.teachers[name].shape_model
 
 
 class SingleTeacher(TeacherPolicy):
@@ -130,23 +173,51 @@ class AverageTeachers(TeacherPolicy):
         return {"logits": torch.stack(logits).mean(0)}
 
     def geometry_source(self, name: str) -> nn.Module:
-        return next(iter(self.teachers.values())).model
+        return next(iter(self.teachers.values())).shape_model
+
+
+#: How SSWO scales the sampled teacher's logits by its weight (see :func:`theta_logit_scale`).
+THETA_SCALINGS = ("theta", "max", "n", "none")
+
+
+def theta_logit_scale(theta: torch.Tensor, i: int, scaling: str = "theta") -> torch.Tensor:
+    """The factor SSWO multiplies teacher ``i``'s logits by (differentiable in θ_i).
+
+    * ``theta``: θ_i, the paper's eq. 3. With n teachers near uniform θ_i ≈ 1/n, so the
+      targets are n times flatter than single-teacher KD's.
+    * ``max``: θ_i / max_j θ_j (the max held constant): the most likely teacher speaks at full
+      strength, the others in proportion; same ordering and gradient direction as ``theta``.
+    * ``n``: n_active · θ_i: 1 at the uniform distribution.
+    * ``none``: 1 (plain sampled KD; no θ path through the loss, so not for the search).
+    """
+    if scaling == "theta":
+        return theta[i]
+    if scaling == "max":
+        return theta[i] / theta.detach().max().clamp_min(1e-12)
+    if scaling == "n":
+        return theta[i] * float((theta.detach() > 0).sum())
+    if scaling == "none":
+        return torch.ones((), dtype=theta.dtype, device=theta.device)
+    raise AutoSKDError(f"unknown theta scaling {scaling!r}; choose one of: {', '.join(THETA_SCALINGS)}")
 
 
 class SampledTeacher(TeacherPolicy):
     """AutoSKD's stochastic teacher: each step samples teacher i ~ Cat(theta).
 
-    With ``scale_logits`` (SSWO, the paper's eq. 3) the student learns from theta_i * z_Ti,
-    so a rarely-chosen teacher also speaks with less confidence. ``theta`` is read at every
-    step, so the search can update it in place between steps.
+    The student learns from the sampled teacher's logits times :func:`theta_logit_scale`
+    (``scaling="theta"``: θ_i · z_Ti, SSWO as in the paper's eq. 3, so a rarely-chosen
+    teacher also speaks with less confidence). ``theta`` is read at every step, so the search
+    can update it in place between steps.
     """
 
     def __init__(self, teachers: Mapping[str, Teacher], theta: torch.Tensor, seed: int = 0,
-                 scale_logits: bool = True):
+                 scale_logits: bool = True, scaling: str = "theta"):
         super().__init__(teachers)
         self.names = list(self.teachers)
         self.theta = theta
-        self.scale_logits = scale_logits
+        self.scaling = scaling if scale_logits else "none"
+        if self.scaling not in THETA_SCALINGS:
+            raise AutoSKDError(f"unknown theta scaling {scaling!r}; choose one of: {', '.join(THETA_SCALINGS)}")
         self.generator = torch.Generator().manual_seed(seed)
         self.counts = {name: 0 for name in self.names}
         self.last_index: int | None = None
@@ -180,9 +251,9 @@ class SampledTeacher(TeacherPolicy):
 
     def features(self, name: str, batch: dict, names: Iterable[str]) -> dict[str, torch.Tensor]:
         feats = dict(self.teachers[name].features(batch, names))
-        if self.scale_logits and "logits" in feats:
-            weight = self.theta.detach()[self.names.index(name)].to(feats["logits"].dtype)
-            feats["logits"] = feats["logits"] * weight
+        if self.scaling != "none" and "logits" in feats:
+            weight = theta_logit_scale(self.theta.detach(), self.names.index(name), self.scaling)
+            feats["logits"] = feats["logits"] * weight.to(feats["logits"].dtype)
         return feats
 
 
@@ -191,7 +262,7 @@ def as_policy(teachers, fingerprints: Mapping[str, str] | None = None) -> Teache
     if teachers is None or isinstance(teachers, TeacherPolicy):
         return teachers
     fingerprints = fingerprints or {}
-    if isinstance(teachers, nn.Module):
+    if isinstance(teachers, (nn.Module, LazyModel)):
         return SingleTeacher(Teacher("teacher", teachers, fingerprints.get("teacher")))
     if isinstance(teachers, Mapping):
         wrapped = {n: m if isinstance(m, Teacher) else Teacher(n, m, fingerprints.get(n)) for n, m in teachers.items()}

@@ -106,11 +106,13 @@ def seed_everything(seed: int) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu") -> dict[str, float]:
-    """Accuracy and mean cross-entropy of ``model`` on a labelled loader."""
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu",
+             predictions: bool = False) -> dict:
+    """Accuracy and mean cross-entropy of ``model`` on a labelled loader; with ``predictions``
+    also the predicted class of every row in loader order (paired tests such as McNemar's)."""
     was_training = model.training
     model.eval()
-    correct, total, loss_sum = 0, 0, 0.0
+    correct, total, loss_sum, predicted = 0, 0, 0.0, []
     for batch in loader:
         batch = to_device(batch, device)
         out = model(**model_inputs(batch))
@@ -119,10 +121,13 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str = 
         loss_sum += float(nn.functional.cross_entropy(logits.float(), labels, reduction="sum"))
         correct += int((logits.argmax(-1) == labels).sum())
         total += labels.numel()
+        if predictions:
+            predicted += logits.argmax(-1).tolist()
     model.train(was_training)
     if total == 0:
         raise AutoSKDError("evaluation data is empty; check the dev/test split")
-    return {"accuracy": correct / total, "loss": loss_sum / total}
+    out = {"accuracy": correct / total, "loss": loss_sum / total}
+    return {**out, "predictions": predicted} if predictions else out
 
 
 def _geometry(model: nn.Module):
@@ -151,7 +156,10 @@ def _optimizer(params: list[tuple[str, nn.Parameter]], lr: float, weight_decay: 
     decay = [p for n, p in params if not n.endswith(no_decay)]
     rest = [p for n, p in params if n.endswith(no_decay)]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+    # fused: one kernel over all tensors; on CPU ~4-8x faster than torch's default per-tensor
+    # loop (the 11.7M-entry word embedding dominates a small student's step); same numbers.
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for _, p in params)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, fused=fused or None)
 
 
 class Distiller:
@@ -177,8 +185,7 @@ class Distiller:
         if self.method.spec.needs_teacher and self.policy is None:
             raise AutoSKDError(f"method {self.method.spec.name!r} needs a teacher; pass teachers= or use method 'finetune'")
         if self.policy is not None:
-            for model in self.policy.models.values():
-                model.to(self.device)
+            self.policy.to(self.device)  # a lazily held teacher moves there when it is loaded
         self.out_dir = Path(out_dir) if out_dir else None
         self.progress = progress
         self.callbacks = list(callbacks)

@@ -89,11 +89,15 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "teacher"
 
 
-def candidate_arms(thetas: Iterable[Iterable[float]]) -> list[Arm]:
-    """One ``candidate-NN`` arm per distribution delivered by the search (in the given order)."""
+def candidate_arms(thetas: Iterable[Iterable[float]], names: Iterable[str] | None = None) -> list[Arm]:
+    """One arm per distribution delivered by the search (in the given order), named
+    ``candidate-NN`` unless ``names`` are given."""
     thetas = [list(t) for t in thetas]
     w = _width(len(thetas), 2)
-    return [Arm(f"candidate-{i:0{w}d}", "candidate", theta=t) for i, t in enumerate(thetas)]
+    names = list(names) if names is not None else [f"candidate-{i:0{w}d}" for i in range(len(thetas))]
+    if len(names) != len(thetas):
+        raise AutoSKDError(f"{len(names)} candidate names for {len(thetas)} distributions")
+    return [Arm(n, "candidate", theta=t) for n, t in zip(names, thetas)]
 
 
 def parse_baselines(text: str | Iterable[str] | None) -> set[str]:

@@ -33,6 +33,7 @@ from torch.func import functional_call
 
 from ..errors import AutoSKDError
 from ..engine.batches import MODEL_INPUT_KEYS
+from ..engine.teachers import theta_logit_scale
 
 __all__ = [
     "LossFn",
@@ -222,14 +223,16 @@ def _stack(teacher_logits: Tensor | Sequence[Tensor]) -> Tensor:
     return torch.stack(list(teacher_logits))
 
 
-def sswo_teacher_logits(teacher_logits: Tensor | Sequence[Tensor], theta: Tensor, i: int) -> Tensor:
+def sswo_teacher_logits(teacher_logits: Tensor | Sequence[Tensor], theta: Tensor, i: int,
+                        scaling: str = "theta") -> Tensor:
     """SSWO's distillation target: the sampled teacher's logits scaled by its weight, ``θ_i · z_Ti``.
 
     ``teacher_logits`` is ``[n, B, C]`` (or a list of ``n`` tensors ``[B, C]``; only entry ``i`` is
-    used). Differentiable in ``θ_i``; θ is cast to the logits' dtype.
+    used). ``scaling`` picks the factor (:func:`~autoskd.engine.teachers.theta_logit_scale`;
+    ``theta`` is the paper's). Differentiable in ``θ_i``; θ is cast to the logits' dtype.
     """
     z = teacher_logits[i]
-    return theta[i].to(z.dtype) * z
+    return theta_logit_scale(theta, i, scaling).to(z.dtype) * z
 
 
 def cr_teacher_logits(
@@ -252,5 +255,5 @@ def cr_teacher_logits(
         z = teacher_logits.index_select(0, sel)
     else:
         z = torch.stack([teacher_logits[j] for j in idx])
-    w = theta[torch.as_tensor(list(idx), dtype=torch.long, device=theta.device)].to(z.dtype)
+    w = theta[torch.as_tensor(list(idx), dtype=torch.long, device=theta.device)].to(device=z.device, dtype=z.dtype)
     return torch.tensordot(w, z, dims=([0], [0]))

@@ -8,7 +8,8 @@ teacher ``i`` at a step is ``θ_i``. This module holds
   and after every update (:meth:`TeacherDistribution.project_`).
 * :func:`select_teachers`: the teacher-selection step between phase 1 and phase 2 (the paper's
   eq. 8): zero the ``m`` smallest weights and renormalise by ``max(‖masked‖_p, eps)``.
-* :func:`ineffective_teacher_count`: appendix A.1's rule for choosing ``m``.
+* :func:`ineffective_teacher_count`: appendix A.1's rule for choosing ``m`` (teachers smaller
+  than the student).
 * :class:`ThetaOptimizer`: Adam on θ (paper: weight decay 1e-3, lr 3e-4 ... 1e-3) with the two
   update strategies of section 2.4.1, SSWO (only the sampled weight moves) and CR (all move).
 
@@ -238,24 +239,27 @@ def select_teachers(
 
 # --------------------------------------------------------------------------- appendix A.1
 def ineffective_teacher_count(
-    teacher_scores: Iterable[float],
-    student_score: float,
+    teacher_capacities: Iterable[float],
+    student_capacity: float,
     count_student_as_weak: bool = False,
 ) -> int:
-    """Appendix A.1: ``m`` = number of teachers whose dev score is strictly below the student's.
+    """Appendix A.1: ``m`` = the number of teachers *weaker than the student by capacity*.
 
-    With ``count_student_as_weak`` the student itself counts as one more weak teacher (``+1``; the
-    paper's CIFAR setting, where the student architecture is in its own team). The result is capped
-    at ``n - 1`` so that at least one teacher survives selection (``0 <= m < n``).
+    A capacity is a model-size measure (the parameter count, or the depth): a teacher counts
+    as weak when its capacity is strictly below the student's, so a teacher of the student's
+    own size is not dropped. With ``count_student_as_weak`` the student itself counts as one
+    more weak teacher (``+1``; the paper's CIFAR setting, where the student architecture is in
+    its own team). The result is capped at ``n - 1`` so that at least one teacher survives
+    selection (``0 <= m < n``).
     """
-    scores = [float(s) for s in teacher_scores]
-    if not scores:
-        raise AutoSKDError("ineffective_teacher_count needs at least one teacher score")
-    student = float(student_score)
-    if any(math.isnan(s) for s in scores) or math.isnan(student):
-        raise AutoSKDError(f"dev scores must be numbers, got teachers={scores}, student={student_score}")
-    m = sum(1 for s in scores if s < student) + (1 if count_student_as_weak else 0)
-    return min(m, len(scores) - 1)
+    caps = [float(s) for s in teacher_capacities]
+    if not caps:
+        raise AutoSKDError("ineffective_teacher_count needs at least one teacher capacity")
+    student = float(student_capacity)
+    if any(math.isnan(s) for s in caps) or math.isnan(student):
+        raise AutoSKDError(f"capacities must be numbers, got teachers={caps}, student={student_capacity}")
+    m = sum(1 for s in caps if s < student) + (1 if count_student_as_weak else 0)
+    return min(m, len(caps) - 1)
 
 
 # --------------------------------------------------------------------------- optimiser
@@ -263,16 +267,18 @@ class ThetaOptimizer:
     """Adam on θ with the two update strategies of section 2.4.1, keeping θ on the simplex.
 
     The paper optimises Cat(θ) with Adam, weight decay 1e-3 and lr in 3e-4 ... 1e-3 (table 9 /
-    appendix E), hence the defaults. ``strategy``:
+    appendix E), hence the defaults. The Adam here keeps its state *per entry* of θ (first and
+    second moment and its own step count for bias correction), because the two strategies
+    update different entries:
 
-    * ``"sswo"`` (stochastic single-weight optimisation): only the sampled teacher's weight moves.
-      The incoming gradient is restricted to index ``i``; after the Adam step every other entry is
-      restored to its pre-step value (Adam's momentum and its L2 weight decay would otherwise move
-      them too). So the *unnormalised* step touches index ``i`` only; the projection back to the
-      simplex then rescales all other entries by one common factor, leaving their ratios unchanged.
-    * ``"cr"`` (continuous relaxation, DARTS): every active entry moves with its gradient, then the
-      projection (clamp >= 0, inactive = 0, renormalise).
+    * ``"sswo"`` (stochastic single-weight optimisation): only the sampled teacher's weight
+      moves, and only *its* Adam state advances. The other entries' moments, step counts and
+      values are untouched (``torch.optim.Adam`` would decay every entry's moments and apply
+      weight decay to all of them at each step). The projection back to the simplex then
+      rescales all entries by one common factor, leaving the others' ratios unchanged.
+    * ``"cr"`` (continuous relaxation, DARTS): every active entry moves with its gradient.
 
+    Weight decay is Adam's L2 form (``g + wd·θ``), as ``torch.optim.Adam(weight_decay=...)``.
     Call :meth:`step` once per search step with the θ-gradient (e.g. from
     :func:`autoskd.search.bilevel.unrolled_theta_grad`) and, for SSWO, the sampled teacher.
     """
@@ -295,12 +301,15 @@ class ThetaOptimizer:
             raise AutoSKDError(f"the categorical-distribution weight decay must be >= 0, got {weight_decay}")
         self.dist = dist
         self.strategy = key
-        self._adam_kwargs = dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
-        self.optimizer = torch.optim.Adam([dist.theta], **self._adam_kwargs)
+        self.lr, self.weight_decay, self.betas, self.eps = float(lr), float(weight_decay), betas, float(eps)
+        self.reset()
 
     def reset(self) -> None:
-        """Forget Adam's moments (e.g. between phase 1 and phase 2)."""
-        self.optimizer = torch.optim.Adam([self.dist.theta], **self._adam_kwargs)
+        """Forget Adam's moments and step counts (e.g. between phase 1 and phase 2)."""
+        theta = self.dist.theta
+        self.exp_avg = torch.zeros_like(theta.detach())
+        self.exp_avg_sq = torch.zeros_like(theta.detach())
+        self.steps = torch.zeros(theta.numel(), dtype=torch.long, device=theta.device)
 
     def step(self, grad: Tensor, sampled: int | None = None) -> None:
         """One update of θ with gradient ``grad`` (shape ``[n]``), then projection to the simplex.
@@ -313,33 +322,36 @@ class ThetaOptimizer:
         if g.numel() != theta.numel():
             raise ValueError(f"theta gradient has {g.numel()} entries, expected {theta.numel()}")
         g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
-        g = g.masked_fill(~self.dist.active, 0.0)
+        update = self.dist.active.clone()
         if self.strategy == "sswo":
             if sampled is None:
                 raise ValueError("SSWO needs the index of the sampled teacher")
             i = int(sampled)
             if not (0 <= i < theta.numel()) or not bool(self.dist.active[i]):
                 raise ValueError(f"sampled teacher {sampled} is not an active teacher")
-            only_i = torch.zeros_like(g)
-            only_i[i] = g[i]
-            g = only_i
-            before = theta.detach().clone()
-        theta.grad = g
-        self.optimizer.step()
-        theta.grad = None
+            update = torch.zeros_like(update)
+            update[i] = True
         with torch.no_grad():
-            if self.strategy == "sswo":
-                keep = torch.ones_like(self.dist.active)
-                keep[i] = False
-                theta.data[keep] = before[keep]
+            t = theta.data
+            beta1, beta2 = self.betas
+            g = g + self.weight_decay * t
+            self.steps[update] += 1
+            self.exp_avg[update] = beta1 * self.exp_avg[update] + (1 - beta1) * g[update]
+            self.exp_avg_sq[update] = beta2 * self.exp_avg_sq[update] + (1 - beta2) * g[update] ** 2
+            k = self.steps[update].to(t.dtype)
+            m_hat = self.exp_avg[update] / (1 - beta1 ** k)
+            v_hat = self.exp_avg_sq[update] / (1 - beta2 ** k)
+            t[update] -= self.lr * m_hat / (v_hat.sqrt() + self.eps)
         self.dist.project_()
 
     def state_dict(self) -> dict:
-        return {"strategy": self.strategy, "optimizer": self.optimizer.state_dict()}
+        return {"strategy": self.strategy, "exp_avg": self.exp_avg.clone(), "exp_avg_sq": self.exp_avg_sq.clone(),
+                "steps": self.steps.clone()}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("strategy", self.strategy) != self.strategy:
             raise AutoSKDError(
                 f"checkpoint was made with theta strategy {state['strategy']!r}, not {self.strategy!r}"
             )
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.exp_avg, self.exp_avg_sq = state["exp_avg"].clone(), state["exp_avg_sq"].clone()
+        self.steps = state["steps"].clone()

@@ -1,11 +1,13 @@
 """``autoskd search``: the whole AutoSKD pipeline, resumable from its output folder.
 
-1. build the team (cached teachers) and fine-tune the student alone (its dev score sets m);
-2. the bilevel search: one Distiller run on the ``train`` half with a SampledTeacher policy
-   and the ThetaStep callback on the ``val`` half -> theta history + K candidates;
+1. build the team (cached teachers); m = the teachers smaller than the student (App. A.1);
+2. the bilevel search, once per θ learning rate of the grid: one Distiller run on the
+   ``train`` half with a SampledTeacher policy and the ThetaStep callback on the ``val`` half
+   -> θ history + K candidates (one per phase-2 segment);
 3. candidates and baselines as trials (Ray Tune by default), each a from-scratch
    distillation on the full training set scored on dev;
-4. the best candidate's student, its distribution, tables and plots.
+4. the best student of every arm trained (labelled with its arm), the best candidate's
+   distribution, tables and plots.
 
 Each step writes its result into ``out_dir`` first thing after finishing, and is skipped
 when that result is already there, so a killed search resumes without redoing finished work.
@@ -23,18 +25,25 @@ from ..engine.teacher_cache import TeacherOutputCache
 from ..engine.teachers import SampledTeacher, Teacher
 from ..engine.trainer import Distiller, Stage
 from ..errors import AutoSKDError
-from ..pipeline import DistillConfig, distill, make_loaders
+from ..models.loading import count_parameters
+from ..pipeline import DistillConfig, make_loaders
 from .arms import baseline_arms, candidate_arms, parse_baselines
 from .distribution import TeacherDistribution, ineffective_teacher_count
 from .presets import get_preset
 from .report import best_arm, plot_arms, plot_theta_history, results_table, write_theta_history
 from .theta_step import ThetaConfig, ThetaStep
-from .trials import TrialSpec, run_arms
+from .trials import TrialSpec, run_arms, teacher_task
 
 
 @dataclass
 class SearchConfig:
-    """All settings of one search; ``from_preset`` fills them from a named preset."""
+    """All settings of one search; ``from_preset`` fills them from a named preset.
+
+    ``theta_lrs``: a grid of θ learning rates; the search runs once per rate and each run
+    delivers K candidates (the paper's figure 3: 8 rates × 25). ``None``: ``theta.lr`` only.
+    ``teachers_full_data``: fine-tune the teachers on the whole training split even when
+    ``max_train`` subsamples the students' data (good teachers, cheaper students).
+    """
 
     preset: str = "quick"
     search_epochs: float = 2.0
@@ -44,6 +53,7 @@ class SearchConfig:
     seed: int = 0
     m: int | None = None
     theta: ThetaConfig = field(default_factory=ThetaConfig)
+    theta_lrs: list[float] | None = None
     baselines: str = "all"
     n_random: int = 4
     executor: str = "ray"
@@ -53,6 +63,7 @@ class SearchConfig:
     max_concurrent: int | None = None
     max_train: int | None = None
     max_eval: int | None = None
+    teachers_full_data: bool = False
     method_options: dict = field(default_factory=lambda: {"temperature": 1.0})
 
     @classmethod
@@ -62,9 +73,28 @@ class SearchConfig:
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(preset=preset, theta=theta, **values)
 
+    def __post_init__(self) -> None:
+        if self.theta_lrs is not None:
+            self.theta_lrs = [float(x) for x in self.theta_lrs]
+            if not self.theta_lrs or any(not x > 0 for x in self.theta_lrs):
+                raise AutoSKDError(f"theta learning rates must be a non-empty list of numbers > 0 (got {self.theta_lrs})")
+            if len(set(self.theta_lrs)) != len(self.theta_lrs):
+                raise AutoSKDError(f"theta learning rates must be distinct (got {self.theta_lrs})")
+        for name in ("search_epochs", "eval_epochs", "lr"):
+            if not getattr(self, name) > 0:
+                raise AutoSKDError(f"{name.replace('_', '-')} must be > 0 (got {getattr(self, name)})")
+        if self.batch_size < 1:
+            raise AutoSKDError(f"batch size must be at least 1 (got {self.batch_size})")
+
+    @property
+    def grid(self) -> list[float]:
+        """The θ learning rates the search runs with."""
+        return self.theta_lrs or [self.theta.lr]
+
     def base_distill(self) -> DistillConfig:
         return DistillConfig(method="kd", method_options=dict(self.method_options), epochs=self.eval_epochs,
-                             lr=self.lr, batch_size=self.batch_size, seed=self.seed, train_split="train_full")
+                             lr=self.lr, batch_size=self.batch_size, seed=self.seed, train_split="train_full",
+                             theta_scaling=self.theta.scaling)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,116 +110,164 @@ def _write(path: Path, data) -> None:
     tmp.replace(path)
 
 
-def student_alone(team, task, config: SearchConfig, out_dir: Path, cache_dir: Path, progress: bool) -> float:
-    """Dev accuracy of the student fine-tuned without a teacher (App. A.1's reference for m)."""
-    path = out_dir / "student_alone.json"
-    if (done := _read(path)) is not None:
-        return done["dev_acc"]
-    cfg = replace(config.base_distill(), method="finetune", method_options={}, train_split="train_full")
-    outcome = distill(team, task, cfg, cache_dir=cache_dir, progress=progress)
-    _write(path, {"dev_acc": outcome.dev_acc, "test_acc": outcome.test_acc})
-    return outcome.dev_acc
+def capacity_m(team, task, seed: int = 0) -> tuple[int, str]:
+    """Appendix A.1's m: the teachers with fewer parameters than the student, and why (one line)."""
+    student = count_parameters(team.build_student(task, seed=seed))
+    sizes = {name: count_parameters(model) for name, model in team.teachers.items()}
+    m = ineffective_teacher_count(list(sizes.values()), student)
+    weak = [n for n, s in sizes.items() if s < student]
+    why = (f"m = {m}: {len(weak)} of {len(sizes)} teachers have fewer parameters than the student "
+           f"({student / 1e6:.1f}M){': ' + ', '.join(weak) if weak else ''} (AutoSKDBERT App. A.1; --m overrides)")
+    if m < len(weak):
+        why += f"; capped at {m} so that one teacher survives selection"
+    return m, why
 
 
-def bilevel_search(team, task, config: SearchConfig, m: int, out_dir: Path, cache_dir: Path, progress: bool) -> dict:
-    """Phase 1, teacher selection, phase 2: returns theta history and the K candidates."""
-    path = out_dir / "search.json"
+def _lr_tag(lr: float) -> str:
+    return f"{lr:.0e}".replace("e-0", "e-").replace("+0", "")
+
+
+def bilevel_search(team, task, config: SearchConfig, m: int, out_dir: Path, cache_dir: Path, progress: bool,
+                   theta_lr: float | None = None) -> dict:
+    """Phase 1, teacher selection, phase 2 at one θ learning rate: θ history and the K candidates."""
+    theta_cfg = replace(config.theta, lr=theta_lr) if theta_lr is not None else config.theta
+    grid = config.theta_lrs is not None
+    path = out_dir / (f"search-lr{_lr_tag(theta_cfg.lr)}.json" if grid else "search.json")
     if (done := _read(path)) is not None:
         return done
     names = list(team.teachers)
     fps = getattr(team, "fingerprints", {}) or {}
     teachers = {n: Teacher(n, team.teachers[n], fps.get(n)) for n in names}
     dist = TeacherDistribution.uniform(len(names))
-    policy = SampledTeacher(teachers, dist.theta, seed=config.seed)
+    policy = SampledTeacher(teachers, dist.theta, seed=config.seed, scaling=theta_cfg.scaling)
     loaders = make_loaders(task, team.tokenizer, team.max_length, config.batch_size, config.seed, train_split="train")
     val_tok = tokenize_split(task.split("val"), team.tokenizer, team.max_length)
     val_loader = make_loader(val_tok, team.tokenizer, config.batch_size, shuffle=True, seed=config.seed + 1)
     cache = TeacherOutputCache(cache_dir / "teacher_outputs")
-    step = ThetaStep(dist, policy, val_loader, config.theta, m, cache=cache,
-                     val_id=f"{task.fingerprint('val')}-L{team.max_length}")
+    options = {"alpha": 1.0, "temperature": 1.0, **config.method_options}
+    step = ThetaStep(dist, policy, val_loader, theta_cfg, m, cache=cache,
+                     val_id=f"{task.fingerprint('val')}-L{team.max_length}",
+                     alpha=options["alpha"], temperature=options["temperature"])
     student = team.build_student(task, seed=config.seed)
     distiller = Distiller(student, "kd", policy, seed=config.seed, progress=progress, callbacks=[step],
                           method_options=dict(config.method_options),
                           teacher_cache=cache, checkpoint=False, restore_best=False)
     result = distiller.fit([Stage("task", loaders.train, epochs=config.search_epochs, lr=config.lr,
                                   data_id=loaders.train_id)], dev=loaders.dev)
-    record = {"teachers": names, "m": m, "dropped": [names[i] for i in step.dropped],
+    tag = f"lr{_lr_tag(theta_cfg.lr)}-" if grid else ""
+    candidates = [{**c, "name": f"candidate-{tag}{j:02d}", "theta_lr": theta_cfg.lr}
+                  for j, c in enumerate(step.candidates)]
+    record = {"teachers": names, "m": m, "theta_lr": theta_cfg.lr, "dropped": [names[i] for i in step.dropped],
               "selection_step": step.selection_step, "final_theta": dist.probs().tolist(),
-              "candidates": step.candidates, "history": step.history, "teacher_counts": policy.counts,
+              "candidates": candidates, "history": step.history, "teacher_counts": policy.counts,
               "search_dev_acc": result.final_dev_acc, "search_seconds": result.seconds, "steps": result.steps}
     _write(path, record)
     return record
 
 
+def load_search_task(task_args: dict, config: SearchConfig):
+    """``(students' task, teachers' task)``: the second is whole when ``teachers_full_data``."""
+    from ..data.tasks import load_task
+
+    full = load_task(**task_args)
+    task = full.subsample(config.max_train, config.max_eval, seed=task_args["seed"]) \
+        if (config.max_train or config.max_eval) else full
+    return task, (teacher_task(full, task) if config.teachers_full_data else task)
+
+
 def run_search(team_path: str | Path, task_args: dict, config: SearchConfig, out_dir: str | Path,
                cache_dir: str | Path = ".cache/autoskd", progress: bool = True) -> dict:
     """Run (or resume) a whole search; returns the summary written to ``summary.json``."""
-    from ..data.tasks import load_task
     from ..team import TeacherTeam
 
     out_dir, cache_dir = Path(out_dir).resolve(), Path(cache_dir).resolve()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise AutoSKDError(f"--out {out_dir} is a file; give a folder (a new one, or a search's to resume it)")
     out_dir.mkdir(parents=True, exist_ok=True)
     # The split and the team depend on the data seed (default: the run seed); a benchmark fixes
     # it and varies only config.seed, the search's and the trainings' seed.
     task_args = {**task_args, "seed": task_args.get("seed", config.seed)}
     data_seed = task_args["seed"]
-    max_train, max_eval = config.max_train, config.max_eval
     team_ref = str(Path(team_path).resolve()) if Path(team_path).exists() else str(team_path)
     _write(out_dir / "config.json", {"team": team_ref, "task": task_args,
                                      "cache_dir": str(cache_dir), **config.to_dict()})
 
-    task = load_task(**task_args)
-    if max_train or max_eval:
-        task = task.subsample(max_train, max_eval, seed=data_seed)
-    team = TeacherTeam.from_yaml(team_path).build(task, cache_dir=cache_dir / "teachers", seed=data_seed,
+    task, team_task = load_search_task(task_args, config)
+    team = TeacherTeam.from_yaml(team_path).build(team_task, cache_dir=cache_dir / "teachers", seed=data_seed,
                                                   progress=progress)
     names = list(team.teachers)
     if config.m is None:
-        alone = student_alone(team, task, config, out_dir, cache_dir, progress)
-        m = ineffective_teacher_count([team.dev_accuracy[n] for n in names], alone)
+        m, why = capacity_m(team, task, config.seed)
     else:
-        m = config.m
+        m, why = config.m, f"m = {config.m} (given with --m)"
     if not 0 <= m < len(names):
         raise AutoSKDError(f"--m {m} must be between 0 and {len(names) - 1} for a team of {len(names)} teachers")
+    print(f"[search] {why}", flush=True)
 
-    search = bilevel_search(team, task, config, m, out_dir, cache_dir, progress)
-    write_theta_history(out_dir / "theta_history.json", search["history"])
-    plot_theta_history(search["history"], names, out_dir / "theta.png", selection_step=search["selection_step"])
+    searches = [bilevel_search(team, task, config, m, out_dir, cache_dir, progress, lr if config.theta_lrs else None)
+                for lr in config.grid]
+    history = [{**h, "theta_lr": s["theta_lr"]} for s in searches for h in s["history"]]
+    write_theta_history(out_dir / "theta_history.json", history)
+    for s in searches:
+        png = out_dir / (f"theta-lr{_lr_tag(s['theta_lr'])}.png" if config.theta_lrs else "theta.png")
+        plot_theta_history(s["history"], names, png, selection_step=s["selection_step"])
 
-    arms = candidate_arms([c["theta"] for c in search["candidates"]])
+    candidates = [c for s in searches for c in s["candidates"]]
+    arms = candidate_arms([c["theta"] for c in candidates], [c["name"] for c in candidates])
     arms += baseline_arms(names, parse_baselines(config.baselines), config.n_random, config.seed)
     spec = TrialSpec(team_path=team_ref,
-                     task={**task_args, "max_train": max_train, "max_eval": max_eval},
+                     task={**task_args, "max_train": config.max_train, "max_eval": config.max_eval,
+                           "teachers_full_data": config.teachers_full_data},
                      cache_dir=str(cache_dir), base_config=config.base_distill().to_dict(), root=str(out_dir))
     records = run_arms(spec, arms, executor=config.executor, address=config.address,
                        cpus_per_trial=config.cpus_per_trial, gpus_per_trial=config.gpus_per_trial,
                        max_concurrent=config.max_concurrent, progress=progress)
-    return summarise(records, search, team, m, out_dir)
+    return summarise(records, searches, team, m, why, out_dir)
 
 
-def summarise(records: list[dict], search: dict, team, m: int, out_dir: Path) -> dict:
-    """Pick the best candidate by dev accuracy, keep its student, write tables and plots."""
+def _keep_student(out_dir: Path, arm: dict, dst_name: str) -> None:
+    src = out_dir / "trials" / arm["name"] / "student"
+    if src.exists():
+        dst = out_dir / dst_name
+        if dst.exists():
+            shutil.rmtree(dst)
+        shutil.copytree(src, dst)
+        (dst / "autoskd_arm.json").write_text(json.dumps(
+            {k: arm.get(k) for k in ("name", "group", "kind", "theta", "teacher", "dev_acc", "test_acc")}, indent=2))
+
+
+def summarise(records: list[dict], searches: list[dict], team, m: int, why: str, out_dir: Path) -> dict:
+    """Keep the best student of every arm trained (by dev) and the best candidate's; tables and plots.
+
+    ``best_student/`` is the best arm of all, candidates and baselines alike, labelled with its
+    arm (``autoskd_arm.json``), so a search never hands back a worse student than a baseline it
+    ran; ``best_candidate_student/`` is the best learned distribution's.
+    """
     _write(out_dir / "results.json", records)
     plot_arms(records, out_dir / "arms.png")
     table = results_table(records)
     (out_dir / "results.txt").write_text(table + "\n")
-    best = best_arm(records, group="autoskd")
-    if best is None:
+    best_candidate = best_arm(records, group="autoskd")
+    if best_candidate is None:
         raise AutoSKDError(f"every candidate trial failed; see {out_dir / 'results.json'} for the errors")
-    src = out_dir / "trials" / best["name"] / "student"
-    if src.exists():
-        dst = out_dir / "best_student"
-        if dst.exists():
-            shutil.rmtree(dst)
-        shutil.copytree(src, dst)
-    summary = {"teachers": list(team.teachers), "teacher_dev_accuracy": team.dev_accuracy, "m": m,
-               "dropped": search["dropped"], "final_theta": search["final_theta"],
-               "best": {"name": best["name"], "theta": best.get("theta"), "dev_acc": best["dev_acc"],
-                        "test_acc": best["test_acc"]}}
-    _write(out_dir / "best_distribution.json", summary["best"])
+    best = best_arm(records, group=None)
+    _keep_student(out_dir, best, "best_student")
+    _keep_student(out_dir, best_candidate, "best_candidate_student")
+
+    def brief(r: dict) -> dict:
+        return {"name": r["name"], "group": r["group"], "theta": r.get("theta"), "teacher": r.get("teacher"),
+                "dev_acc": r["dev_acc"], "test_acc": r["test_acc"]}
+
+    summary = {"teachers": list(team.teachers), "teacher_dev_accuracy": team.dev_accuracy, "m": m, "m_reason": why,
+               "dropped": {str(s["theta_lr"]): s["dropped"] for s in searches},
+               "final_theta": {str(s["theta_lr"]): s["final_theta"] for s in searches},
+               "best": brief(best), "best_candidate": brief(best_candidate)}
+    _write(out_dir / "best_distribution.json", summary["best_candidate"])
     _write(out_dir / "summary.json", summary)
     print(table)
-    print(f"\nbest: {best['name']}  dev {best['dev_acc']:.4f}  test {best['test_acc']:.4f}  "
-          f"theta {[round(t, 3) for t in best.get('theta') or []]}")
+    print(f"\nbest candidate: {best_candidate['name']}  dev {best_candidate['dev_acc']:.4f}  "
+          f"test {best_candidate['test_acc']:.4f}  theta {[round(t, 3) for t in best_candidate.get('theta') or []]}")
+    print(f"best student of all arms: {best['name']} ({best['group']})  dev {best['dev_acc']:.4f}  "
+          f"test {best['test_acc']:.4f}  -> {out_dir / 'best_student'}")
     print(f"outputs in {out_dir}")
     return summary

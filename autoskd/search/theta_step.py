@@ -4,8 +4,8 @@ Before each student step on a ``train`` batch, :class:`ThetaStep` updates Cat(th
 ``val`` batch with the student frozen, by the one-step unrolled gradient
 ``grad_theta L_val(w - xi grad_w L_train(w, theta), theta)``; the student then learns from the
 teacher the theta step drew (SSWO) with its logits scaled by theta_i. Halfway through, eq. 8
-drops the m weakest teachers (phase 1 -> phase 2), and K candidate distributions are
-snapshotted over the later part of phase 2.
+drops the m weakest teachers (phase 1 -> phase 2), and K candidate distributions are taken at
+K evenly spaced points over phase 2 (one per epoch when phase 2 lasts K epochs, App. B.3).
 """
 
 from __future__ import annotations
@@ -21,46 +21,73 @@ from torch.nn import functional as F
 from ..engine.batches import model_inputs, to_device
 from ..engine.callbacks import Callback
 from ..engine.teacher_cache import TeacherOutputCache
-from ..engine.teachers import SampledTeacher
+from ..engine.teachers import THETA_SCALINGS, SampledTeacher
 from ..errors import AutoSKDError
 from .bilevel import cr_teacher_logits, sswo_teacher_logits, unrolled_theta_grad
-from .distribution import TeacherDistribution, ThetaOptimizer
+from .distribution import STRATEGIES, TeacherDistribution, ThetaOptimizer
+
+#: where the virtual step's size comes from (``ThetaConfig.xi``), besides a fixed number
+XI_SOURCES = ("theta_lr", "student_lr")
 
 
 @dataclass
 class ThetaConfig:
-    """Hyperparameters of the categorical-distribution optimisation (paper section 3.2.1, App. E).
+    """Hyperparameters of the categorical-distribution optimisation (paper section 2.4, App. E).
 
-    ``xi`` is the virtual step size; None uses the student's current learning rate (DARTS).
-    ``val_objective``: ``distill`` (the paper's: the same distillation loss on val data) or
-    ``task`` (the student's cross-entropy on labelled val data). ``warmup`` is the fraction of
-    phase 1 during which theta stays fixed while the student learns from the (uniform) team:
-    the theta-gradient rewards teachers the student agrees with, which only means something
-    once the student has learned anything (0 = the paper's Algorithm 1).
+    ``xi`` is the virtual step's size in ``w − ξ ∇_w L_train``: ``"theta_lr"`` (default) is the
+    paper's α, θ's own learning rate (section 2.4.1); ``"student_lr"`` is the student's current
+    scheduled rate (DARTS; 0 at the start of warm-up, where second order then equals first
+    order); a number fixes it. ``val_objective``: ``distill`` (the paper's: the student's
+    distillation loss on val data) or ``task`` (the student's cross-entropy on labelled val
+    data; it reaches θ only through the virtual step, so it needs ``order="second"``).
+    ``warmup`` is the fraction of phase 1 during which θ stays fixed while the student learns
+    from the (uniform) team: the θ-gradient rewards teachers the student agrees with, which
+    only means something once the student has learned anything (0 = the paper's Algorithm 1).
+    ``scaling`` is how SSWO scales the sampled teacher's logits
+    (:func:`~autoskd.engine.teachers.theta_logit_scale`; ``theta`` is the paper's θ_i).
+    ``num_candidates`` distributions are taken at K evenly spaced points over phase 2, the last
+    at its end; ``candidate_span`` < 1 squeezes them into the later part of phase 2 (an
+    ablation: late candidates are close to one another).
     """
 
     strategy: str = "sswo"
     order: str = "second"
     lr: float = 5e-4
     weight_decay: float = 1e-3
-    xi: float | None = None
+    xi: float | str = "theta_lr"
     val_objective: str = "distill"
-    temperature: float = 1.0
+    scaling: str = "theta"
     num_candidates: int = 25
-    candidate_span: float = 0.5
+    candidate_span: float = 1.0
     every: int = 1
     history_every: int = 1
     warmup: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise AutoSKDError(f"theta strategy {self.strategy!r} unknown; choose one of: {', '.join(STRATEGIES)}")
+        if self.order not in ("first", "second"):
+            raise AutoSKDError(f"unrolled-gradient order {self.order!r} unknown; choose first or second")
         if self.val_objective not in ("distill", "task"):
             raise AutoSKDError(f"val objective {self.val_objective!r} unknown; choose distill or task")
+        if self.scaling not in THETA_SCALINGS or self.scaling == "none":
+            raise AutoSKDError(f"theta scaling {self.scaling!r} unknown; choose one of: theta, max, n")
+        fixed = isinstance(self.xi, (int, float)) and not isinstance(self.xi, bool)
+        if not (fixed and self.xi >= 0) and self.xi not in XI_SOURCES:
+            raise AutoSKDError(f"xi {self.xi!r} must be theta_lr, student_lr or a number >= 0")
+        if self.val_objective == "task" and (self.order == "first" or (fixed and self.xi == 0)):
+            raise AutoSKDError("--val-objective task needs --order second (and xi > 0): the task loss reaches theta "
+                               "only through the virtual step, so its first-order theta-gradient is exactly zero")
+        if not self.lr > 0:
+            raise AutoSKDError(f"the theta learning rate must be > 0 (got {self.lr})")
         if self.num_candidates < 1:
             raise AutoSKDError("num_candidates must be at least 1")
-        if not 0 <= self.warmup < 1:
-            raise AutoSKDError("theta warmup must be a fraction of phase 1 in [0, 1)")
         if not 0 < self.candidate_span <= 1:
             raise AutoSKDError("candidate_span must be in (0, 1]: the later fraction of phase 2 candidates come from")
+        if not 0 <= self.warmup < 1:
+            raise AutoSKDError("theta warmup must be a fraction of phase 1 in [0, 1)")
+        if self.every < 1 or self.history_every < 1:
+            raise AutoSKDError("theta 'every' and 'history_every' must be at least 1")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,25 +97,63 @@ def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     """-sum softmax(z_T/T) log softmax(z_S/T) * T^2: TinyBERT's prediction-layer loss, the L_d
     AutoSKDBERT distils with.
 
-    For the student it has the same gradient as KL; for theta it does not, and the difference
-    matters: KL = CE - H(p_T) adds an entropy term that penalises sharpening *every* teacher,
-    while CE's theta-gradient rewards exactly the teachers whose predictions the student,
-    after the virtual step, agrees with on held-out data.
+    For the student it has the same gradient as KL (so the same virtual step and the same mixed
+    second derivative); for theta it does not, and the difference matters: KL = CE - H(p_T) adds
+    an entropy term that penalises sharpening *every* teacher, while CE's theta-gradient rewards
+    exactly the teachers whose predictions the student, after the virtual step, agrees with on
+    held-out data.
     """
     t = temperature
     return -(F.softmax(teacher_logits / t, -1) * F.log_softmax(student_logits / t, -1)).sum(-1).mean() * t * t
 
 
+def distillation_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labels: torch.Tensor | None,
+                      alpha: float, temperature: float) -> torch.Tensor:
+    """The student's training loss as the ``kd`` method computes it, in soft-CE form:
+    ``alpha · T² · CE_T(target, student) + (1 − alpha) · CE(student, labels)``.
+
+    Its gradient in the student's weights equals the engine's ``kd`` loss (KL form) exactly, so
+    the virtual step ``w − ξ ∇_w L_train`` is the step the student really takes.
+    """
+    loss = alpha * soft_cross_entropy(student_logits, target_logits, temperature)
+    if alpha < 1.0:
+        if labels is None:
+            raise AutoSKDError("a distillation loss with hard labels (alpha < 1) needs labelled batches")
+        loss = loss + (1.0 - alpha) * F.cross_entropy(student_logits, labels)
+    return loss
+
+
+def candidate_steps(selection_step: int, total: int, k: int, span: float = 1.0) -> list[int]:
+    """The 0-based steps after which the K candidates are taken: the ends of K equal segments
+    of (the later ``span`` of) phase 2, ``[selection_step, total)``; the last at the end."""
+    selection_step = max(selection_step, total - int(round((total - selection_step) * span)))
+    phase2 = total - selection_step
+    if phase2 < k:
+        raise AutoSKDError(f"phase 2 has {phase2} steps, fewer than the {k} candidates asked for; "
+                           "train the search longer (--search-epochs) or ask for fewer --candidates")
+    return [selection_step + (phase2 * (j + 1)) // k - 1 for j in range(k)]
+
+
 class ThetaStep(Callback):
-    """Alternates theta steps (val half) with the trainer's student steps (train half)."""
+    """Alternates theta steps (val half) with the trainer's student steps (train half).
+
+    ``alpha`` and ``temperature`` are the student's own ``kd`` options: the virtual step and the
+    ``distill`` validation objective use the loss the student really trains with.
+    """
 
     def __init__(self, distribution: TeacherDistribution, policy: SampledTeacher, val_loader,
-                 config: ThetaConfig, m: int, cache: TeacherOutputCache | None = None, val_id: str | None = None):
+                 config: ThetaConfig, m: int, cache: TeacherOutputCache | None = None, val_id: str | None = None,
+                 alpha: float = 1.0, temperature: float = 1.0):
         if policy.theta is not distribution.theta:
             raise ValueError("the policy must sample from the distribution's own theta tensor")
+        if policy.scaling != config.scaling:
+            raise ValueError(f"the policy scales logits by {policy.scaling!r} but the search by {config.scaling!r}")
         if not 0 <= m < distribution.n:
             raise AutoSKDError(f"m (teachers dropped at selection) must be between 0 and {distribution.n - 1}; got {m}")
+        if not 0.0 < alpha <= 1.0:
+            raise AutoSKDError(f"the search distils with alpha in (0, 1] (got {alpha}): at 0 no teacher reaches the student")
         self.dist, self.policy, self.config, self.m = distribution, policy, config, m
+        self.alpha, self.temperature = float(alpha), float(temperature)
         self.optimizer = ThetaOptimizer(distribution, strategy=config.strategy, lr=config.lr,
                                         weight_decay=config.weight_decay)
         self.val_loader = val_loader
@@ -103,20 +168,13 @@ class ThetaStep(Callback):
         self.warmup_steps = 0
         self.candidate_steps: set[int] = set()
 
-        self.val_tables = {name: teacher.logits_for(val_loader, val_id, cache, progress=False)
-                           for name, teacher in policy.teachers.items()}
     # ---------------------------------------------------------------- schedule
     def on_stage_start(self, trainer, ctx) -> None:
         total = ctx.total_steps
         self.selection_step = total // 2
         self.warmup_steps = int(self.selection_step * self.config.warmup)
-        phase2 = total - self.selection_step
-        first = self.selection_step + int(round(phase2 * (1 - self.config.candidate_span)))
-        span = total - first
-        k = self.config.num_candidates
-        # K evenly spaced snapshot points over the later part of phase 2, the last at the end.
-        self.candidate_steps = {first + int(round(span * (j + 1) / k)) - 1 for j in range(k)}
-        self.candidate_steps = {min(max(s, self.selection_step), total - 1) for s in self.candidate_steps}
+        self.candidate_steps = set(candidate_steps(self.selection_step, total, self.config.num_candidates,
+                                                   self.config.candidate_span))
         self._val_batches = cycle(self.val_loader)
         self._record(ctx.step, force=True)
 
@@ -129,11 +187,11 @@ class ThetaStep(Callback):
             self.selected = True
             self._record(step, force=True)
         if step >= self.warmup_steps and step % self.config.every == 0:
-            self._theta_step(trainer, ctx, batch)
+            self._theta_step(trainer, batch)
         self._record(step + 1)
 
     def on_step_end(self, trainer, ctx, batch, losses) -> None:
-        if ctx.step in self.candidate_steps and len(self.candidates) < self.config.num_candidates:
+        if ctx.step in self.candidate_steps:
             self.candidates.append({"step": ctx.step + 1, "theta": self.dist.probs().tolist()})
 
     def _record(self, step: int, force: bool = False) -> None:
@@ -152,19 +210,24 @@ class ThetaStep(Callback):
                 out.append(table[name].index_select(0, batch["idx"].cpu()).to(batch["input_ids"].device))
         return torch.stack(out)
 
-    def _theta_step(self, trainer, ctx, batch) -> None:
-        student = trainer.student
-        i = self.policy.draw()
-        self.policy.preselected = i
-        val_batch = to_device(next(self._val_batches), trainer.device)
+    def xi(self, trainer) -> float:
+        """The virtual step's size (see :class:`ThetaConfig`)."""
+        if self.config.xi == "theta_lr":
+            return self.config.lr
+        if self.config.xi == "student_lr":
+            return float(trainer.optimizer.param_groups[0]["lr"])
+        return float(self.config.xi)
+
+    def loss_closures(self, student, batch: dict, val_batch: dict, i: int):
+        """``(train_loss(params, theta), val_loss(params, theta))`` for one θ step with teacher ``i``
+        sampled: the closures :func:`~autoskd.search.bilevel.unrolled_theta_grad` differentiates."""
         train_t = self._teacher_logits(batch, None)
         val_t = self._teacher_logits(val_batch, self.val_tables)
-        temperature, sswo = self.config.temperature, self.config.strategy == "sswo"
-        active = self.dist.active
+        sswo, active, scaling = self.config.strategy == "sswo", self.dist.active, self.config.scaling
 
         def target(teacher_logits, theta):
             if sswo:
-                return sswo_teacher_logits(teacher_logits, theta, i)
+                return sswo_teacher_logits(teacher_logits, theta, i, scaling)
             return cr_teacher_logits(teacher_logits, theta, active=active)
 
         def logits_of(params, b):
@@ -172,19 +235,29 @@ class ThetaStep(Callback):
             return out.logits if hasattr(out, "logits") else out
 
         def train_loss(params, theta):
-            return soft_cross_entropy(logits_of(params, batch), target(train_t, theta), temperature)
+            return distillation_loss(logits_of(params, batch), target(train_t, theta), batch.get("labels"),
+                                     self.alpha, self.temperature)
 
         def val_loss(params, theta):
             logits = logits_of(params, val_batch)
             if self.config.val_objective == "task":
                 return F.cross_entropy(logits, val_batch["labels"])
-            return soft_cross_entropy(logits, target(val_t, theta), temperature)
+            return distillation_loss(logits, target(val_t, theta), val_batch.get("labels"), self.alpha,
+                                     self.temperature)
 
-        xi = self.config.xi if self.config.xi is not None else trainer.optimizer.param_groups[0]["lr"]
+        return train_loss, val_loss
+
+    def _theta_step(self, trainer, batch) -> None:
+        student = trainer.student
+        i = self.policy.draw()
+        self.policy.preselected = i
+        val_batch = to_device(next(self._val_batches), trainer.device)
+        train_loss, val_loss = self.loss_closures(student, batch, val_batch, i)
         was_training = student.training
         student.eval()  # deterministic closures: the finite differences compare two evaluations
         try:
-            grad = unrolled_theta_grad(student, self.dist.theta, train_loss, val_loss, xi=xi, order=self.config.order)
+            grad = unrolled_theta_grad(student, self.dist.theta, train_loss, val_loss, xi=self.xi(trainer),
+                                       order=self.config.order)
         finally:
             student.train(was_training)
-        self.optimizer.step(grad, sampled=i if sswo else None)
+        self.optimizer.step(grad, sampled=i if self.config.strategy == "sswo" else None)

@@ -110,22 +110,39 @@ class TrialSpec:
 
         return DistillConfig(**self.base_config)
 
-    def load_task(self):
+    def _full_task(self):
         from ..data.tasks import load_task
 
-        kwargs = {k: v for k, v in self.task.items() if k not in ("max_train", "max_eval")}
+        kwargs = {k: v for k, v in self.task.items() if k not in ("max_train", "max_eval", "teachers_full_data")}
         kwargs.setdefault("seed", self.seed)
-        task = load_task(**kwargs)
+        return load_task(**kwargs)
+
+    def load_task(self):
+        """The students' task (subsampled as ``max_train``/``max_eval`` say)."""
+        task = self._full_task()
         max_train, max_eval = self.task.get("max_train"), self.task.get("max_eval")
         if max_train or max_eval:
             task = task.subsample(max_train, max_eval, seed=self.seed)
         return task
 
     def build_team(self, task):
+        """The team as the search built it: on the whole training split with ``teachers_full_data``."""
         from ..team import TeacherTeam
 
+        if self.task.get("teachers_full_data"):
+            task = teacher_task(self._full_task(), task)
         team = TeacherTeam.from_yaml(self.team_path)
         return team.build(task, cache_dir=Path(self.cache_dir) / "teachers", seed=self.seed, progress=False)
+
+
+def teacher_task(full, students):
+    """The teachers' task with ``teachers_full_data``: the whole training split of ``full``, and
+    the students' own dev and test rows (so teachers and students are scored on the same rows)."""
+    from ..data.tasks import TaskData
+
+    splits = {"train": full.splits["train"], "val": full.splits["val"],
+              "dev": students.splits["dev"], "test": students.splits["test"]}
+    return TaskData(full.name, list(full.label_names), full.text_column, full.text_pair_column, splits)
 
 
 def arm_dir(root: str | Path, arm: Arm | str) -> Path:

@@ -1,0 +1,133 @@
+"""argparse ``type=`` validators for every command's numeric flags and paths.
+
+A bad value is refused while the command line is parsed, before any data is read or any model
+trained, so it costs the user nothing; argparse (``OneLineParser`` in :mod:`autoskd.cli`)
+turns the :class:`argparse.ArgumentTypeError` into one line naming the flag::
+
+    autoskd: error: autoskd distill: argument --batch-size: must be a whole number >= 1, got '0' (...)
+
+New subcommands should reuse these instead of ``type=int``/``type=float``::
+
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--out", type=output_dir, default="runs/x")
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import math
+import os
+from pathlib import Path
+from typing import Callable
+
+__all__ = ["int_at_least", "positive_int", "non_negative_int", "positive_float", "non_negative_float",
+           "fraction", "output_dir", "existing_file", "encoding_name", "baseline_list"]
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """A validator for whole numbers >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(str(text).strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be a whole number >= {minimum}, got {text!r}")
+        return value
+
+    parse.__name__ = f"int_at_least_{minimum}"
+    return parse
+
+
+positive_int = int_at_least(1)
+positive_int.__name__ = "positive_int"
+non_negative_int = int_at_least(0)
+non_negative_int.__name__ = "non_negative_int"
+
+
+def _finite_float(text: str, rule: str) -> float:
+    try:
+        value = float(str(text).strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number {rule}, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number {rule}, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (learning rates, epochs, CPU shares)."""
+    value = _finite_float(text, "> 0")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0 (optional epochs, GPU shares)."""
+    value = _finite_float(text, ">= 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A number in [0, 1] (ratios such as warm-up)."""
+    value = _finite_float(text, "between 0 and 1")
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number between 0 and 1, got {text!r}")
+    return value
+
+
+def output_dir(text: str) -> str:
+    """A folder to write into: it may exist (a rerun resumes it) or will be created, but no part
+    of it may be a file, and the nearest existing folder must be writable."""
+    if not str(text).strip():
+        raise argparse.ArgumentTypeError("must name a folder, got an empty string")
+    path = Path(text).expanduser()
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is an existing file, not a folder; pass a folder path "
+                                         "(it is created if missing)")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot create folder {text}: {parent} is a file; pass another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write to {parent} (permission denied); pass a folder you can "
+                                         "write to")
+    return str(text)
+
+
+def existing_file(text: str) -> str:
+    """A file that must exist (e.g. a configuration to read)."""
+    path = Path(text).expanduser()
+    if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "not found"
+        raise argparse.ArgumentTypeError(f"{text}: {what}; check the path")
+    return str(text)
+
+
+def encoding_name(text: str) -> str:
+    """A text encoding Python knows (``utf-8``, ``latin-1``, ``cp1252``, ``utf-16`` ...)."""
+    try:
+        codecs.lookup(text)
+    except LookupError:
+        raise argparse.ArgumentTypeError(f"unknown encoding {text!r}; use a Python codec name such as utf-8, "
+                                         "latin-1, cp1252 or utf-16") from None
+    return text
+
+
+def baseline_list(text: str) -> str:
+    """``--baselines``: all, none, or a comma list of known baselines (checked now, not after
+    the search phase has run). Returns the text unchanged."""
+    from .errors import AutoSKDError
+    from .search.arms import parse_baselines
+
+    try:
+        parse_baselines(text)
+    except AutoSKDError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
