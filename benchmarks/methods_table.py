@@ -192,12 +192,13 @@ def main() -> int:
     p.add_argument("--max-length", type=int, default=32)
     p.add_argument("--teacher-epochs", type=float, default=1.0, help="teacher fine-tuning epochs")
     p.add_argument("--glmd-alpha", type=float, default=0.1, help="GLMD vocabulary kept (fraction)")
+    p.add_argument("--report", action="store_true", help="only aggregate the finished methods (no training)")
     args = p.parse_args()
     from tqdm import tqdm
 
-    from _common import write_result
-
     PARTS.mkdir(parents=True, exist_ok=True)
+    if args.report:
+        return report(args, None)
     import torch
 
     torch.set_num_threads(args.threads)
@@ -216,13 +217,36 @@ def main() -> int:
         (PARTS / f"{name}-s{seed}.json").write_text(json.dumps(record, indent=1))
         tqdm.write(f"{name:16s} seed {seed}: dev {record['dev_acc']:.4f} test {record['test_acc']:.4f} "
                    f"{record['seconds_per_epoch']:.1f} s/epoch {record['peak_rss_mib']:.0f} MiB")
+    return report(args, team)
+
+
+def markdown(table: dict) -> str:
+    """The README table: one row per finished method, sorted by dev accuracy."""
+    lines = ["| method | dev acc | test acc | vs kd (dev) | s/epoch | peak RSS MiB | stages |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, r in sorted(table.items(), key=lambda kv: -kv[1]["dev_acc"]):
+        ci = f" ± {r['dev_ci95']:.3f}" if r.get("dev_ci95") else ""
+        gap = "" if name == "kd" or "dev_vs_kd" not in r else f"{r['dev_vs_kd']:+.3f}"
+        lines.append(f"| `{name}` | {r['dev_acc']:.3f}{ci} | {r['test_acc']:.3f} | {gap} | {r['seconds_per_epoch']:.1f} | "
+                     f"{r['peak_rss_mib']:.0f} | {', '.join(r['stages'])} |")
+    return "\n".join(lines)
+
+
+def report(args, team) -> int:
+    from _common import write_result
+
     table = aggregate(args)
+    if not table:
+        print("no finished method yet")
+        return 1
     settings = {k: getattr(args, k) for k in ("budget", "max_train", "max_eval", "lr", "mlm_adapt_steps", "seeds",
                                               "teacher_rows", "teacher_epochs", "max_length", "glmd_alpha")}
     path = write_result("methods_table", {"settings": settings, "teacher": "minilm-L6", "multi_teachers": TEACHERS,
-                                          "teacher_dev_acc": team.dev_accuracy, "methods": table})
+                                          "teacher_dev_acc": team.dev_accuracy if team else None,
+                                          "missing": [m for m in METHODS if m not in table], "methods": table})
     plot(table, ROOT / "results" / "methods_table.png")
     beat = [n for n, r in table.items() if r.get("dev_vs_kd", 0) > 0 and n != "kd"]
+    print(markdown(table))
     print(f"wrote {path}; above kd on dev: {', '.join(beat) or 'none'}")
     return 0
 

@@ -98,7 +98,7 @@ def compress_student(student: nn.Module, vocab: VocabMap) -> nn.Module:
 
 def compress_tokenizer(tokenizer, vocab: VocabMap, out_dir: str | Path):
     """A WordPiece tokenizer over the kept tokens in their new order, saved in ``out_dir``."""
-    from transformers import BertTokenizerFast
+    from transformers import BertTokenizer
 
     if not hasattr(tokenizer, "vocab") or getattr(tokenizer, "model_input_names", None) is None:
         raise AutoSKDError("glmd vocabulary compression needs a WordPiece (BERT) tokenizer")
@@ -106,9 +106,10 @@ def compress_tokenizer(tokenizer, vocab: VocabMap, out_dir: str | Path):
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "vocab.txt").write_text("\n".join(inverse[int(i)] for i in vocab.kept) + "\n")
-    small = BertTokenizerFast(vocab_file=str(out / "vocab.txt"),
-                              do_lower_case=getattr(tokenizer, "do_lower_case", True),
-                              model_max_length=tokenizer.model_max_length)
+    small = BertTokenizer(str(out / "vocab.txt"), do_lower_case=getattr(tokenizer, "do_lower_case", True),
+                          model_max_length=tokenizer.model_max_length)
+    if len(small) != vocab.size:
+        raise AutoSKDError(f"the compressed tokenizer has {len(small)} tokens, expected {vocab.size}")
     small.save_pretrained(out)
     return small
 
