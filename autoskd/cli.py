@@ -236,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent", type=positive_int, help="trials at once (default: as resources allow)")
     p.set_defaults(func=cmd_search)
 
+    from .plan_cli import add_plan_parser
+    add_plan_parser(sub)
+
     from .cli_methods import add_commands as add_method_commands
 
     add_method_commands(sub)  # chain, analyse
