@@ -19,6 +19,7 @@ from autoskd.methods.glmd_vocab import kept_size
 from autoskd.pipeline import DistillConfig, build_policy, distill, make_loaders
 from autoskd.team import TeacherTeam
 from helpers import tiny_bert
+from autoskd.cli import main
 from test_cli import assert_one_error, run, team_yaml
 
 
@@ -138,7 +139,10 @@ def test_cli_method_errors_are_one_line(capsys, tmp_path, tiny_dir):
     assert_one_error(capsys, ["distill", "--team", team, "--method", "kd+tmkd"], "cannot be combined")
     assert_one_error(capsys, ["distill", "--team", team, "--method", str(tmp_path / "none.yaml")], "not found")
     assert_one_error(capsys, ["chain", "--team", team, "--assistants", "x"], "--assistants")
-    assert_one_error(capsys, ["chain", "--team", team, "--method", "kd"], "invalid choice")
+    with pytest.raises(SystemExit) as info:  # argparse's own check: the same one-line format
+        main(["chain", "--team", str(team), "--method", "kd"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(err) == 1 and err[0].startswith("autoskd: error:") and "invalid choice" in err[0]
     assert_one_error(capsys, ["analyse", "--team", team, "--method", "nope"], "unknown method 'nope'")
     code, out, _ = run(capsys, "methods")
     assert code == 0 and len(out.strip().splitlines()) == 28
