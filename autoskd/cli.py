@@ -120,7 +120,7 @@ def cmd_distill(args) -> int:
     config = DistillConfig(method=args.method, method_options=options, teacher=args.teacher,
                            policy=args.policy, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                            seed=args.seed, pretrain_epochs=args.pretrain_epochs, max_length=args.max_length,
-                           **parallel)
+                           teachers=args.teachers.split(",") if args.teachers else None, **parallel)
     outcome = distill(team, task, config, out_dir=args.out, cache_dir=args.cache_dir, progress=not args.no_progress)
     print_table([{"model": f"teacher {n}", "dev_acc": a, "test_acc": None} for n, a in team.dev_accuracy.items()]
                 + [{"model": f"student ({args.method})", "dev_acc": outcome.dev_acc, "test_acc": outcome.test_acc}])
@@ -195,7 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("distill", help="distil the team's student with one method")
     _add_team_args(p)
     _add_data_args(p)
-    p.add_argument("--method", default="kd", help="method name (see `autoskd methods`)")
+    p.add_argument("--method", default="kd", help="method name (see `autoskd methods`), a combination "
+                   "'tinybert+minilmv2', or a YAML file listing methods with weights")
+    p.add_argument("--teachers", help="comma list of members for multi-teacher methods (default: all)")
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="method option, e.g. temperature=2 (repeatable)")
     p.add_argument("--teacher", help="team member to distil from (default: best on dev)")
     p.add_argument("--policy", default="single", choices=["single", "average"], help="one teacher, or AvgKD over the team")
@@ -246,6 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .fanout.cli import add_commands as add_fanout_commands  # tune, dashboard
 
     add_fanout_commands(sub, _add_team_args, _add_data_args)
+
+    from .cli_methods import add_commands as add_method_commands
+
+    add_method_commands(sub)  # chain, analyse
 
     p = sub.add_parser("demo", help="run the main job on the built-in default team and task")
     p.set_defaults(func=cmd_demo)

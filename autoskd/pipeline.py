@@ -39,6 +39,7 @@ class DistillConfig:
     pre-training-style stage on unlabelled text (the task's training texts by default).
     ``deepspeed`` (a DeepSpeed config dict or JSON/YAML path) trains under DeepSpeed ZeRO;
     ``tensor_parallel`` > 1 splits the teacher over that many ranks (README, "Scale").
+    Multi-teacher methods ignore ``policy`` and read every member named in ``teachers``.
     """
 
     method: str = "kd"
@@ -60,6 +61,12 @@ class DistillConfig:
     deepspeed: dict | str | None = None
     tensor_parallel: int = 1
     processes: int = 1  # a trial's worker-group size (Ray Train); a launcher sets it for distill
+    #: Team members a multi-teacher method (tmkd, mt_bert, rl_kd, uncertainty, dgkd) reads
+    #: (default: every teacher of the team).
+    teachers: list[str] | None = None
+    #: Steps of the MLM-head adaptation stage of each teacher whose word predictions are distilled.
+    mlm_adapt_steps: int = 100
+    mlm_probability: float = 0.15
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -105,14 +112,23 @@ def make_loaders(task: TaskData, tokenizer, max_length: int, batch_size: int, se
                    train_id=train_id)
 
 
-def build_policy(team, config: DistillConfig) -> TeacherPolicy | None:
+def build_policy(team, config: DistillConfig, method: Method | None = None) -> TeacherPolicy | None:
     """The teacher policy a config asks for, over the built team's frozen teachers."""
-    if not get_method(config.method, **config.method_options).spec.needs_teacher:
+    from .engine.multi_teacher import AllTeachers, MultiTeacherMethod
+
+    method = method or get_method(config.method, **config.method_options)
+    if not method.spec.needs_teacher:
         return None
     if not getattr(team, "teachers", None):
         raise AutoSKDError("the team has no built teachers; call team.build(task) first")
     fps = getattr(team, "fingerprints", {}) or {}
     teachers = {name: Teacher(name, model_entry(team.teachers, name), fps.get(name)) for name in team.teachers}
+    if isinstance(method, MultiTeacherMethod) or getattr(method, "multi", False):
+        names = config.teachers or list(teachers)
+        unknown = [n for n in names if n not in teachers]
+        if unknown:
+            raise AutoSKDError(f"teacher {unknown[0]!r} is not in the team; choose from: {', '.join(teachers)}")
+        return AllTeachers({n: teachers[n] for n in names})
     if config.policy == "single":
         name = config.teacher or max(team.dev_accuracy, key=team.dev_accuracy.get)
         if name not in teachers:
@@ -131,16 +147,54 @@ def build_policy(team, config: DistillConfig) -> TeacherPolicy | None:
 
 
 def method_stages(method: Method, config: DistillConfig, loaders: Loaders,
-                  unlabelled: DataLoader | None) -> list[Stage]:
-    """The method's stages in order, after an optional pre-training stage on unlabelled text."""
+                  unlabelled: DataLoader | None, masked: dict[str, DataLoader] | None = None) -> list[Stage]:
+    """The method's stages in order, after an optional pre-training stage on unlabelled text.
+
+    A stage that trains on word predictions or the MLM loss reads MLM-masked batches
+    (``masked["pretrain"]``: unlabelled text, ``masked["task"]``: the task's texts)."""
+    masked = masked or {}
     names = [s for s in method.spec.stages if s != "pretrain"]
     common = dict(lr=config.lr, warmup_ratio=config.warmup_ratio, weight_decay=config.weight_decay)
     stages = []
     if config.pretrain_epochs > 0:
-        stages.append(Stage("pretrain", unlabelled, epochs=config.pretrain_epochs, evaluate=False,
+        data = masked.get("pretrain", unlabelled) if method.masked_stage("pretrain") else unlabelled
+        stages.append(Stage("pretrain", data, epochs=config.pretrain_epochs, evaluate=False,
                             data_id=None, **common))
-    stages += [Stage(name, loaders.train, epochs=config.epochs, data_id=loaders.train_id, **common) for name in names]
+    for name in names:
+        if method.masked_stage(name):  # word-level stage on the task's texts: no cached logits, no dev
+            stages.append(Stage(name, masked["task"], epochs=config.epochs, data_id=None, evaluate=False, **common))
+        else:
+            stages.append(Stage(name, loaders.train, epochs=config.epochs, data_id=loaders.train_id, **common))
     return stages
+
+
+def _mlm_loaders(method: Method, config: DistillConfig, task: TaskData, tokenizer, max_length: int) -> dict:
+    """MLM-masked loaders for the stages that need them (unlabelled pre-training, task texts)."""
+    from .engine.mlm import mlm_loader
+
+    names = list(method.spec.stages) + (["pretrain"] if config.pretrain_epochs > 0 else [])
+    if not any(method.masked_stage(n) for n in names):
+        return {}
+    texts = tokenize_split(unlabelled_split(task.split(config.train_split)), tokenizer, max_length)
+    loader = mlm_loader(texts, tokenizer, config.batch_size, seed=config.seed, mlm_probability=config.mlm_probability)
+    return {"pretrain": loader, "task": loader}
+
+
+def prepare_mlm_teachers(method: Method, policy: TeacherPolicy | None, stages: list[Stage], loader: DataLoader | None,
+                         config: DistillConfig, progress: bool = True) -> dict:
+    """Run the MLM adaptation stage of every teacher whose word predictions the method reads
+    (once per teacher model: the adapted head stays on it). Returns ``{teacher: MLM losses}``."""
+    from .engine.mlm import adapt_teacher_mlm
+
+    if policy is None or loader is None or not method.reads_teacher_mlm([s.name for s in stages]):
+        return {}
+    done = {}
+    for name, model in policy.models.items():
+        if getattr(model, "_autoskd_mlm_adapted", False):
+            continue
+        done[name] = adapt_teacher_mlm(model, loader, steps=config.mlm_adapt_steps, progress=progress, seed=config.seed)
+        model._autoskd_mlm_adapted = True
+    return done
 
 
 def distill(team, task: TaskData | str, config: DistillConfig | None = None, *, out_dir: str | Path | None = None,
@@ -160,17 +214,31 @@ def distill(team, task: TaskData | str, config: DistillConfig | None = None, *, 
     if config.pretrain_epochs > 0:
         texts = tokenize_split(unlabelled_split(task.split(config.train_split)), team.tokenizer, max_length)
         unlabelled = make_loader(texts, team.tokenizer, config.batch_size, shuffle=True, seed=config.seed)
+    masked = _mlm_loaders(method, config, task, team.tokenizer, max_length)
     student = student if student is not None else team.build_student(task, seed=config.seed)
-    policy = build_policy(team, config)
+    policy = build_policy(team, config, method)
     out_dir = Path(out_dir) if out_dir else None
+    stages = method_stages(method, config, loaders, unlabelled, masked)
+    prepare_mlm_teachers(method, policy, stages, masked.get("pretrain"), config, progress)
+    tokenizer = team.tokenizer
+    if callable(getattr(method, "compress", None)) and policy is not None:  # GLMD's vocabulary compression
+        teacher = next(iter(policy.models.values()))
+        vocab = method.compress(student, team.tokenizer, teacher, (b["input_ids"] for b in loaders.train))
+        if vocab is not None:
+            from .methods.glmd_vocab import compress_tokenizer
+
+            where = (out_dir or Path(cache_dir) / "glmd-vocab") / "tokenizer"
+            tokenizer = compress_tokenizer(team.tokenizer, vocab, where)
+            small = make_loaders(task, tokenizer, max_length, config.batch_size, config.seed, config.train_split)
+            loaders = Loaders(train=loaders.train, dev=small.dev, test=small.test, train_id=loaders.train_id)
     distiller = Distiller(student, method, policy, out_dir=out_dir, seed=config.seed, progress=progress,
                           callbacks=callbacks, teacher_cache=Path(cache_dir) / "teacher_outputs",
                           checkpoint=out_dir is not None, **parallel_options(config))
-    result = distiller.fit(method_stages(method, config, loaders, unlabelled), dev=loaders.dev, resume=out_dir is not None)
+    result = distiller.fit(stages, dev=loaders.dev, resume=out_dir is not None)
     dev = evaluate(student, loaders.dev, distiller.device)["accuracy"]
     scored = evaluate(student, loaders.test, distiller.device, predictions=True)
     counts = dict(policy.counts) if isinstance(policy, SampledTeacher) else None
-    outcome = DistillOutcome(student, team.tokenizer, dev, scored["accuracy"], result, out_dir, counts,
+    outcome = DistillOutcome(student, tokenizer, dev, scored["accuracy"], result, out_dir, counts,
                              scored["predictions"])
     if out_dir is not None and distiller.backend.is_main:  # one rank writes the student
         save_run(outcome, config, team, task)
@@ -194,9 +262,14 @@ def save_run(outcome: DistillOutcome, config: DistillConfig, team, task: TaskDat
     """The student (``save_pretrained``), its scores and the config that reproduces it."""
     from .models.loading import save_student
 
+    from .engine.mlm import detach_mlm_head
+
     out = outcome.out_dir
     out.mkdir(parents=True, exist_ok=True)
+    head = detach_mlm_head(outcome.student)  # the saved student is a plain sequence classifier
     save_student(outcome.student, outcome.tokenizer, out / "student", label_names=task.label_names)
+    if head is not None:
+        outcome.student.add_module("mlm_head", head)
     (out / "result.json").write_text(json.dumps({"task": task.name, **outcome.summary(),
                                                  "history": outcome.result.history}, indent=2))
     if outcome.test_predictions is not None:  # for paired tests between runs on the same test rows

@@ -35,8 +35,12 @@ from torch import Tensor, nn
 
 from ..errors import AutoSKDError
 from .features import ATTENTION_KINDS, FeatureRef, parse_feature
-from .losses import DISTANCES, TRANSFORMS, hard_label_ce, on_logits, probs_to_logits, zero_masked_scores
-from .spec import FeatureLoss, MethodSpec, map_layers
+from .layer_maps import map_layers
+from .losses import DISTANCES, hard_label_ce, on_logits, probs_to_logits, zero_masked_scores
+from .projections import PROJECTIONS
+from .relations import get_transform
+from .schedules import schedule_value
+from .spec import FeatureLoss, MethodSpec
 
 #: Feature kinds whose last dim is a per-token vector that a projection can map.
 _PROJECTABLE = ("embeddings", "hidden", "query", "key", "value", "logits", "mlm_logits")
@@ -98,6 +102,8 @@ class AuxiliaryModel(nn.Module):
         self.student_geom = student_geom
         self.teacher_geoms = dict(teacher_geoms or {})
         self.projections = nn.ModuleDict()
+        #: Parameters a method class adds itself (ALP-KD's attention, RAIL-KD's heads, RL-KD's agent).
+        self.extra = nn.ModuleDict()
         self._plans: dict[tuple[str, str], list[ResolvedTerm]] = {}
         self._distances: dict[str, Tensor] = {}
         self._distance_stage: str | None = None
@@ -115,9 +121,9 @@ class AuxiliaryModel(nn.Module):
         seen: dict[str, int] = {}
         for loss in self.spec.losses_for(stage):
             DISTANCES.get(loss.distance)  # unknown names fail here, with the known ones listed
-            TRANSFORMS.get(loss.transform or "identity")
-            if loss.projection not in (None, "linear"):
-                raise AutoSKDError(f"projection {loss.projection!r} unknown; use 'linear' or none")
+            get_transform(loss.transform)
+            if loss.projection is not None:
+                PROJECTIONS.get(loss.projection)
             base = term_base(loss)
             if loss.layers == "none":
                 if "{s}" in loss.student or "{t}" in loss.teacher:
@@ -125,13 +131,13 @@ class AuxiliaryModel(nn.Module):
                                        f"set layers='uniform' or 'last'")
                 pairs: list[tuple[int | None, int | None]] = [(None, None)]
             else:
-                pairs = list(map_layers(loss.layers, sg.num_layers, tg.num_layers))
-                if not pairs:
+                if not sg.num_layers or not tg.num_layers:
                     raise AutoSKDError(
                         f"method {self.spec.name!r}: term {base!r} maps layers but the student has "
                         f"{sg.num_layers} and teacher {teacher!r} {tg.num_layers} known layers; "
                         f"use a model family autoskd knows or pass adapter paths"
                     )
+                pairs = list(map_layers(loss.layers, sg.num_layers, tg.num_layers))  # may be empty (uniform_upper)
             for s, t in pairs:
                 s_name = loss.student.format(s=s, t=t) if s is not None else loss.student
                 t_name = loss.teacher.format(s=s, t=t) if t is not None else loss.teacher
@@ -143,15 +149,17 @@ class AuxiliaryModel(nn.Module):
                     key = f"{key}#{seen[key]}"
                 else:
                     seen[key] = 1
-                self._check_heads(key, s_ref, t_ref, teacher)
+                self._check_heads(key, s_ref, t_ref, teacher, loss)
                 proj_key = self._projection(key, loss, s_ref, t_ref, teacher)
                 terms.append(ResolvedTerm(key=key, base=base, loss=loss, student=s_ref, teacher=t_ref,
                                           projection=proj_key, student_layer=s_ref.layer, teacher_layer=t_ref.layer))
         return terms
 
-    def _check_heads(self, key: str, s_ref: FeatureRef, t_ref: FeatureRef, teacher: str) -> None:
+    def _check_heads(self, key: str, s_ref: FeatureRef, t_ref: FeatureRef, teacher: str, loss: FeatureLoss) -> None:
         if s_ref.kind not in ATTENTION_KINDS and t_ref.kind not in ATTENTION_KINDS:
             return
+        if getattr(get_transform(loss.transform), "merges_heads", False):
+            return  # relation heads re-split the concatenated heads: head counts may differ
         hs, ht = self.student_geom.num_heads, self.teacher_geoms[teacher].num_heads
         if hs and ht and hs != ht:
             raise AutoSKDError(
@@ -164,7 +172,7 @@ class AuxiliaryModel(nn.Module):
         ws = _width(s_ref.kind, self.student_geom)
         wt = _width(t_ref.kind, self.teacher_geoms[teacher])
         if loss.projection is None:
-            transform = TRANSFORMS.get(loss.transform or "identity")
+            transform = get_transform(loss.transform)
             if ws and wt and ws != wt and not getattr(transform, "pairwise", False):
                 raise AutoSKDError(
                     f"method {self.spec.name!r}: {key!r} compares a student feature of width {ws} with "
@@ -176,7 +184,10 @@ class AuxiliaryModel(nn.Module):
         if not ws or not wt:
             raise AutoSKDError(f"{key!r}: the width of {s_ref.kind!r} is unknown for the student or "
                                f"teacher {teacher!r}, so no projection can be built")
-        name = f"{_safe(teacher)}/{key}"
+        name = PROJECTIONS.get(loss.projection)(teacher, key, term_base(loss)).replace(".", "_")
+        if name in self.projections and self.projections[name].out_features != wt:
+            raise AutoSKDError(f"{key!r}: projection {loss.projection!r} is shared, but teacher {teacher!r} has "
+                               f"width {wt}, not {self.projections[name].out_features}; use projection='per_teacher'")
         if name not in self.projections:
             linear = nn.Linear(ws, wt)
             nn.init.normal_(linear.weight, std=0.02)  # BERT/TinyBERT initialisation
@@ -208,13 +219,15 @@ class AuxiliaryModel(nn.Module):
         ``stage``; layer indices are resolved and non-negative; the student list always
         contains ``"logits"``; the teacher list is empty when no term needs the teacher."""
         _, terms = self._plan(stage, teacher_name)
-        student = list(dict.fromkeys([*(t.student.name for t in terms), "logits"]))
+        mlm = ["mlm_logits"] if self.spec.uses_mlm(stage) else []
+        student = list(dict.fromkeys([*(t.student.name for t in terms), *mlm, "logits"]))
         teacher = list(dict.fromkeys(t.teacher.name for t in terms))
         return student, teacher
 
     def compute(self, stage: str, student_feats: Mapping[str, Tensor], teacher_feats: Mapping[str, Tensor],
                 batch: Mapping[str, Tensor], teacher_name: str | None = None, *,
-                include_hard: bool = True) -> dict[str, Tensor]:
+                include_hard: bool = True, progress: float = 0.0,
+                hard_weight: float | None = None) -> dict[str, Tensor]:
         """One weighted scalar per loss term of ``stage`` plus ``hard_ce``.
 
         ``hard_ce`` (``spec.hard_label_weight`` x cross-entropy on ``batch["labels"]``) is
@@ -229,18 +242,34 @@ class AuxiliaryModel(nn.Module):
         mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
         out: dict[str, Tensor] = {}
         for term in terms:
-            raw = self._distance(term, student_feats, teacher_feats, mask)
+            raw = self._distance(term, student_feats, teacher_feats, batch, progress)
             self._distances[f"{teacher_name}/{term.key}"] = raw.detach()
-            out[term.key] = raw * term.loss.weight
+            out[term.key] = raw * (term.loss.weight * schedule_value(term.loss.weight_schedule, progress))
+        if include_hard:
+            out.update(self.label_losses(stage, student_feats, batch, hard_weight))
+        return out
+
+    def label_losses(self, stage: str, student_feats: Mapping[str, Tensor], batch: Mapping[str, Tensor],
+                     hard_weight: float | None = None) -> dict[str, Tensor]:
+        """The student's own terms: ``hard_ce`` on gold labels, ``mlm_ce`` on MLM targets."""
+        out: dict[str, Tensor] = {}
         labels = batch.get("labels") if isinstance(batch, Mapping) else None
-        if include_hard and labels is not None and self.spec.uses_hard_labels(stage):
+        weight = self.spec.hard_weight(stage) if hard_weight is None else hard_weight
+        if labels is not None and weight > 0:
             if "logits" not in student_feats:
                 raise AutoSKDError("the hard-label loss needs the student's 'logits'")
-            out["hard_ce"] = hard_label_ce(student_feats["logits"], labels) * self.spec.hard_label_weight
+            out["hard_ce"] = hard_label_ce(student_feats["logits"], labels) * weight
+        mlm_labels = batch.get("mlm_labels") if isinstance(batch, Mapping) else None
+        if mlm_labels is not None and self.spec.uses_mlm(stage):
+            if "mlm_logits" not in student_feats:
+                raise AutoSKDError("the MLM loss needs the student's 'mlm_logits'")
+            logits = student_feats["mlm_logits"].float()
+            out["mlm_ce"] = self.spec.mlm_weight * nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), mlm_labels.reshape(-1), ignore_index=-100)
         return out
 
     def _distance(self, term: ResolvedTerm, student_feats: Mapping[str, Tensor],
-                  teacher_feats: Mapping[str, Tensor], mask: Tensor | None) -> Tensor:
+                  teacher_feats: Mapping[str, Tensor], batch: Mapping[str, Tensor], progress: float = 0.0) -> Tensor:
         try:
             s = student_feats[term.student.name]
             t = teacher_feats[term.teacher.name]
@@ -250,11 +279,14 @@ class AuxiliaryModel(nn.Module):
                 f"extract the names given by feature_requests()"
             ) from None
         loss = term.loss
+        mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+        if loss.teacher_scale:
+            t = t * schedule_value(loss.teacher_scale, progress)
         if term.projection is not None:
             proj = self.projections[term.projection]
             s = proj(s.to(proj.weight.dtype))
-        transform = TRANSFORMS.get(loss.transform or "identity")
-        if transform is not TRANSFORMS.get("identity"):
+        transform = get_transform(loss.transform)
+        if loss.transform:
             s, t = transform(s, mask=mask), transform(t, mask=mask)
         distance = DISTANCES.get(loss.distance)
         pairwise = bool(getattr(transform, "pairwise", False))
@@ -268,7 +300,11 @@ class AuxiliaryModel(nn.Module):
                 s = zero_masked_scores(s)
             if term.teacher.kind == "attention_scores":
                 t = zero_masked_scores(t)
-        return distance(s, t, temperature=loss.temperature, mask=self._feature_mask(term, s, mask, pairwise))
+        if loss.tokens == "masked":  # MLM-masked positions only (DistilBERT's soft loss)
+            mask = (batch["mlm_labels"] != -100).long()
+        feature_mask = None if getattr(transform, "own_mask", False) else self._feature_mask(term, s, mask, pairwise)
+        tau = loss.temperature * schedule_value(loss.temperature_schedule, progress)
+        return distance(s, t, temperature=tau, mask=feature_mask)
 
     @staticmethod
     def _feature_mask(term: ResolvedTerm, x: Tensor, mask: Tensor | None, pairwise: bool) -> Tensor | None:

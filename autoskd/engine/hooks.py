@@ -12,7 +12,8 @@ requested features need -- ``attention_probs:-1`` hooks the last layer's query a
   position bias), key positions where ``batch["attention_mask"]`` is 0 set to
   ``finfo(dtype).min``; [B,heads,T,T].
 - ``attention_probs:i``: the same hooks; softmax of the scores.
-- ``mlm_logits``: hook on the last encoder layer; last hidden @ word_embeddings.weightᵀ.
+- ``mlm_logits``: hook on the last encoder layer; the model's ``mlm_head`` (BERT's MLM head,
+  see :mod:`autoskd.engine.mlm`) on the last hidden, or last hidden @ word_embeddingsᵀ without one.
 - ``logits``: no hook; ``output.logits`` (or the output itself when it is a tensor).
 
 Hooks record only while the extractor's ``__call__`` runs, and what they recorded is dropped
@@ -270,8 +271,12 @@ class FeatureExtractor:
                 t = torch.softmax(get(FeatureRef("attention_scores", ref.layer)), dim=-1)
             elif k == "mlm_logits":
                 last = captured(a.path("layer", a.geometry.num_layers - 1))
-                weight = module_at(self.model, a.path("word_embeddings")).weight
-                t = torch.matmul(last, weight.t())
+                head = getattr(self.model, "mlm_head", None)
+                if isinstance(head, nn.Module):  # BERT's real MLM head (autoskd.engine.mlm)
+                    t = head(last)
+                else:  # no head attached: the tied decoder alone
+                    weight = module_at(self.model, a.path("word_embeddings")).weight
+                    t = torch.matmul(last, weight.t())
             else:
                 raise AutoSKDError(f"feature {ref.name!r} is not extracted by hooks")
             cache[ref] = t

@@ -228,3 +228,36 @@ identity.pairwise = False  # type: ignore[attr-defined]
 identity.distribution = False  # type: ignore[attr-defined]
 pairwise_sdp.pairwise = True  # type: ignore[attr-defined]
 pairwise_sdp.distribution = True  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------- more distances
+@DISTANCES.register("soft_ce")
+def soft_ce(student: Tensor, teacher: Tensor, *, temperature: float = 1.0, mask: Tensor | None = None) -> Tensor:
+    """Soft cross-entropy *without* the tau^2 factor (GKD's CE_T): ``ce / tau^2``."""
+    return ce(student, teacher, temperature=temperature, mask=mask) / temperature**2
+
+
+@DISTANCES.register("cos_nce")
+def cos_nce(student: Tensor, teacher: Tensor, *, temperature: float = 1.0, mask: Tensor | None = None) -> Tensor:
+    """LRC-BERT's contrastive COS-NCE over the batch: each sample's (mean-pooled) student
+    vector should be closer in cosine distance to its own teacher vector than to the other
+    samples' teacher vectors: ``-log softmax_j(-(1 - cos(s_i, t_j)) / tau)[i]``, mean over i.
+    Needs a batch of at least two samples."""
+    _check_shapes(student, teacher, "cos_nce")
+    s, t = _f32(student), _f32(teacher)
+    if s.dim() == 3:
+        m = broadcast_mask(s, mask)
+        m = torch.ones_like(s[..., :1]) if m is None else m
+        s, t = (s * m).sum(1) / m.sum(1).clamp_min(1.0), (t * m).sum(1) / m.sum(1).clamp_min(1.0)
+    if s.shape[0] < 2:
+        raise AutoSKDError("cos_nce contrasts the samples of a batch; use a batch size of at least 2")
+    sim = F.normalize(s, dim=-1) @ F.normalize(t, dim=-1).T            # [B, B] cosines
+    logits = -(1.0 - sim) / temperature
+    return F.cross_entropy(logits, torch.arange(s.shape[0], device=s.device))
+
+
+soft_ce.on_logits = True  # type: ignore[attr-defined]
+cos_nce.on_logits = False  # type: ignore[attr-defined]
+
+
+from . import relations as _relations  # noqa: E402,F401  (registers the relation transforms)

@@ -154,10 +154,45 @@ class Method:
         return AuxiliaryModel(self.spec, student_geom, teacher_geoms)
 
     def setup(self, student: nn.Module, teachers: dict[str, nn.Module]) -> None:
-        """Called once before training (e.g. copy teacher modules into the student)."""
+        """Called once before training (e.g. copy teacher modules into the student).
+
+        The default gives the student BERT's MLM head when the method reads its word
+        predictions, and checks that teachers whose word predictions are read have one."""
+        reads = lambda side: any(getattr(l, side).startswith("mlm_logits") for l in self.spec.losses)  # noqa: E731
+        if self.spec.mlm_weight > 0 or reads("student"):
+            from .mlm import attach_mlm_head
+
+            attach_mlm_head(student)
+        if reads("teacher"):
+            for name, model in teachers.items():
+                if not isinstance(getattr(model, "mlm_head", None), nn.Module):
+                    raise AutoSKDError(
+                        f"method {self.spec.name!r} distils word predictions but teacher {name!r} has no MLM head; "
+                        f"run its MLM adaptation stage first (autoskd.engine.mlm.adapt_teacher_mlm; "
+                        f"`autoskd distill` does it)")
+
+    def reads_teacher_mlm(self, stages) -> bool:
+        """Whether any of ``stages`` compares the teacher's word predictions."""
+        return any(l.teacher.startswith("mlm_logits") for l in self.spec.losses if l.stage in set(stages))
+
+    def masked_stage(self, stage: str) -> bool:
+        """Whether ``stage`` trains on MLM-masked text (word predictions or the MLM loss)."""
+        return self.spec.uses_mlm(stage) or any(
+            l.student.startswith("mlm_logits") for l in self.spec.losses if l.stage == stage)
 
     def on_step(self, ctx) -> None:
         """Called at the start of every training step (schedules)."""
+
+    def feature_requests(self, ctx, teacher_name: str | None) -> tuple[list[str], Any]:
+        """(student feature names, what to ask the teacher(s) for) in this step."""
+        return ctx.auxiliary.feature_requests(ctx.stage, teacher_name)
+
+    def teacher_features(self, ctx, policy, teacher_name: str | None, batch: dict, requests: Any) -> Any:
+        """The teacher side of this step: one teacher's features (multi-teacher methods return
+        ``{teacher: features}``)."""
+        if policy is None or not teacher_name or not requests:
+            return {}
+        return policy.features(teacher_name, batch, requests)
 
     def student_forward(self, ctx, extractor, batch: dict) -> dict[str, Tensor]:
         """The student's features for this step (default: the plain student forward)."""
@@ -166,7 +201,8 @@ class Method:
     def losses(self, ctx, student_feats: dict[str, Tensor], teacher_feats: dict[str, Tensor],
                teacher_name: str | None, batch: dict) -> dict[str, Tensor]:
         """Weighted loss terms of this step; the trainer sums them."""
-        return ctx.auxiliary.compute(ctx.stage, student_feats, teacher_feats, batch, teacher_name)
+        return ctx.auxiliary.compute(ctx.stage, student_feats, teacher_feats, batch, teacher_name,
+                                     progress=_progress(ctx), hard_weight=getattr(ctx, "hard_label_weight", None))
 
     # ------------------------------------------------------------------ description
     @classmethod
@@ -200,8 +236,13 @@ class Method:
         return f"{type(self).__name__}({args})"
 
 
+def _progress(ctx) -> float:
+    return float(getattr(ctx, "step", 0)) / max(1, int(getattr(ctx, "total_steps", 1) or 1))
+
+
 def _load_builtin() -> None:
     from .. import methods  # noqa: F401  (each module registers itself)
+    from . import mlm  # noqa: F401  (the ``mlm`` method)
 
 
 def get_method(name_or_method: str | Method | type[Method], **options: Any) -> Method:
@@ -213,6 +254,11 @@ def get_method(name_or_method: str | Method | type[Method], **options: Any) -> M
     if isinstance(name_or_method, type) and issubclass(name_or_method, Method):
         return name_or_method(**options)
     _load_builtin()
+    if isinstance(name_or_method, (list, tuple)) or "+" in str(name_or_method) \
+            or str(name_or_method).endswith((".yaml", ".yml")):
+        from .combine import combine_methods  # GKD's MixBaseline: "tinybert+minilmv2" or a YAML list
+
+        return combine_methods(name_or_method, **options)
     return METHODS.get(str(name_or_method))(**options)
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import AutoSKDError
+from .layer_maps import map_layers  # noqa: F401  (re-exported: spec.map_layers)
 
-LAYER_MAPS = ("none", "uniform", "last")
 
 
 @dataclass(frozen=True)
@@ -19,14 +19,21 @@ class FeatureLoss:
 
     ``student``/``teacher`` are feature names (see :mod:`autoskd.engine.features`); with a
     layer map they may contain ``{s}`` and ``{t}`` placeholders for the student and teacher
-    layer indices. ``projection="linear"`` maps the student feature to the teacher's width
-    with a trainable ``nn.Linear`` owned by the auxiliary model. ``transform`` names a
-    registered feature transform applied to both sides first (e.g. a relation matrix).
-    ``stage`` is the training stage in which the term is active (``"task"`` by default,
-    ``"pretrain"`` for terms used on unlabelled text, or any stage name a method defines).
-    ``name`` is a short handle for the term: its loss key is ``f"{name}_{distance}"`` (plus
+    layer indices. ``layers`` names a registered layer map (:mod:`.layer_maps`: ``uniform``,
+    ``last``, ``skip``, ``one_to_one``, ``all``, ``list:0-2,1-5``). ``projection`` names a
+    registered projection (:mod:`.projections`: ``linear`` = one per layer pair and teacher,
+    ``per_teacher``, ``shared``) mapping the student feature to the teacher's width with a
+    trainable ``nn.Linear`` owned by the auxiliary model. ``transform`` names a registered
+    feature transform applied to both sides first (a relation matrix; arguments after a
+    colon, e.g. ``relation_heads:48``). ``stage`` is the training stage in which the term is
+    active. ``name`` is a short handle: its loss key is ``f"{name}_{distance}"`` (plus
     ``:s{s}-t{t}`` for mapped layers) and the method option ``f"{name}_weight"`` sets its
     weight; without it the student feature kind stands in (``hidden`` -> ``hidden_mse``).
+
+    Schedules (:mod:`.schedules`, functions of the stage's progress): ``weight_schedule``
+    multiplies the weight, ``temperature_schedule`` the temperature, ``teacher_scale`` the
+    teacher feature (Annealing-KD). ``tokens`` picks the positions a token-level distance
+    averages over: ``"attention"`` (real tokens) or ``"masked"`` (MLM-masked tokens only).
     """
 
     student: str
@@ -39,31 +46,20 @@ class FeatureLoss:
     temperature: float = 1.0
     stage: str = "task"
     name: str | None = None
+    weight_schedule: str | None = None
+    temperature_schedule: str | None = None
+    teacher_scale: str | None = None
+    tokens: str = "attention"
 
     def __post_init__(self) -> None:
-        if self.layers not in LAYER_MAPS:
-            raise AutoSKDError(f"layer map {self.layers!r} unknown; choose one of {', '.join(LAYER_MAPS)}")
+        from .layer_maps import LAYER_MAPS, parse_map
+        from .schedules import check_schedule
 
-
-def map_layers(layers: str, student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
-    """(student layer, teacher layer) pairs for a layer map.
-
-    ``uniform`` is TinyBERT's g(m) = m * N/M: student layer s (0-based) learns from teacher
-    layer (s + 1) * N // M - 1, so the last student layer always meets the last teacher layer.
-    ``last`` pairs the last layers only.
-    """
-    if layers == "none":
-        return []
-    if layers == "last":
-        return [(student_layers - 1, teacher_layers - 1)]
-    if layers == "uniform":
-        if teacher_layers < student_layers:
-            raise AutoSKDError(
-                f"uniform layer mapping needs a teacher at least as deep as the student "
-                f"(teacher {teacher_layers} < student {student_layers} layers); use a deeper teacher"
-            )
-        return [(s, (s + 1) * teacher_layers // student_layers - 1) for s in range(student_layers)]
-    raise AutoSKDError(f"layer map {layers!r} unknown; choose one of {', '.join(LAYER_MAPS)}")
+        LAYER_MAPS.get(parse_map(self.layers)[0])  # unknown names fail here, listing the known ones
+        for sched in (self.weight_schedule, self.temperature_schedule, self.teacher_scale):
+            check_schedule(sched)
+        if self.tokens not in ("attention", "masked"):
+            raise AutoSKDError(f"tokens={self.tokens!r} unknown; choose 'attention' or 'masked'")
 
 
 @dataclass(frozen=True)
@@ -85,14 +81,33 @@ class MethodSpec:
     reference: str = ""
     extra: dict = field(default_factory=dict)
     hard_label_stages: tuple[str, ...] | None = None
+    #: ``((stage, weight), ...)``: a hard-label weight for one stage (LRC-BERT's ft2 x3).
+    stage_hard_label_weights: tuple[tuple[str, float], ...] = ()
+    #: Weight of the student's own masked-language-model loss on ``mlm_labels`` (PD,
+    #: DistilBERT, DIITO) in ``mlm_stages``; needs an MLM head (:mod:`.mlm`).
+    mlm_weight: float = 0.0
+    mlm_stages: tuple[str, ...] = ("pretrain",)
+
+    def hard_weight(self, stage: str) -> float:
+        """The hard-label weight in ``stage`` (0 when the term is off there)."""
+        per_stage = dict(self.stage_hard_label_weights)
+        if stage in per_stage:
+            return float(per_stage[stage])
+        return self.hard_label_weight if self.uses_hard_labels(stage) else 0.0
 
     def uses_hard_labels(self, stage: str) -> bool:
         """Whether the hard-label cross-entropy is part of ``stage``'s loss."""
+        per_stage = dict(self.stage_hard_label_weights)
+        if stage in per_stage:
+            return per_stage[stage] > 0
         if self.hard_label_weight <= 0:
             return False
         if self.hard_label_stages is None:
             return stage != "pretrain"
         return stage in self.hard_label_stages
+
+    def uses_mlm(self, stage: str) -> bool:
+        return self.mlm_weight > 0 and stage in self.mlm_stages
 
     def losses_for(self, stage: str) -> tuple[FeatureLoss, ...]:
         return tuple(loss for loss in self.losses if loss.stage == stage)

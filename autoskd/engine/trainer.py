@@ -38,7 +38,9 @@ class Stage:
     ``name`` selects the method's loss terms (``"task"``, ``"intermediate"``,
     ``"prediction"``, ``"pretrain"``…). ``data_id`` is a fingerprint of the training split;
     when given, teacher logits come from the on-disk cache. Unlabelled pre-training stages
-    set ``evaluate=False``.
+    set ``evaluate=False``. A stage may also carry its own ``teacher`` (a policy member that
+    speaks in every step of it), ``trainable`` (student parameter-name prefixes; only those
+    go into this stage's optimiser) and ``hard_label_weight`` (overrides the method's).
     """
 
     name: str
@@ -50,6 +52,9 @@ class Stage:
     max_grad_norm: float = 1.0
     data_id: str | None = None
     evaluate: bool = True
+    teacher: str | None = None
+    trainable: tuple[str, ...] | None = None
+    hard_label_weight: float | None = None
 
     def total_steps(self) -> int:
         if self.epochs <= 0:
@@ -74,6 +79,13 @@ class StepContext:
     epoch: int = 0
     global_step: int = 0
     teacher_name: str | None = None
+    stage_teacher: str | None = None
+    hard_label_weight: float | None = None
+
+    @property
+    def progress(self) -> float:
+        """Fraction of the current stage done, in [0, 1) (what schedules read)."""
+        return self.step / max(1, self.total_steps)
 
 
 @dataclass
@@ -201,8 +213,15 @@ class Distiller:
             return [AverageTeachers.NAME]
         return list(self.policy.teachers)
 
-    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        params = [(f"student.{n}", p) for n, p in self.student.named_parameters() if p.requires_grad]
+    def trainable_parameters(self, stage: Stage | None = None) -> list[tuple[str, nn.Parameter]]:
+        only = stage.trainable if stage is not None else None
+        if only is not None:
+            unknown = [p for p in only if not any(n.startswith(p) for n, _ in self.student.named_parameters())]
+            if unknown:
+                raise AutoSKDError(f"stage {stage.name!r}: trainable prefix {unknown[0]!r} matches no student "
+                                   f"parameter; use names from student.named_parameters()")
+        params = [(f"student.{n}", p) for n, p in self.student.named_parameters()
+                  if p.requires_grad and (only is None or n.startswith(tuple(only)))]
         params += [(f"auxiliary.{n}", p) for n, p in self.auxiliary.named_parameters() if p.requires_grad]
         return params
 
@@ -214,11 +233,13 @@ class Distiller:
         for cb in self.callbacks:
             cb.on_step_begin(self, ctx, batch)
         teacher_name = self.policy.choose(ctx.global_step) if self.policy is not None else None
+        if ctx.stage_teacher is not None:  # the stage names its teacher
+            teacher_name = ctx.stage_teacher
         ctx.teacher_name = teacher_name
-        student_req, teacher_req = self.auxiliary.feature_requests(ctx.stage, teacher_name)
+        student_req, teacher_req = self.method.feature_requests(ctx, teacher_name)
         if set(student_req) != set(self.extractor.features):
             self.extractor.set_features(student_req)
-        teacher_feats = self.policy.features(teacher_name, batch, teacher_req) if teacher_name and teacher_req else {}
+        teacher_feats = self.method.teacher_features(ctx, self.policy, teacher_name, batch, teacher_req)
 
         def compute() -> dict[str, torch.Tensor]:  # under ZeRO-3 it runs inside the engine's forward
             student_feats = self.method.student_forward(ctx, self.extractor, batch)
@@ -269,7 +290,12 @@ class Distiller:
                                               self.progress)
             ctx = self.ctx
             ctx.stage, ctx.total_steps = stage.name, total_steps
-            params = self.trainable_parameters()
+            ctx.hard_label_weight = stage.hard_label_weight
+            ctx.stage_teacher = stage.teacher
+            if stage.teacher is not None and (self.policy is None or stage.teacher not in self.policy.teachers):
+                raise AutoSKDError(f"stage {stage.name!r} names teacher {stage.teacher!r}, which is not among the "
+                                   f"run's teachers ({', '.join(self.policy.teachers) if self.policy else 'none'})")
+            params = self.trainable_parameters(stage)
             optimizer, scheduler = self.backend.start_stage(self, stage, total_steps, params)
             self.optimizer = optimizer  # callbacks read the current learning rate from it
             if resumed_state is not None and stage_index == done_stage:
@@ -348,7 +374,10 @@ class Distiller:
         """What a checkpoint must agree with to be resumed: same method, options and stages."""
         return {"method": self.method.spec.name, "options": repr(sorted(self.method.options.items())),
                 "seed": self.seed, "stages": [[s.name, s.epochs, s.lr, s.warmup_ratio, s.weight_decay,
-                                               s.max_grad_norm, s.data_id, len(s.train)] for s in stages],
+                                               s.max_grad_norm, s.data_id, len(s.train)]
+                                              + ([s.teacher, s.trainable, s.hard_label_weight]
+                                                 if (s.teacher, s.trainable, s.hard_label_weight) != (None,) * 3 else [])
+                                              for s in stages],
                 **self.backend.signature()}
 
     def _load_checkpoint(self, path: Path | None, signature: dict) -> dict | None:

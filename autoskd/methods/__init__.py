@@ -1,22 +1,38 @@
 """Built-in distillation methods; importing this package registers them in ``METHODS``.
 
-========== ============================================================ =====================
-name       what                                                         stages
-========== ============================================================ =====================
-finetune   hard labels only, no teacher (teacher fine-tuning)           task
-kd         Hinton et al. 2015: KL on logits at temperature tau          task
-tinybert   Jiao et al. 2020: embeddings/hidden/attention MSE, then      intermediate,
-           soft cross-entropy on logits                                 prediction
-minilm     Wang et al. 2020: last-layer attention + value-relation KL   task
-theseus    Xu et al. 2020: progressive module replacing                 task
-========== ============================================================ =====================
+One module per method: a declarative :class:`~autoskd.engine.spec.MethodSpec` plus, only
+where behaviour changes over training, a small class. ``autoskd methods`` lists them with
+their stages and terms; the README's Methods section has the table (GKD's Table 1 + GLMD).
 """
 
-from . import finetune, kd, minilm, theseus, tinybert  # noqa: F401  (registration)
-from .finetune import Finetune
-from .kd import KD
-from .minilm import MiniLM
-from .theseus import Theseus
-from .tinybert import TinyBERT
+from . import (  # noqa: F401  (registration)
+    finetune,
+    kd,
+    pd,
+    pkd,
+    distilbert,
+    theseus,
+    tinybert,
+    mobilebert,
+    sid,
+    minilm,
+    minilmv2,
+    alp_kd,
+    lrc_bert,
+    annealing_kd,
+    ckd,
+    universal_kd,
+    diito,
+    continuation_kd,
+    rail_kd,
+    mgskd,
+    tmkd,
+    mt_bert,
+    rl_kd,
+    uncertainty,
+    takd,
+    dgkd,
+    glmd,
+)
 
-__all__ = ["Finetune", "KD", "MiniLM", "Theseus", "TinyBERT"]
+__all__ = ["finetune", "kd", "pd", "pkd", "distilbert", "theseus", "tinybert", "mobilebert", "sid", "minilm", "minilmv2", "alp_kd", "lrc_bert", "annealing_kd", "ckd", "universal_kd", "diito", "continuation_kd", "rail_kd", "mgskd", "tmkd", "mt_bert", "rl_kd", "uncertainty", "takd", "dgkd", "glmd"]

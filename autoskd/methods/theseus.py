@@ -118,7 +118,7 @@ class Theseus(Method):
         """Copy every teacher parameter/buffer outside the encoder layers into the student."""
         t_prefix, s_prefix = t_layer.split("{i}")[0], s_layer.split("{i}")[0]
         t_state, s_state = teacher.state_dict(), student.state_dict()
-        outside = {k: v for k, v in t_state.items() if not k.startswith(t_prefix)}
+        outside = {k: v for k, v in t_state.items() if not k.startswith((t_prefix, "mlm_head."))}
         missing = [k for k in outside if k not in s_state]
         wrong = [k for k in outside if k in s_state and s_state[k].shape != outside[k].shape]
         if missing or wrong:
@@ -126,7 +126,7 @@ class Theseus(Method):
             raise AutoSKDError(f"theseus copies the teacher's embeddings and classifier into the student, but the "
                                f"student lacks or has other shapes for: {what}; use a student of the teacher's "
                                f"family and width")
-        extra = [k for k in s_state if not k.startswith(s_prefix) and k not in outside]
+        extra = [k for k in s_state if not k.startswith((s_prefix, "mlm_head.")) and k not in outside]
         if extra:
             raise AutoSKDError(f"the student has modules the teacher lacks ({', '.join(extra[:4])}); theseus "
                                f"needs a student of the teacher's family")

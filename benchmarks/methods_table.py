@@ -1,0 +1,255 @@
+"""Every method of GKD's Table 1 and GLMD on one engine, at one small fixed budget (GKD Table 4).
+
+rotten_tomatoes (subsampled), the ladder team (teams/minilm-ladder.yaml: MiniLM cut to a
+2-layer student; teachers of 3, 4 and 6 layers are built): single-teacher methods learn from
+the 6-layer teacher, multi-teacher methods (tmkd, mt_bert, rl_kd, uncertainty) from all
+three, TAKD/DGKD run the chain 6 -> 4-layer assistant -> student (two hops). Budget: the same
+number of epochs for every method (``--budget``, default 2), split evenly over the method's
+stages (a pre-training stage on the task's unlabelled texts included where the method has
+one). Each (method, seed) is measured in turn -- peak memory is the process's peak resident set
+while it runs, sampled every 20 ms -- and is written to ``benchmarks/results/methods_table/<method>-s<seed>.json`` as
+soon as it finishes, so an interrupted run resumes where it stopped. The table is
+``benchmarks/results/methods_table.json`` (keys = method names) and ``methods_table.png``.
+
+    python benchmarks/methods_table.py [--seeds 0] [--budget 2] [--max-train 100] [--methods kd,pkd]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent))
+sys.path.insert(0, str(ROOT))
+
+# Word-prediction methods (full-vocabulary MLM logits: the slowest on a CPU) run last.
+METHODS = ["kd", "pkd", "theseus", "tinybert", "mobilebert", "sid", "minilm", "minilmv2", "alp_kd", "lrc_bert",
+           "annealing_kd", "ckd", "universal_kd", "continuation_kd", "rail_kd", "mgskd", "tmkd", "mt_bert", "rl_kd",
+           "uncertainty", "takd", "dgkd", "pd", "glmd", "distilbert", "diito"]
+TEACHERS = ["minilm-L4", "minilm-L6"]
+PARTS = ROOT / "results" / "methods_table"
+CACHE = ROOT.parent / ".cache" / "autoskd"
+
+
+def team_and_task(args):
+    import yaml
+
+    from autoskd.data.tasks import load_task
+    from autoskd.team import TeacherTeam
+    from autoskd.team_spec import TeamSpec
+
+    data = yaml.safe_load((ROOT.parent / "teams" / "minilm-ladder.yaml").read_text())
+    data["teachers"] = [{**t, "finetune": {**t["finetune"], "epochs": args.teacher_epochs}}
+                        for t in data["teachers"] if t["name"] in TEACHERS]
+    full = load_task("rotten_tomatoes", seed=0)
+    team = TeacherTeam(TeamSpec.from_dict(data))  # teachers see more rows than the students' budget
+    team.build(full.subsample(args.teacher_rows, args.max_eval, seed=0), cache_dir=CACHE / "teachers", seed=0,
+               progress=True)
+    return team, full.subsample(args.max_train, args.max_eval, seed=0)
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs (sampled every 20 ms)."""
+
+    def __enter__(self):
+        import threading
+
+        self.mib, self._stop = self._rss(), threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    @staticmethod
+    def _rss() -> float:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.02):
+            self.mib = max(self.mib, self._rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.mib = max(self.mib, self._rss())
+
+
+def run_one(args, team, task) -> dict:
+    """One (method, seed) on the built team; returns its record."""
+    import gc
+
+    from autoskd.chain import run_chain
+    from autoskd.engine.methods import get_method
+    from autoskd.engine.multi_teacher import MultiTeacherMethod
+    from autoskd.pipeline import DistillConfig, distill
+
+    gc.collect()
+    name = args.one
+    method = get_method(name)
+    stages = [s for s in method.spec.stages]
+    epochs = args.budget / len(stages)
+    config = DistillConfig(method=name, epochs=epochs, pretrain_epochs=epochs if "pretrain" in stages else 0.0,
+                           lr=args.lr, batch_size=32, seed=args.seed, teacher="minilm-L6",
+                           teachers=TEACHERS if isinstance(method, MultiTeacherMethod) else None,
+                           mlm_adapt_steps=args.mlm_adapt_steps, max_length=args.max_length,
+                           method_options={"vocab_alpha": args.glmd_alpha} if name == "glmd" else {})
+    start = time.perf_counter()
+    if name in ("takd", "dgkd"):
+        out = run_chain(team, task, config, [4], out_dir=CACHE / "methods_table" / f"{name}-s{args.seed}",
+                        cache_dir=CACHE, progress=False)
+        last = out.hops[-1]
+        dev, test, train_seconds, hops = last.dev_acc, last.test_acc, sum(h.seconds for h in out.hops), len(out.hops)
+    else:
+        outcome = distill(team, task, config, out_dir=None, cache_dir=CACHE, progress=False,
+                          student=team.build_student(task, seed=args.seed))
+        dev, test, train_seconds, hops = outcome.dev_acc, outcome.test_acc, outcome.result.seconds, 1
+    return {"method": name, "seed": args.seed, "dev_acc": dev, "test_acc": test,
+            "seconds_per_epoch": train_seconds / (args.budget * hops), "train_seconds": train_seconds,
+            "wall_seconds": time.perf_counter() - start,
+            "stages": (["pretrain"] if "pretrain" in stages else []) + [s for s in stages if s != "pretrain"],
+            "epochs_per_stage": epochs, "hops": hops}
+
+
+def ci95(values: list[float]) -> float | None:
+    if len(values) < 2:
+        return None
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values)))
+
+
+def aggregate(args) -> dict:
+    table = {}
+    for name in METHODS:
+        runs = [json.loads(p.read_text()) for p in sorted(PARTS.glob(f"{name}-s*.json"))]
+        if not runs:
+            continue
+        dev, test = [r["dev_acc"] for r in runs], [r["test_acc"] for r in runs]
+        table[name] = {"dev_acc": statistics.mean(dev), "dev_ci95": ci95(dev), "test_acc": statistics.mean(test),
+                       "test_ci95": ci95(test), "seeds": [r["seed"] for r in runs],
+                       "seconds_per_epoch": statistics.mean(r["seconds_per_epoch"] for r in runs),
+                       "peak_rss_mib": max(r["peak_rss_mib"] for r in runs), "stages": runs[0]["stages"],
+                       "hops": runs[0]["hops"], "runs": runs}
+    if "kd" in table:
+        kd = table["kd"]
+        for name, row in table.items():
+            gap = row["dev_acc"] - kd["dev_acc"]
+            noise = max(row["dev_ci95"] or 0.0, kd["dev_ci95"] or 0.0)
+            row["dev_vs_kd"] = gap
+            row["beats_kd"] = bool(gap > noise) if noise else None  # None: one seed, no noise estimate
+    return table
+
+
+def plot(table: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(table.items(), key=lambda kv: kv[1]["dev_acc"])
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 0.3 * len(rows) + 1.5), sharey=True)
+    ys = range(len(rows))
+    colors = ["tab:red" if n == "kd" else "tab:blue" for n, _ in rows]
+    ax1.barh(ys, [r["dev_acc"] for _, r in rows], xerr=[r["dev_ci95"] or 0 for _, r in rows], color=colors)
+    ax1.scatter([r["test_acc"] for _, r in rows], ys, color="k", s=12, zorder=3, label="test")
+    lo = min(min(r["dev_acc"], r["test_acc"]) for _, r in rows)
+    ax1.set_xlim(max(0.0, lo - 0.05), 1.0)
+    ax1.set_yticks(list(ys), [n for n, _ in rows])
+    ax1.set_xlabel("dev accuracy (bars), test (dots)")
+    ax1.legend(loc="lower right")
+    ax2.barh(ys, [r["seconds_per_epoch"] for _, r in rows], color=colors)
+    ax2.set_xlabel("seconds per epoch (CPU)")
+    for y, (_, r) in zip(ys, rows):
+        ax2.text(r["seconds_per_epoch"], y, f" {r['peak_rss_mib']:.0f} MiB", va="center", fontsize=7)
+    fig.suptitle("Methods on one engine: rotten_tomatoes, ladder team (6-layer teacher, 2-layer student)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--budget", type=float, default=2.0, help="epochs per method, split over its stages")
+    p.add_argument("--max-train", type=int, default=100, help="train and val rows each (students)")
+    p.add_argument("--max-eval", type=int, default=200)
+    p.add_argument("--lr", type=float, default=5e-4, help="student lr (the quick preset's: cut MiniLM needs a high one)")
+    p.add_argument("--mlm-adapt-steps", type=int, default=30)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: the shared CPU spins less)")
+    p.add_argument("--teacher-rows", type=int, default=150, help="train/val rows the teachers are fine-tuned on")
+    p.add_argument("--max-length", type=int, default=32)
+    p.add_argument("--teacher-epochs", type=float, default=1.0, help="teacher fine-tuning epochs")
+    p.add_argument("--glmd-alpha", type=float, default=0.1, help="GLMD vocabulary kept (fraction)")
+    p.add_argument("--report", action="store_true", help="only aggregate the finished methods (no training)")
+    args = p.parse_args()
+    from tqdm import tqdm
+
+    PARTS.mkdir(parents=True, exist_ok=True)
+    if args.report:
+        return report(args, None)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    team, task = team_and_task(args)  # build (or reuse) the teachers once
+    print("teachers (dev acc):", json.dumps(team.dev_accuracy))
+    todo = [(m, s) for s in args.seeds for m in args.methods.split(",") if not (PARTS / f"{m}-s{s}.json").exists()]
+    for name, seed in tqdm(todo, desc="methods", dynamic_ncols=True):
+        args.one, args.seed = name, seed
+        with PeakRSS() as peak:
+            try:
+                record = run_one(args, team, task)
+            except Exception as err:  # one broken method must not lose the others' results
+                tqdm.write(f"{name} seed {seed} failed: {type(err).__name__}: {err}")
+                continue
+        record["peak_rss_mib"] = peak.mib
+        (PARTS / f"{name}-s{seed}.json").write_text(json.dumps(record, indent=1))
+        tqdm.write(f"{name:16s} seed {seed}: dev {record['dev_acc']:.4f} test {record['test_acc']:.4f} "
+                   f"{record['seconds_per_epoch']:.1f} s/epoch {record['peak_rss_mib']:.0f} MiB")
+    return report(args, team)
+
+
+def markdown(table: dict) -> str:
+    """The README table: one row per finished method, sorted by dev accuracy."""
+    lines = ["| method | dev acc | test acc | vs kd (dev) | s/epoch | peak RSS MiB | stages |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, r in sorted(table.items(), key=lambda kv: -kv[1]["dev_acc"]):
+        ci = f" ± {r['dev_ci95']:.3f}" if r.get("dev_ci95") else ""
+        gap = "" if name == "kd" or "dev_vs_kd" not in r else f"{r['dev_vs_kd']:+.3f}"
+        lines.append(f"| `{name}` | {r['dev_acc']:.3f}{ci} | {r['test_acc']:.3f} | {gap} | {r['seconds_per_epoch']:.1f} | "
+                     f"{r['peak_rss_mib']:.0f} | {', '.join(r['stages'])} |")
+    return "\n".join(lines)
+
+
+def report(args, team) -> int:
+    from _common import write_result
+
+    table = aggregate(args)
+    if not table:
+        print("no finished method yet")
+        return 1
+    settings = {k: getattr(args, k) for k in ("budget", "max_train", "max_eval", "lr", "mlm_adapt_steps", "seeds",
+                                              "teacher_rows", "teacher_epochs", "max_length", "glmd_alpha")}
+    path = write_result("methods_table", {"settings": settings, "teacher": "minilm-L6", "multi_teachers": TEACHERS,
+                                          "teacher_dev_acc": team.dev_accuracy if team else None,
+                                          "missing": [m for m in METHODS if m not in table], "methods": table})
+    plot(table, ROOT / "results" / "methods_table.png")
+    beat = [n for n, r in table.items() if r.get("dev_vs_kd", 0) > 0 and n != "kd"]
+    print(markdown(table))
+    print(f"wrote {path}; above kd on dev: {', '.join(beat) or 'none'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
