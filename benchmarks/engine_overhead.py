@@ -28,7 +28,8 @@ from _common import write_result
 from autoskd.data.collate import make_loader, tokenize_split
 from autoskd.data.tasks import load_task
 from autoskd.engine.batches import model_inputs
-from autoskd.engine.trainer import Distiller, Stage, _optimizer
+from autoskd.engine.backends import adamw as _optimizer
+from autoskd.engine.trainer import Distiller, Stage
 from autoskd.models.loading import load_classifier, load_tokenizer
 
 TEMPERATURE = 2.0

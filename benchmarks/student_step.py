@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import autoskd.engine.trainer as trainer_mod
+import autoskd.engine.backends as trainer_mod  # where the engine builds its optimizer
 from _common import write_result
 from autoskd.data.collate import make_loader, tokenize_split
 from autoskd.data.tasks import load_task
@@ -112,7 +112,7 @@ def before_optimizer(params, lr, weight_decay):
     return opt
 
 
-ORIGINAL_OPTIMIZER = trainer_mod._optimizer
+ORIGINAL_OPTIMIZER = trainer_mod.adamw
 
 
 @contextlib.contextmanager
@@ -130,13 +130,13 @@ def instrumented(clock: Clock, fused: bool):
         return opt
 
     backward, clip = torch.Tensor.backward, torch.nn.utils.clip_grad_norm_
-    trainer_mod._optimizer = optimizer
+    trainer_mod.adamw = optimizer
     torch.Tensor.backward = clock.wrap("backward", backward)
     torch.nn.utils.clip_grad_norm_ = clock.wrap("clip_grad", clip)
     try:
         yield
     finally:
-        trainer_mod._optimizer, torch.Tensor.backward, torch.nn.utils.clip_grad_norm_ = ORIGINAL_OPTIMIZER, backward, clip
+        trainer_mod.adamw, torch.Tensor.backward, torch.nn.utils.clip_grad_norm_ = ORIGINAL_OPTIMIZER, backward, clip
 
 
 class RecordingCollator:

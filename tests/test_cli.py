@@ -204,8 +204,8 @@ def test_teacher_with_other_label_count_python_api(tmp_path, tiny_dir, data_csv)
 
 # ---------------------------------------------------------------------------------------------- option errors
 def test_unknown_method_fails_before_any_teacher_is_built(capsys, tmp_path, team, data_csv):
-    assert_one_error(capsys, distill_args(tmp_path, team, data_csv, "--method", "distilbert"),
-                     "unknown method 'distilbert'", "kd", "tinybert", "minilm", "theseus", "finetune")
+    assert_one_error(capsys, distill_args(tmp_path, team, data_csv, "--method", "distilbertish"),
+                     "unknown method 'distilbertish'", "kd", "tinybert", "minilm", "theseus", "finetune")
     # A typo costs nothing: it is caught before the (slow) teacher fine-tuning starts.
     assert not (tmp_path / "cache" / "teachers").exists()
     code, out, err = run(capsys, "team", "build", team, "--task", data_csv, "--no-progress",

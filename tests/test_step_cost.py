@@ -6,7 +6,7 @@ import torch
 
 from autoskd.data.tasks import load_task
 from autoskd.engine.teachers import Teacher
-from autoskd.engine.trainer import _optimizer
+from autoskd.engine.backends import adamw as _optimizer
 from autoskd.models.lazy import LazyModel, LazyModels
 from autoskd.pipeline import DistillConfig, distill
 from autoskd.team import FinetuneSettings, ModelSpec, TeacherTeam, TeamSpec

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 from transformers import get_linear_schedule_with_warmup
 
 from ..errors import AutoSKDError
-from .backends import TorchBackend, param_groups, scheduler_steps, write_atomic
+from .backends import TorchBackend, adamw, param_groups, scheduler_steps, write_atomic
 
 
 def load_deepspeed_config(source: Any) -> dict:
@@ -262,7 +262,7 @@ class DeepSpeedBackend(TorchBackend):
         warmup = int(stage.warmup_ratio * steps)
         optimizer = None
         if cfg.get("optimizer") is None:
-            optimizer = torch.optim.AdamW(param_groups(params, stage.weight_decay), lr=stage.lr)
+            optimizer = adamw(params, stage.lr, stage.weight_decay)  # the single-process AdamW (fused)
         scheduler = None if cfg.get("scheduler") else (lambda opt: get_linear_schedule_with_warmup(opt, warmup, steps))
         module = _Trained(distiller.student, distiller.auxiliary)
         self.engine, optimizer, _, scheduler = deepspeed.initialize(

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 CPUS_PER_WORKER_ENV = "AUTOSKD_CPUS_PER_WORKER"
+RECORD_FILE = "parallel_record.json"
 
 
 def distill_arm_parallel(spec, arm, out_dir: Path) -> dict:
@@ -42,7 +43,10 @@ def distill_arm_parallel(spec, arm, out_dir: Path) -> dict:
     result = trainer.fit()
     if result.error is not None:
         raise result.error
-    return json.loads(result.metrics["record_json"])
+    record = Path(out_dir) / RECORD_FILE  # written by rank 0: Ray Train versions differ in what
+    if not record.exists():               # Result.metrics keeps of reports without checkpoints
+        raise RuntimeError(f"the worker group finished without a record in {record}")
+    return json.loads(record.read_text())
 
 
 def _worker(config: dict) -> None:
@@ -62,4 +66,6 @@ def _worker(config: dict) -> None:
     import torch.distributed as dist
 
     record["processes"] = dist.get_world_size() if dist.is_initialized() else 1
-    ray.train.report({"record_json": json.dumps(record)})
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        (Path(config["out"]) / RECORD_FILE).write_text(json.dumps(record))
+    ray.train.report({"dev_acc": record["dev_acc"]})
