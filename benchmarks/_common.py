@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,3 +47,19 @@ def write_result(name: str, result: dict[str, Any]) -> Path:
     payload = {"benchmark": name, **result, "machine": machine_info()}
     path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
     return path
+
+
+def start_ray() -> float:
+    """One local Ray (2 CPUs, 127.0.0.1) for every run of a benchmark; returns its start time (s)."""
+    from autoskd.search.trials import ensure_ray_env
+
+    ensure_ray_env()
+    import ray
+
+    root = Path(__file__).resolve().parent.parent
+    start = time.perf_counter()
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+             object_store_memory=256 * 1024 ** 2, logging_level="warning",
+             runtime_env={"env_vars": {"PYTHONPATH": str(root), "TOKENIZERS_PARALLELISM": "false",
+                                       "RAY_CHDIR_TO_TRIAL_DIR": "0", "OMP_NUM_THREADS": "1"}})
+    return round(time.perf_counter() - start, 1)

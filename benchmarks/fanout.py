@@ -30,25 +30,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _common import write_result  # noqa: E402
+from _common import start_ray, write_result  # noqa: E402
 from autoskd.fanout.space import SearchSpace  # noqa: E402
 from autoskd.fanout.tune import TuneSettings, run_tune  # noqa: E402
-from autoskd.search.trials import ensure_ray_env  # noqa: E402
 
 
-def start_ray() -> float:
-    """One local Ray (2 CPUs, 127.0.0.1) for every run of the benchmark; returns its start time (s)."""
-    import os
-
-    ensure_ray_env()
-    import ray
-
-    start = time.perf_counter()
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-             object_store_memory=256 * 1024 ** 2, logging_level="warning",
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false",
-                                       "RAY_CHDIR_TO_TRIAL_DIR": "0", "OMP_NUM_THREADS": "1"}})
-    return round(time.perf_counter() - start, 1)
 
 TEAM = str(ROOT / "teams" / "tiny-test.yaml")
 LRS = [1e-4, 1.5e-4, 2e-4, 3e-4, 4e-4, 5e-4, 7e-4, 1e-3]
