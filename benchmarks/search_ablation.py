@@ -98,7 +98,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "runs" / "search_ablation"))
     ap.add_argument("--no-run", action="store_true", help="only summarise the finished runs")
     args = ap.parse_args()
-    common = {"executor": "local", "baselines": "none", "theta": {"num_candidates": CELL_CANDIDATES}}
+    # cells change one factor of the medium preset as it was ablated: the paper's theta_i scaling
+    common = {"executor": "local", "baselines": "none", "theta": {"num_candidates": CELL_CANDIDATES, "scaling": "theta"}}
     cache = ROOT / "runs" / "cache"
     start = time.perf_counter()
     if not args.no_run:
