@@ -46,7 +46,10 @@ def head():
         pytest.skip(f"no ray command beside {sys.executable}")
     gcs, dash, client, agent, agent_grpc, runtime_env_port, metrics = _free_ports(7)
     temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths have a length limit
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    # Ray >= 2.5x turns token authentication on by default; its job API then answers 401 until a
+    # token is sent. This head listens on 127.0.0.1 only, so the test runs it without tokens.
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     cmd = [str(RAY), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard", "true",
