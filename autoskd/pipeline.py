@@ -186,7 +186,10 @@ def prepare_mlm_teachers(method: Method, policy: TeacherPolicy | None, stages: l
     (once per teacher model: the adapted head stays on it). Returns ``{teacher: MLM losses}``."""
     from .engine.mlm import adapt_teacher_mlm
 
-    if policy is None or loader is None or not method.reads_teacher_mlm([s.name for s in stages]):
+    # every stage any loss names, not only those that run: the method checks its teachers' MLM
+    # heads at set-up (DistilBERT without its pre-training stage still names word predictions)
+    named = [s.name for s in stages] + [loss.stage for loss in method.spec.losses]
+    if policy is None or loader is None or not method.reads_teacher_mlm(named):
         return {}
     done = {}
     for name, model in policy.models.items():

@@ -81,3 +81,13 @@ def test_sampled_policy_run_counts_teachers(team, task, tmp_path):
     config = DistillConfig(policy="sampled", theta=[1.0, 0.0], epochs=1, batch_size=16)
     out = distill(team, task, config, cache_dir=tmp_path / "cache", progress=False)
     assert out.teacher_counts == {"deep": out.result.steps, "shallow": 0}
+
+
+def test_word_prediction_method_without_its_pretraining_stage_still_adapts_the_teacher(team, task, tmp_path):
+    """A tune point may run DistilBERT with ``pretrain_epochs`` 0: its losses still name the
+    teacher's word predictions, so the teacher's MLM adaptation must run (it used to fail at set-up)."""
+    config = DistillConfig(method="distilbert", epochs=1, pretrain_epochs=0, batch_size=16, lr=1e-3, teacher="deep",
+                           mlm_adapt_steps=2)
+    out = distill(team, task, config, out_dir=None, cache_dir=tmp_path / "cache", progress=False)
+    assert getattr(team.teachers["deep"], "_autoskd_mlm_adapted", False)
+    assert 0 <= out.dev_acc <= 1
