@@ -19,7 +19,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -90,19 +89,27 @@ def main() -> None:
     ap.add_argument("--epochs", type=float, default=6.0)
     ap.add_argument("--max-train", type=int, default=1000)
     ap.add_argument("--max-eval", type=int, default=400)
+    ap.add_argument("--work", default=str(ROOT / "benchmarks" / "runs" / "asha"), help="runs kept here (resumable)")
     args = ap.parse_args()
     sp = space(args.epochs)
     task = {"name_or_path": "rotten_tomatoes", "seed": 0, "max_train": args.max_train, "max_eval": args.max_eval}
     runs = []
     ray_start = start_ray()
-    with tempfile.TemporaryDirectory(prefix="asha-bench-") as tmp:
-        tmp = Path(tmp)
-        team = tiny_team(tmp)
-        for seed in args.seeds:
-            for scheduler in ("none", "asha"):
-                r = run(sp, team, task, seed, scheduler, tmp / f"{scheduler}-{seed}", tmp / "cache")
-                print(json.dumps(r), flush=True)
-                runs.append(r)
+    # a persistent folder: a killed benchmark resumes (finished runs are read back, and a tune
+    # interrupted mid-way resumes without redoing its finished trials)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    team = tiny_team(work) if not (work / "team.yaml").exists() else work / "team.yaml"
+    for seed in args.seeds:
+        for scheduler in ("none", "asha"):
+            done = work / f"{scheduler}-{seed}.json"
+            if done.exists():
+                r = json.loads(done.read_text())
+            else:
+                r = run(sp, team, task, seed, scheduler, work / f"{scheduler}-{seed}", work / "cache")
+                done.write_text(json.dumps(r))
+            print(json.dumps(r), flush=True)
+            runs.append(r)
     by = {(r["scheduler"], r["seed"]): r for r in runs}
     ratios = [by["asha", s]["best_dev_acc"] / by["none", s]["best_dev_acc"] for s in args.seeds]
     full = sum(by["none", s]["student_epochs"] for s in args.seeds)

@@ -45,7 +45,7 @@ CELL_CANDIDATES = 2
 
 
 def cell_summary(runs: dict[int, dict], seeds: list[int]) -> dict:
-    best_dev, best_test, mean_test, top_theta = [], [], [], []
+    best_dev, best_test, mean_test, top_theta, dropped, thetas = [], [], [], [], [], []
     for s in seeds:
         cands = [r for r in runs[s]["records"].values() if r["group"] == "autoskd"]
         best = max(cands, key=lambda r: r["dev_acc"])
@@ -53,9 +53,12 @@ def cell_summary(runs: dict[int, dict], seeds: list[int]) -> dict:
         best_test.append(best["test_acc"])
         mean_test.append(statistics.mean(r["test_acc"] for r in cands))
         top_theta.append(max(max(sr["final_theta"]) for sr in runs[s]["searches"]))
+        dropped.append([t for sr in runs[s]["searches"] for t in sr.get("dropped", [])])
+        thetas.append({t: round(v, 3) for sr in runs[s]["searches"] for t, v in zip(sr["teachers"], sr["final_theta"])})
     return {"best_dev": mean_ci(best_dev), "best_test": mean_ci(best_test), "mean_candidate_test": mean_ci(mean_test),
             "best_dev_per_seed": best_dev, "best_test_per_seed": best_test, "mean_candidate_test_per_seed": mean_test,
-            "final_max_theta": statistics.mean(top_theta)}
+            "final_max_theta": statistics.mean(top_theta), "dropped_per_seed": dropped,
+            "final_theta_per_seed": thetas}
 
 
 def plot(result: dict, out_png: Path) -> Path:
