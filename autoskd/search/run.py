@@ -22,7 +22,8 @@ from pathlib import Path
 
 from ..data.collate import make_loader, tokenize_split
 from ..engine.teacher_cache import TeacherOutputCache
-from ..engine.teachers import SampledTeacher, Teacher
+from ..engine.own_tokenizer import team_teacher
+from ..engine.teachers import SampledTeacher
 from ..engine.trainer import Distiller, Stage
 from ..errors import AutoSKDError
 from ..models.loading import count_parameters
@@ -142,7 +143,7 @@ def bilevel_search(team, task, config: SearchConfig, m: int, out_dir: Path, cach
         return done
     names = list(team.teachers)
     fps = getattr(team, "fingerprints", {}) or {}
-    teachers = {n: Teacher(n, team.teachers[n], fps.get(n)) for n in names}
+    teachers = {n: team_teacher(team, n, team.teachers[n], fps.get(n)) for n in names}  # own tokenizers too
     dist = TeacherDistribution.uniform(len(names))
     policy = SampledTeacher(teachers, dist.theta, seed=config.seed, scaling=theta_cfg.scaling)
     loaders = make_loaders(task, team.tokenizer, team.max_length, config.batch_size, config.seed, train_split="train")
