@@ -165,3 +165,27 @@ def test_glob_patterns_select_exact_parameters(team_and_task):
     assert names[-1] == "classifier" and all(".attention.self.query." in n for n in names[:-1]) and len(names) == 5
     with pytest.raises(AutoSKDError, match="matches no student parameter"):
         resolve_trainable(student, ["*nothing*"], "s")
+
+
+def test_unlabelled_stage_on_another_data_file(work, team_and_task, data_csv, tmp_path):
+    """TinyBERT's general distillation as a stage: its pretrain terms on another file's text
+    without labels (no hard-label term, no dev evaluation), then its task stages."""
+    from autoskd.pipeline import DistillConfig
+    from autoskd.staged import distill_stages
+
+    team, task = team_and_task
+    plan = [{"method": "tinybert", "method_stages": ["pretrain"], "data": str(data_csv), "labels": False,
+             "name": "general"},
+            {"method": "tinybert", "method_stages": ["intermediate", "prediction"], "name": "task"}]
+    seen = []
+
+    class Batches(Callback):
+        def on_step_end(self, trainer, ctx, batch, losses):
+            seen.append((ctx.stage, "labels" in batch, set(losses)))
+
+    _, stages = distill_stages(team, task, plan, DistillConfig(batch_size=16), progress=False, callbacks=[Batches()])
+    general = [s for s in seen if s[0] == "pretrain"]
+    assert general and not any(has for _, has, _ in general)
+    assert all("hard_ce" not in keys and "embeddings_mse" in keys for *_, keys in general)
+    assert [s[0] for s in seen if s[0] != "pretrain"][:1] == ["intermediate"] and seen[-1][0] == "prediction"
+    assert stages[0].result.best_dev_acc is None and stages[1].result.best_dev_acc is not None
