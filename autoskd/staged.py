@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .data.collate import make_loader, tokenize_split, unlabelled_split
 from .data.tasks import TaskData, load_task
-from .engine.stages import StageOutcome, StageSpec, load_stage_plan, run_stages
+from .engine.stages import StageOutcome, StageSpec, check_plan, load_stage_plan, run_stages
 from .engine.trainer import TrainResult, evaluate
 from .errors import AutoSKDError
 from .pipeline import (DEFAULT_CACHE, DistillConfig, DistillOutcome, Loaders, _mlm_loaders, build_policy,
@@ -68,6 +68,7 @@ def distill_stages(team, task: TaskData | str, plan, config: DistillConfig | Non
     loaders = make_loaders(task, team.tokenizer, max_length, config.batch_size, config.seed, config.train_split)
     data = _StageData(task, team.tokenizer, max_length, config, loaders)
     student = team.build_student(task, seed=config.seed)
+    check_plan(student, specs, list(team.teachers))
 
     def prepare(spec: StageSpec, method):
         cfg = dataclasses.replace(config, method=spec.method, method_options=dict(spec.options), epochs=spec.epochs,

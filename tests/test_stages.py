@@ -144,6 +144,8 @@ def test_stage_plan_from_the_cli_resumes_after_finished_stages(capsys, work, dat
     ("stages:\n  - {method: kd, options: {temprature: 2}}", "has no option temprature"),
     ("stages:\n  - {method: kd, trainable: ['*.no_such.*']}", "trainable pattern '\\*.no_such.\\*' matches no"),
     ("stages:\n  - {method: kd, lr: fast}", r"stages\[0\].lr must be a number"),
+    ("stages:\n  - {method: kd}\n  - {method: kd, teacher: t9}", "stage 'stage1-kd': teacher 't9' is not in the team"),
+    ("stages:\n  - {method: kd}\n  - {method: kd, trainable: [bert.nope]}", "prefix 'bert.nope' matches no"),
 ])
 def test_bad_plans_fail_in_one_line(capsys, work, data_csv, tmp_path, plan, message):
     import re
@@ -154,6 +156,7 @@ def test_bad_plans_fail_in_one_line(capsys, work, data_csv, tmp_path, plan, mess
                                   "--no-progress"]])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and err.startswith("autoskd: error: ") and re.search(message, err), err
+    assert not (tmp_path / "o").exists()  # refused before the first stage trained
 
 
 def test_glob_patterns_select_exact_parameters(team_and_task):

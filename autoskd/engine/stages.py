@@ -186,6 +186,21 @@ def resolve_trainable(student: nn.Module, patterns: Sequence[str] | None, stage:
     return tuple(dict.fromkeys(out))
 
 
+def check_plan(student: nn.Module, plan: Sequence[StageSpec], teacher_names: Sequence[str]) -> None:
+    """Everything about a plan that can fail, checked before its first stage trains: the
+    teachers each stage names and the parameters its ``trainable`` entries select."""
+    names = [n for n, _ in student.named_parameters()]
+    for spec in plan:
+        for teacher in ([spec.teacher] if spec.teacher else []) + list(spec.teachers or []):
+            if teacher not in teacher_names:
+                raise AutoSKDError(f"stage {spec.name!r}: teacher {teacher!r} is not in the team; choose from: "
+                                   f"{', '.join(teacher_names)}")
+        for prefix in resolve_trainable(student, spec.trainable, spec.name) or ():
+            if not any(n.startswith(prefix) for n in names):
+                raise AutoSKDError(f"stage {spec.name!r}: trainable prefix {prefix!r} matches no student parameter; "
+                                   f"names look like {names[0]!r}")
+
+
 @dataclass
 class StageOutcome:
     name: str
