@@ -1,9 +1,10 @@
 """Every method of GKD's Table 1 and GLMD on one engine, at one small fixed budget (GKD Table 4).
 
-rotten_tomatoes (subsampled), the ladder team (teams/minilm-ladder.yaml: MiniLM cut to a
-2-layer student; teachers of 3, 4 and 6 layers are built): single-teacher methods learn from
-the 6-layer teacher, multi-teacher methods (tmkd, mt_bert, rl_kd, uncertainty) from all
-three, TAKD/DGKD run the chain 6 -> 4-layer assistant -> student (two hops). Budget: the same
+rotten_tomatoes, the ladder team of the search benchmarks (teams/minilm-ladder.yaml: MiniLM
+cut to a 2-layer student; teachers fine-tuned on the whole training split, shared cache):
+students train on ``--max-train`` rows and are scored on the whole dev and test splits.
+Single-teacher methods learn from the 6-layer teacher, multi-teacher methods (tmkd, mt_bert,
+rl_kd, uncertainty) from the 4- and 6-layer ones, TAKD/DGKD run the chain 6 -> 4-layer assistant -> student (two hops). Budget: the same
 number of epochs for every method (``--budget``, default 2), split evenly over the method's
 stages (a pre-training stage on the task's unlabelled texts included where the method has
 one). Each (method, seed) is measured in turn -- peak memory is the process's peak resident set
@@ -37,23 +38,24 @@ METHODS = ["kd", "pkd", "theseus", "tinybert", "mobilebert", "sid", "minilm", "m
 TEACHERS = ["minilm-L4", "minilm-L6"]
 PARTS = ROOT / "results" / "methods_table"
 CACHE = ROOT.parent / ".cache" / "autoskd"
+TEAM_CACHE = ROOT / "runs" / "cache"  # shared with search_vs_random / search_ablation
 
 
 def team_and_task(args):
-    import yaml
+    """The search benchmarks' team (teachers fine-tuned on the whole training split, cached in
+    ``benchmarks/runs/cache``: good teachers, as in GKD's runs) and the medium preset's data
+    (students on ``--max-train`` rows; dev and test whole unless ``--max-eval``)."""
+    from _search_runs import TASK, TEAM
 
     from autoskd.data.tasks import load_task
+    from autoskd.search.run import SearchConfig, load_search_task
     from autoskd.team import TeacherTeam
-    from autoskd.team_spec import TeamSpec
 
-    data = yaml.safe_load((ROOT.parent / "teams" / "minilm-ladder.yaml").read_text())
-    data["teachers"] = [{**t, "finetune": {**t["finetune"], "epochs": args.teacher_epochs}}
-                        for t in data["teachers"] if t["name"] in TEACHERS]
-    full = load_task("rotten_tomatoes", seed=0)
-    team = TeacherTeam(TeamSpec.from_dict(data))  # teachers see more rows than the students' budget
-    team.build(full.subsample(args.teacher_rows, args.max_eval, seed=0), cache_dir=CACHE / "teachers", seed=0,
-               progress=True)
-    return team, full.subsample(args.max_train, args.max_eval, seed=0)
+    _, team_task = load_search_task(dict(TASK), SearchConfig.from_preset("medium"))
+    team = TeacherTeam.from_yaml(TEAM).build(team_task, cache_dir=TEAM_CACHE / "teachers", seed=TASK["seed"],
+                                             progress=True)
+    full = load_task(**TASK)
+    return team, full.subsample(args.max_train, args.max_eval, seed=TASK["seed"])
 
 
 class PeakRSS:
@@ -105,19 +107,22 @@ def run_one(args, team, task) -> dict:
                            method_options={"vocab_alpha": args.glmd_alpha} if name == "glmd" else {})
     start = time.perf_counter()
     if name in ("takd", "dgkd"):
-        out = run_chain(team, task, config, [4], out_dir=CACHE / "methods_table" / f"{name}-s{args.seed}",
-                        cache_dir=CACHE, progress=False)
+        chain_dir = ROOT / "runs" / "methods_table" / f"{name}-s{args.seed}"
+        out = run_chain(team, task, config, [4], out_dir=chain_dir, cache_dir=CACHE, progress=False)
         last = out.hops[-1]
         dev, test, train_seconds, hops = last.dev_acc, last.test_acc, sum(h.seconds for h in out.hops), len(out.hops)
+        pred_file = chain_dir / f"hop{hops - 1}-{last.name}" / "predictions.json"
+        predictions = json.loads(pred_file.read_text())["test"] if pred_file.exists() else None
     else:
         outcome = distill(team, task, config, out_dir=None, cache_dir=CACHE, progress=False,
                           student=team.build_student(task, seed=args.seed))
         dev, test, train_seconds, hops = outcome.dev_acc, outcome.test_acc, outcome.result.seconds, 1
+        predictions = outcome.test_predictions
     return {"method": name, "seed": args.seed, "dev_acc": dev, "test_acc": test,
             "seconds_per_epoch": train_seconds / (args.budget * hops), "train_seconds": train_seconds,
             "wall_seconds": time.perf_counter() - start,
             "stages": (["pretrain"] if "pretrain" in stages else []) + [s for s in stages if s != "pretrain"],
-            "epochs_per_stage": epochs, "hops": hops}
+            "epochs_per_stage": epochs, "hops": hops, "test_predictions": predictions}
 
 
 def ci95(values: list[float]) -> float | None:
@@ -128,7 +133,24 @@ def ci95(values: list[float]) -> float | None:
     return float(t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values)))
 
 
-def aggregate(args) -> dict:
+def _pooled_correct(runs: list[dict], labels: list[int]) -> list[bool] | None:
+    """Right/wrong per test row, pooled over seeds (in seed order), for McNemar's paired test."""
+    if any(r.get("test_predictions") is None for r in runs):
+        return None
+    return [p == y for r in sorted(runs, key=lambda r: r["seed"]) for p, y in zip(r["test_predictions"], labels)]
+
+
+def test_labels(args) -> list[int]:
+    """The test split's labels in loader order (the order every run's predictions are in)."""
+    from _search_runs import TASK
+
+    from autoskd.data.tasks import load_task
+
+    task = load_task(**TASK).subsample(args.max_train, args.max_eval, seed=TASK["seed"])
+    return [int(y) for y in task.split("test")["label"]]
+
+
+def aggregate(args, labels: list[int]) -> dict:
     table = {}
     for name in METHODS:
         runs = [json.loads(p.read_text()) for p in sorted(PARTS.glob(f"{name}-s*.json"))]
@@ -142,11 +164,21 @@ def aggregate(args) -> dict:
                        "hops": runs[0]["hops"], "runs": runs}
     if "kd" in table:
         kd = table["kd"]
+        kd_correct = _pooled_correct(kd["runs"], labels)
         for name, row in table.items():
-            gap = row["dev_acc"] - kd["dev_acc"]
-            noise = max(row["dev_ci95"] or 0.0, kd["dev_ci95"] or 0.0)
-            row["dev_vs_kd"] = gap
-            row["beats_kd"] = bool(gap > noise) if noise else None  # None: one seed, no noise estimate
+            mine = _pooled_correct(row["runs"], labels)
+            if name != "kd" and mine is not None and kd_correct is not None and len(mine) == len(kd_correct):
+                from autoskd.search.stats import mcnemar
+
+                row["test_mcnemar_vs_kd"] = mcnemar(mine, kd_correct)
+            row["dev_vs_kd"] = row["dev_acc"] - kd["dev_acc"]
+            row["test_vs_kd"] = row["test_acc"] - kd["test_acc"]
+            mc = row.get("test_mcnemar_vs_kd")  # paired on the same test rows: decides with one seed
+            row["verdict_vs_kd"] = None if mc is None else "tie" if mc["p_value"] >= 0.05 else \
+                "win" if mc["a_only"] > mc["b_only"] else "loss"
+    for row in table.values():
+        for r in row["runs"]:
+            r.pop("test_predictions", None)  # kept in the per-run files, not in the table
     return table
 
 
@@ -183,14 +215,12 @@ def main() -> int:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--budget", type=float, default=2.0, help="epochs per method, split over its stages")
-    p.add_argument("--max-train", type=int, default=100, help="train and val rows each (students)")
-    p.add_argument("--max-eval", type=int, default=200)
+    p.add_argument("--max-train", type=int, default=500, help="train and val rows each (students)")
+    p.add_argument("--max-eval", type=int, default=None, help="dev/test rows (default: whole)")
     p.add_argument("--lr", type=float, default=5e-4, help="student lr (the quick preset's: cut MiniLM needs a high one)")
     p.add_argument("--mlm-adapt-steps", type=int, default=30)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: the shared CPU spins less)")
-    p.add_argument("--teacher-rows", type=int, default=150, help="train/val rows the teachers are fine-tuned on")
-    p.add_argument("--max-length", type=int, default=32)
-    p.add_argument("--teacher-epochs", type=float, default=1.0, help="teacher fine-tuning epochs")
+    p.add_argument("--max-length", type=int, default=None, help="default: the team's (64)")
     p.add_argument("--glmd-alpha", type=float, default=0.1, help="GLMD vocabulary kept (fraction)")
     p.add_argument("--report", action="store_true", help="only aggregate the finished methods (no training)")
     args = p.parse_args()
@@ -222,12 +252,14 @@ def main() -> int:
 
 def markdown(table: dict) -> str:
     """The README table: one row per finished method, sorted by dev accuracy."""
-    lines = ["| method | dev acc | test acc | vs kd (dev) | s/epoch | peak RSS MiB | stages |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| method | dev acc | test acc | vs kd (dev) | McNemar p vs kd (test) | s/epoch | peak RSS MiB | stages |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in sorted(table.items(), key=lambda kv: -kv[1]["dev_acc"]):
         ci = f" ± {r['dev_ci95']:.3f}" if r.get("dev_ci95") else ""
         gap = "" if name == "kd" or "dev_vs_kd" not in r else f"{r['dev_vs_kd']:+.3f}"
-        lines.append(f"| `{name}` | {r['dev_acc']:.3f}{ci} | {r['test_acc']:.3f} | {gap} | {r['seconds_per_epoch']:.1f} | "
+        mc = r.get("test_mcnemar_vs_kd")
+        pval = "" if mc is None else f"{mc['p_value']:.3f} ({r['verdict_vs_kd']})"
+        lines.append(f"| `{name}` | {r['dev_acc']:.3f}{ci} | {r['test_acc']:.3f} | {gap} | {pval} | {r['seconds_per_epoch']:.1f} | "
                      f"{r['peak_rss_mib']:.0f} | {', '.join(r['stages'])} |")
     return "\n".join(lines)
 
@@ -235,19 +267,20 @@ def markdown(table: dict) -> str:
 def report(args, team) -> int:
     from _common import write_result
 
-    table = aggregate(args)
+    table = aggregate(args, test_labels(args))
     if not table:
         print("no finished method yet")
         return 1
     settings = {k: getattr(args, k) for k in ("budget", "max_train", "max_eval", "lr", "mlm_adapt_steps", "seeds",
-                                              "teacher_rows", "teacher_epochs", "max_length", "glmd_alpha")}
+                                              "max_length", "glmd_alpha")}
     path = write_result("methods_table", {"settings": settings, "teacher": "minilm-L6", "multi_teachers": TEACHERS,
                                           "teacher_dev_acc": team.dev_accuracy if team else None,
                                           "missing": [m for m in METHODS if m not in table], "methods": table})
     plot(table, ROOT / "results" / "methods_table.png")
-    beat = [n for n, r in table.items() if r.get("dev_vs_kd", 0) > 0 and n != "kd"]
+    verdicts = {v: [n for n, r in table.items() if r.get("verdict_vs_kd") == v] for v in ("win", "tie", "loss")}
     print(markdown(table))
-    print(f"wrote {path}; above kd on dev: {', '.join(beat) or 'none'}")
+    print(f"wrote {path}; vs kd on test (McNemar, p < 0.05): " +
+          "; ".join(f"{v}: {', '.join(ns) or 'none'}" for v, ns in verdicts.items()))
     return 0
 
 

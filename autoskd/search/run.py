@@ -26,6 +26,7 @@ from ..engine.own_tokenizer import team_teacher
 from ..engine.teachers import SampledTeacher
 from ..engine.trainer import Distiller, Stage
 from ..errors import AutoSKDError
+from ..models.lazy import LazyModel, model_entry
 from ..models.loading import count_parameters
 from ..pipeline import DistillConfig, make_loaders
 from .arms import baseline_arms, candidate_arms, parse_baselines
@@ -70,6 +71,7 @@ class SearchConfig:
     deepspeed: dict | None = None  # trials (candidates, baselines) train under DeepSpeed
     tensor_parallel: int = 1
     processes: int = 1  # processes per trial (a Ray Train worker group)
+    group_by_length: bool = False  # batch training rows of similar length: less padding, faster steps
 
     @classmethod
     def from_preset(cls, preset: str, **overrides) -> "SearchConfig":
@@ -100,7 +102,8 @@ class SearchConfig:
         return DistillConfig(method="kd", method_options=dict(self.method_options), epochs=self.eval_epochs,
                              lr=self.lr, batch_size=self.batch_size, seed=self.seed, train_split="train_full",
                              theta_scaling=self.theta.scaling, deepspeed=self.deepspeed,
-                             tensor_parallel=self.tensor_parallel, processes=self.processes)
+                             tensor_parallel=self.tensor_parallel, processes=self.processes,
+                             group_by_length=self.group_by_length)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -116,10 +119,15 @@ def _write(path: Path, data) -> None:
     tmp.replace(path)
 
 
+def _shape(entry):
+    """A model, or a lazy one's weightless skeleton (counting parameters reads no weights)."""
+    return entry.shape_model() if isinstance(entry, LazyModel) else entry
+
+
 def capacity_m(team, task, seed: int = 0) -> tuple[int, str]:
     """Appendix A.1's m: the teachers with fewer parameters than the student, and why (one line)."""
     student = count_parameters(team.build_student(task, seed=seed))
-    sizes = {name: count_parameters(model) for name, model in team.teachers.items()}
+    sizes = {name: count_parameters(_shape(model_entry(team.teachers, name))) for name in team.teachers}
     m = ineffective_teacher_count(list(sizes.values()), student)
     weak = [n for n, s in sizes.items() if s < student]
     why = (f"m = {m}: {len(weak)} of {len(sizes)} teachers have fewer parameters than the student "
@@ -143,10 +151,13 @@ def bilevel_search(team, task, config: SearchConfig, m: int, out_dir: Path, cach
         return done
     names = list(team.teachers)
     fps = getattr(team, "fingerprints", {}) or {}
-    teachers = {n: team_teacher(team, n, team.teachers[n], fps.get(n)) for n in names}  # own tokenizers too
+    # weights load on first use: with a warm teacher-output cache the search reads logits only;
+    # a teacher with its own tokenizer reads each row's text itself (autoskd.engine.own_tokenizer)
+    teachers = {n: team_teacher(team, n, model_entry(team.teachers, n), fps.get(n)) for n in names}
     dist = TeacherDistribution.uniform(len(names))
     policy = SampledTeacher(teachers, dist.theta, seed=config.seed, scaling=theta_cfg.scaling)
-    loaders = make_loaders(task, team.tokenizer, team.max_length, config.batch_size, config.seed, train_split="train")
+    loaders = make_loaders(task, team.tokenizer, team.max_length, config.batch_size, config.seed, train_split="train",
+                           group_by_length=config.group_by_length)
     val_tok = tokenize_split(task.split("val"), team.tokenizer, team.max_length)
     val_loader = make_loader(val_tok, team.tokenizer, config.batch_size, shuffle=True, seed=config.seed + 1)
     cache = TeacherOutputCache(cache_dir / "teacher_outputs")
