@@ -105,6 +105,12 @@ def cmd_distill(args) -> int:
     from .pipeline import DistillConfig, distill
 
     options = _parse_options(args.option)
+    from .engine.stages import is_stage_plan
+
+    if is_stage_plan(args.method):  # a YAML 'stages:' plan, each stage its own method (autoskd.staged)
+        from .staged import cmd_distill_stages
+
+        return cmd_distill_stages(args, options)
     get_method(args.method, **options)  # a typo fails now, not after the teachers are built
     if (Path(args.out) / "result.json").exists():  # never overwrite a finished student
         raise AutoSKDError(f"--out {args.out} already holds a finished run (result.json); pass a new --out folder")
@@ -196,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_team_args(p)
     _add_data_args(p)
     p.add_argument("--method", default="kd", help="method name (see `autoskd methods`), a combination "
-                   "'tinybert+minilmv2', or a YAML file listing methods with weights")
+                   "'tinybert+minilmv2', a YAML file listing methods with weights, or a YAML 'stages:' plan")
     p.add_argument("--teachers", help="comma list of members for multi-teacher methods (default: all)")
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="method option, e.g. temperature=2 (repeatable)")
     p.add_argument("--teacher", help="team member to distil from (default: best on dev)")

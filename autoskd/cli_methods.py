@@ -64,6 +64,11 @@ def cmd_analyse(args) -> int:
     team = _build_team(args, task)
     teacher = config.teacher or max(team.dev_accuracy, key=team.dev_accuracy.get)
     config.teacher = teacher
+    if teacher in (getattr(team, "own_tokenizers", None) or {}):
+        from .errors import AutoSKDError
+
+        raise AutoSKDError(f"analyse compares token-level features, but teacher {teacher!r} uses its own tokenizer; "
+                           "pick a teacher that shares the student's tokenizer with --teacher")
     loaders = make_loaders(task, team.tokenizer, config.max_length or team.max_length, config.batch_size, config.seed)
     recorder = DistanceRecorder(team.teachers[teacher], islice(loaders.dev, args.dev_batches), every=args.every)
     distill(team, task, config, out_dir=None, cache_dir=args.cache_dir, progress=not args.no_progress,

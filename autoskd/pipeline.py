@@ -121,19 +121,26 @@ def build_policy(team, config: DistillConfig, method: Method | None = None) -> T
         return None
     if not getattr(team, "teachers", None):
         raise AutoSKDError("the team has no built teachers; call team.build(task) first")
+    from .engine.own_tokenizer import OwnTokenizerTeacher, check_logit_level, team_teacher
+
     fps = getattr(team, "fingerprints", {}) or {}
-    teachers = {name: Teacher(name, model_entry(team.teachers, name), fps.get(name)) for name in team.teachers}
+    teachers = {name: team_teacher(team, name, model_entry(team.teachers, name), fps.get(name), config.max_length)
+                for name in team.teachers}
+    own = [n for n, t in teachers.items() if isinstance(t, OwnTokenizerTeacher)]
     if isinstance(method, MultiTeacherMethod) or getattr(method, "multi", False):
         names = config.teachers or list(teachers)
         unknown = [n for n in names if n not in teachers]
         if unknown:
             raise AutoSKDError(f"teacher {unknown[0]!r} is not in the team; choose from: {', '.join(teachers)}")
+        check_logit_level(method, [n for n in own if n in names])
         return AllTeachers({n: teachers[n] for n in names})
     if config.policy == "single":
         name = config.teacher or max(team.dev_accuracy, key=team.dev_accuracy.get)
         if name not in teachers:
             raise AutoSKDError(f"teacher {name!r} is not in the team; choose one of: {', '.join(teachers)}")
+        check_logit_level(method, [n for n in own if n == name])
         return SingleTeacher(teachers[name])
+    check_logit_level(method, own)
     if config.policy == "average":
         return AverageTeachers(teachers)
     if config.policy == "sampled":

@@ -33,6 +33,8 @@ ZERO = {
                       "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto",
                                                                 "torch_adam": True}}},
     "zero1_accum": {"zero_optimization": {"stage": 1}, "gradient_accumulation_steps": 2},
+    # every parameter partitioned (none kept whole as "small"): any read outside a gather fails
+    "zero3_all": {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}},
 }
 
 
@@ -85,6 +87,11 @@ class Interrupt(Callback):
 def run(deepspeed=None, tensor_parallel=None, out_dir=None, callbacks=(), resume=False, epochs=1.0,
         method="tinybert", batch_size: int = 8) -> dict:
     teacher, student = bert(4, 48, seed=1), bert(2, 32, seed=2)
+    if method == "glmd":  # word-prediction distillation: the teacher needs BERT's MLM head
+        from autoskd.engine.mlm import attach_mlm_head  # noqa: PLC0415
+
+        torch.manual_seed(3)
+        attach_mlm_head(teacher)
     record = RecordLosses()
     distiller = Distiller(student, method, teacher, seed=0, progress=False, deepspeed=deepspeed,
                           tensor_parallel=tensor_parallel, out_dir=out_dir, callbacks=[record, *callbacks],
@@ -102,6 +109,8 @@ def main(out: str, cases: list[str]) -> None:
     for case in cases:
         if case in ZERO:
             result = run(deepspeed=ZERO[case])
+        elif case == "zero3_glmd":  # mlm_logits of student and teacher through the ZeRO-3 hooks
+            result = run(deepspeed=ZERO["zero3_all"], method="glmd")
         elif case == "zero3_resume":
             ckpt = out_dir / "resume-run"
             try:

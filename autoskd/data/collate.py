@@ -24,12 +24,15 @@ class TokenizedSplit(Dataset):
     because the loader indexes row by row every epoch.
     """
 
-    def __init__(self, columns: dict[str, list]):
+    def __init__(self, columns: dict[str, list], texts: list[str] | None = None, pairs: list[str] | None = None):
         lengths = {len(v) for v in columns.values()}
         if len(lengths) > 1:
             raise ValueError(f"columns have different lengths: { {k: len(v) for k, v in columns.items()} }")
         self.columns = columns
         self._len = lengths.pop() if lengths else 0
+        # The raw text of each row (not a column: batches never carry it). A teacher with its own
+        # tokenizer reads it to tokenise the same rows itself (autoskd.engine.own_tokenizer).
+        self.texts, self.pairs = texts, pairs
 
     def __len__(self) -> int:
         return self._len
@@ -60,14 +63,14 @@ def tokenize_split(ds: datasets.Dataset, tokenizer, max_length: int) -> Tokenize
     if "label" in ds.column_names:
         columns["label"] = list(ds["label"])
     columns["idx"] = list(ds["idx"]) if "idx" in ds.column_names else list(range(len(texts)))
-    return TokenizedSplit(columns)
+    return TokenizedSplit(columns, texts=texts, pairs=pairs)
 
 
 def unlabelled_split(ds):
     """The same rows without labels (for a pre-training-style stage); batches then carry no
     ``labels``. Accepts a raw ``datasets.Dataset`` or a :class:`TokenizedSplit`."""
     if isinstance(ds, TokenizedSplit):
-        return TokenizedSplit({k: v for k, v in ds.columns.items() if k != "label"})
+        return TokenizedSplit({k: v for k, v in ds.columns.items() if k != "label"}, ds.texts, ds.pairs)
     return ds.remove_columns("label") if "label" in ds.column_names else ds
 
 

@@ -9,7 +9,8 @@ which ZeRO-Offload accepts (``zero_force_ds_cpu_optimizer`` is set to false for 
 What trains under DeepSpeed is one module holding the student *and* the auxiliary model
 (projections). Its ``forward`` runs the trainer's loss closure, so under ZeRO-3 the engine's
 hooks gather every parameter the student forward, the extraction hooks and the projections read
-and release them after. The frozen teachers are sharded too under ZeRO-3 (an optimizer-less
+and release them after; an MLM head's decoder, tied to the word embeddings, gathers them as a
+DeepSpeed external parameter, so word predictions (``mlm_logits``) work under ZeRO-3 too. The frozen teachers are sharded too under ZeRO-3 (an optimizer-less
 ZeRO-3 engine, as for inference), unless ``shard_teacher=False``. After each stage the modules
 are left unsharded (plain parameters with the trained values), so evaluation and
 ``save_pretrained`` work as in one process.
@@ -181,6 +182,46 @@ def unshard(module: nn.Module) -> None:
                 mod._parameters[name] = new[id(p)]
 
 
+def register_tied_decoders(model: nn.Module) -> list[tuple[nn.Module, nn.Parameter]]:
+    """Under ZeRO-3, make each MLM head of ``model`` gather the word embedding it is tied to.
+
+    BERT's MLM head (:class:`autoskd.engine.mlm.MLMHead`) multiplies by the word embeddings'
+    weight, a parameter of another module; ZeRO-3 gathers a parameter only for its own module's
+    forward and backward, so the head would read an empty partition. DeepSpeed's external
+    parameters are the documented fix: the head then gathers (and releases) it too. Returns the
+    pairs, for :func:`unregister_tied_decoders`."""
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+    from .mlm import MLMHead
+
+    pairs = [(head, head.decoder_weight) for head in model.modules()
+             if isinstance(head, MLMHead) and hasattr(head.decoder_weight, "ds_id")]
+    for head, weight in pairs:
+        register_external_parameter(head, weight)
+    return pairs
+
+
+def unregister_tied_decoders(pairs: list[tuple[nn.Module, nn.Parameter]]) -> None:
+    """Before the parameters are unsharded (replaced): forget the old external parameters."""
+    from deepspeed.runtime.zero.partition_parameters import unregister_external_parameter
+
+    for head, weight in pairs:
+        unregister_external_parameter(head, weight)
+
+
+def forget_backward_hooks(module: nn.Module) -> None:
+    """Drop the backward-hook functions a destroyed ZeRO-3 engine left on ``module``'s submodules.
+
+    DeepSpeed keeps them in each submodule's ``__dict__`` (bound to that engine's parameter
+    coordinator) and ``destroy()`` leaves them; the next stage's engine would reuse them, so its
+    backward gathers and releases through the old coordinator and trips its bookkeeping (an
+    assertion once no outer module of the old engine is active, e.g. a loss on word predictions
+    only). Dropped, the next engine installs its own."""
+    for sub in module.modules():
+        for key in ("pre_bwd_fn", "post_bwd_fn", "applied_pre_backward_ref_cnt", "ds_grads_remaining"):
+            sub.__dict__.pop(key, None)
+
+
 class ShardedBatches:
     """This rank's contiguous slice of each of ``loader``'s (global) batches."""
 
@@ -214,6 +255,8 @@ class DeepSpeedBackend(TorchBackend):
                                "drop --deepspeed or shard only the teacher")
         self.engine = None
         self.teacher_engines: list = []
+        self._tied: list = []  # the student's MLM heads' external parameters in this stage
+        self._teacher_tied: list = []  # the sharded teachers' ones
         self._pending: dict | None = None
 
     def signature(self) -> dict:
@@ -248,6 +291,7 @@ class DeepSpeedBackend(TorchBackend):
             teacher.fingerprint  # noqa: B018 - computed now, while the weights are whole
             engine, *_ = deepspeed.initialize(model=teacher.model, config=cfg)
             engine.eval()
+            self._teacher_tied += register_tied_decoders(teacher.model)  # a word-predicting teacher's head
             self.teacher_engines.append(engine)
 
     def start_stage(self, distiller, stage, total_steps: int, params):
@@ -268,6 +312,7 @@ class DeepSpeedBackend(TorchBackend):
         self.engine, optimizer, _, scheduler = deepspeed.initialize(
             model=module, optimizer=optimizer, model_parameters=param_groups(params, stage.weight_decay),
             lr_scheduler=scheduler, config=cfg)
+        self._tied = register_tied_decoders(module) if self.stage == 3 else []
         self.resolved = cfg
         return optimizer, scheduler
 
@@ -342,17 +387,24 @@ class DeepSpeedBackend(TorchBackend):
     def end_stage(self, distiller) -> None:
         """Leave plain modules: ZeRO-3 partitions are gathered back into whole parameters."""
         if self.engine is not None:
+            unregister_tied_decoders(self._tied)
+            self._tied = []
             if self.stage == 3:
                 unshard(distiller.student)
                 unshard(distiller.auxiliary)
             self.engine.destroy()
             self.engine = None
+            forget_backward_hooks(distiller.student)
+            forget_backward_hooks(distiller.auxiliary)
 
     def finish(self, distiller) -> None:
         """After the run: unshard the teachers too (the team may be used again in this process)."""
+        unregister_tied_decoders(self._teacher_tied)
+        self._teacher_tied = []
         for engine in self.teacher_engines:
             unshard(engine.module)
             engine.destroy()
+            forget_backward_hooks(engine.module)
         self.teacher_engines = []
         super().finish(distiller)
 

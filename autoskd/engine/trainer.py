@@ -150,6 +150,15 @@ def _set_generators(obj, states: dict) -> None:
         getattr(obj, k).set_state(g_state)
 
 
+def _loader_generators(stages) -> list:
+    """The shuffling generators of the stages' loaders (one entry per stage; None: global RNG).
+
+    All of them are checkpointed, not only the current stage's: stages often share one loader,
+    and a run resumed at the start of a later stage must draw the order the unbroken run draws
+    there (its generator has advanced through the earlier stages' epochs)."""
+    return [getattr(s.train.sampler, "generator", None) for s in stages]
+
+
 class Distiller:
     """Train ``student`` with ``method`` from ``teachers`` through a list of stages.
 
@@ -273,6 +282,12 @@ class Distiller:
             result.history, best_state = state["history"], state.get("best_state")
             result.best_dev_acc, result.best_epoch = state.get("best_dev_acc"), state.get("best_epoch")
             done_stage, done_epoch = state["stage_index"], state["epoch"]
+            gen_states = state.get("sampler_states")
+            if gen_states is None:  # a checkpoint from before all stages' generators were saved
+                gen_states = [state.get("sampler_state") if i == done_stage else None for i in range(len(stages))]
+            for gen, gen_state in zip(_loader_generators(stages), gen_states):
+                if gen is not None and gen_state is not None:
+                    gen.set_state(gen_state)  # data order where the unbroken run would be
         else:
             self.log.reset()
 
@@ -300,9 +315,6 @@ class Distiller:
             self.optimizer = optimizer  # callbacks read the current learning rate from it
             if resumed_state is not None and stage_index == done_stage:
                 self.backend.restore_stage(resumed_state, optimizer, scheduler)
-                sampler_gen = getattr(stage.train.sampler, "generator", None)
-                if sampler_gen is not None and resumed_state.get("sampler_state") is not None:
-                    sampler_gen.set_state(resumed_state["sampler_state"])
             for cb in self.callbacks:
                 cb.on_stage_start(self, ctx)
             step = first_epoch * steps_per_epoch
@@ -349,7 +361,7 @@ class Distiller:
                     cb.on_epoch_end(self, ctx, metrics)
                 if self.checkpoint:
                     self._save_checkpoint(ckpt_path, signature, stage_index, epoch + 1, optimizer, scheduler,
-                                          stage, result, best_state)
+                                          stages, result, best_state)
             bar.close()
             self.backend.end_stage(self)
             for cb in self.callbacks:
@@ -402,13 +414,13 @@ class Distiller:
         return state
 
     def _save_checkpoint(self, path: Path, signature: dict, stage_index: int, epoch: int, optimizer, scheduler,
-                         stage: Stage, result: TrainResult, best_state: dict | None) -> None:
-        sampler_gen = getattr(stage.train.sampler, "generator", None)
+                         stages: Sequence[Stage], result: TrainResult, best_state: dict | None) -> None:
         rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
                "method": _generator_states(self.method)}
         state = {"signature": signature, "stage_index": stage_index, "epoch": epoch,
                  "global_step": self.ctx.global_step,
-                 "sampler_state": sampler_gen.get_state() if sampler_gen is not None else None, "rng": rng,
+                 "sampler_states": [g.get_state() if g is not None else None for g in _loader_generators(stages)],
+                 "rng": rng,
                  "policy": self.policy.state_dict() if self.policy is not None else {},
                  "history": result.history, "best_dev_acc": result.best_dev_acc, "best_epoch": result.best_epoch,
                  "best_state": best_state}

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from ..data.collate import make_loader, tokenize_split
 from ..engine.teacher_cache import TeacherOutputCache
-from ..engine.teachers import SampledTeacher, Teacher
+from ..engine.own_tokenizer import team_teacher
+from ..engine.teachers import SampledTeacher
 from ..engine.trainer import Distiller, Stage
 from ..errors import AutoSKDError
 from ..models.lazy import LazyModel, model_entry
@@ -150,8 +151,9 @@ def bilevel_search(team, task, config: SearchConfig, m: int, out_dir: Path, cach
         return done
     names = list(team.teachers)
     fps = getattr(team, "fingerprints", {}) or {}
-    # weights load on first use: with a warm teacher-output cache the search reads logits only
-    teachers = {n: Teacher(n, model_entry(team.teachers, n), fps.get(n)) for n in names}
+    # weights load on first use: with a warm teacher-output cache the search reads logits only;
+    # a teacher with its own tokenizer reads each row's text itself (autoskd.engine.own_tokenizer)
+    teachers = {n: team_teacher(team, n, model_entry(team.teachers, n), fps.get(n)) for n in names}
     dist = TeacherDistribution.uniform(len(names))
     policy = SampledTeacher(teachers, dist.theta, seed=config.seed, scaling=theta_cfg.scaling)
     loaders = make_loaders(task, team.tokenizer, team.max_length, config.batch_size, config.seed, train_split="train",
