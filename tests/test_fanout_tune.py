@@ -159,3 +159,22 @@ def test_asha_stops_losing_arms_and_resume_keeps_them(ray_local, tmp_path):
     assert [r["status"] for r in again] == ["loaded"] * 3  # stopped arms are finished work too
     with pytest.raises(Exception, match="executor 'ray'"):
         run_arms(spec, arms, executor="local", scheduler="asha")
+
+
+def test_tune_prebuilds_the_team_the_trials_use(monkeypatch, tmp_path):
+    """With ``teachers_full_data`` the driver's one-off team build must be the trials' own team
+    (whole training split); it used to fine-tune a second team on the students' rows."""
+    from autoskd.fanout import tune as tune_module
+
+    seen = []
+
+    def fake_build(self, task, progress=False):
+        seen.append(self.task.get("teachers_full_data"))
+
+    monkeypatch.setattr(TrialSpec, "build_team", fake_build)
+    monkeypatch.setattr(TrialSpec, "load_task", lambda self: None)
+    spec = TrialSpec(team_path="teams/tiny-test.yaml", task={"name_or_path": "rotten_tomatoes", "max_train": 50,
+                                                            "teachers_full_data": True},
+                     root=str(tmp_path), cache_dir=str(tmp_path / "cache"))
+    tune_module._build_team(spec, progress=False)
+    assert seen == [True]

@@ -97,12 +97,10 @@ def _max_epochs(space: SearchSpace, base: dict) -> int:
 
 
 def _build_team(spec: TrialSpec, progress: bool) -> None:
-    """Fine-tune (or find cached) the team's teachers once, before any trial needs them."""
-    from ..team import TeacherTeam
-
-    task = spec.load_task()
-    TeacherTeam.from_yaml(spec.team_path).build(task, cache_dir=Path(spec.cache_dir) / "teachers", seed=spec.seed,
-                                                progress=progress)
+    """Fine-tune (or find cached) the team's teachers once, before any trial needs them: the
+    same team the trials build (``TrialSpec.build_team``, whole training split with
+    ``teachers_full_data``), never a second one on the students' rows."""
+    spec.build_team(spec.load_task(), progress=progress)
 
 
 def run_tune(space: SearchSpace, team_path: str, task_args: dict, settings: TuneSettings, out_dir: str | Path,

@@ -126,14 +126,14 @@ class TrialSpec:
             task = task.subsample(max_train, max_eval, seed=self.seed)
         return task
 
-    def build_team(self, task):
+    def build_team(self, task, progress: bool = False):
         """The team as the search built it: on the whole training split with ``teachers_full_data``."""
         from ..team import TeacherTeam
 
         if self.task.get("teachers_full_data"):
             task = teacher_task(self._full_task(), task)
         team = TeacherTeam.from_yaml(self.team_path)
-        return team.build(task, cache_dir=Path(self.cache_dir) / "teachers", seed=self.seed, progress=False)
+        return team.build(task, cache_dir=Path(self.cache_dir) / "teachers", seed=self.seed, progress=progress)
 
 
 def teacher_task(full, students):
