@@ -275,7 +275,7 @@ def report(args, team) -> int:
                                               "max_length", "glmd_alpha")}
     path = write_result("methods_table", {"settings": settings, "teacher": "minilm-L6", "multi_teachers": TEACHERS,
                                           "teacher_dev_acc": team.dev_accuracy if team else None,
-                                          "missing": [m for m in METHODS if m not in table], "methods": table})
+                                          "missing": ", ".join(m for m in METHODS if m not in table), "methods": table})
     plot(table, ROOT / "results" / "methods_table.png")
     verdicts = {v: [n for n, r in table.items() if r.get("verdict_vs_kd") == v] for v in ("win", "tie", "loss")}
     print(markdown(table))
