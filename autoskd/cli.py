@@ -115,7 +115,7 @@ def cmd_distill(args) -> int:
     if (Path(args.out) / "result.json").exists():  # never overwrite a finished student
         raise AutoSKDError(f"--out {args.out} already holds a finished run (result.json); pass a new --out folder")
     if args.teacher is not None:  # a typo fails now, not after the teachers are built
-        from .team_spec import TeamSpec
+        from .team.spec import TeamSpec
 
         names = [t.name for t in TeamSpec.from_yaml(args.team).teachers]
         if args.teacher not in names:

@@ -187,16 +187,15 @@ def _mlm_loaders(method: Method, config: DistillConfig, task: TaskData, tokenize
     return {"pretrain": loader, "task": loader}
 
 
-def prepare_mlm_teachers(method: Method, policy: TeacherPolicy | None, stages: list[Stage], loader: DataLoader | None,
+def prepare_mlm_teachers(method: Method, policy: TeacherPolicy | None, loader: DataLoader | None,
                          config: DistillConfig, progress: bool = True) -> dict:
     """Run the MLM adaptation stage of every teacher whose word predictions the method reads
     (once per teacher model: the adapted head stays on it). Returns ``{teacher: MLM losses}``."""
     from .engine.mlm import adapt_teacher_mlm
 
-    # every stage any loss names, not only those that run: the method checks its teachers' MLM
-    # heads at set-up (DistilBERT without its pre-training stage still names word predictions)
-    named = [s.name for s in stages] + [loss.stage for loss in method.spec.losses]
-    if policy is None or loader is None or not method.reads_teacher_mlm(named):
+    # any loss, not only those of the stages that run: the method checks its teachers' MLM heads
+    # at set-up (DistilBERT without its pre-training stage still names word predictions)
+    if policy is None or loader is None or not method.reads_teacher_mlm({loss.stage for loss in method.spec.losses}):
         return {}
     done = {}
     for name, model in policy.models.items():
@@ -229,7 +228,7 @@ def distill(team, task: TaskData | str, config: DistillConfig | None = None, *, 
     policy = build_policy(team, config, method)
     out_dir = Path(out_dir) if out_dir else None
     stages = method_stages(method, config, loaders, unlabelled, masked)
-    prepare_mlm_teachers(method, policy, stages, masked.get("pretrain"), config, progress)
+    prepare_mlm_teachers(method, policy, masked.get("pretrain"), config, progress)
     tokenizer = team.tokenizer
     if callable(getattr(method, "compress", None)) and policy is not None:  # GLMD's vocabulary compression
         teacher = next(iter(policy.models.values()))

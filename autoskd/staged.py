@@ -91,7 +91,7 @@ def distill_stages(team, task: TaskData | str, plan, config: DistillConfig | Non
         if not spec.labels or spec.data != "task":
             stages = [dataclasses.replace(s, evaluate=s.evaluate and spec.labels) for s in stages]
         policy = build_policy(team, cfg, method)
-        prepare_mlm_teachers(method, policy, stages, masked.get("pretrain"), cfg, progress)
+        prepare_mlm_teachers(method, policy, masked.get("pretrain"), cfg, progress)
         return policy, stages
 
     outcomes = run_stages(student, specs, prepare, dev=loaders.dev, out_dir=out_dir, seed=config.seed,

@@ -151,6 +151,8 @@ def test_labels(args) -> list[int]:
 
 
 def aggregate(args, labels: list[int]) -> dict:
+    from autoskd.search.stats import mcnemar
+
     table = {}
     for name in METHODS:
         runs = [json.loads(p.read_text()) for p in sorted(PARTS.glob(f"{name}-s*.json"))]
@@ -168,8 +170,6 @@ def aggregate(args, labels: list[int]) -> dict:
         for name, row in table.items():
             mine = _pooled_correct(row["runs"], labels)
             if name != "kd" and mine is not None and kd_correct is not None and len(mine) == len(kd_correct):
-                from autoskd.search.stats import mcnemar
-
                 row["test_mcnemar_vs_kd"] = mcnemar(mine, kd_correct)
             row["dev_vs_kd"] = row["dev_acc"] - kd["dev_acc"]
             row["test_vs_kd"] = row["test_acc"] - kd["test_acc"]

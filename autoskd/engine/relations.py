@@ -142,20 +142,25 @@ def window_angle(x: Tensor, *, mask: Tensor | None = None, arg: str = "") -> Ten
     return angles * mw.unsqueeze(-1) * mw.unsqueeze(-2)
 
 
-@TRANSFORMS.register("span_relation")
-def span_relation(x: Tensor, *, mask: Tensor | None = None, arg: str = "") -> Tensor:
-    """MGSKD's span-level relation: mean vectors of consecutive n-token spans (n = 4), then
-    their cosine matrix: [B, T, H] -> [B, S, S] (S = ceil(T/n)); empty spans contribute 0."""
-    n = int(arg or 4)
+def _span_means(x: Tensor, mask: Tensor | None, n: int) -> tuple[Tensor, Tensor]:
+    """Mean vectors of consecutive n-token spans over real tokens, [B, T, H] -> [B, S, H]
+    (S = ceil(T/n)), and which spans hold any real token, [B, S] (bool)."""
     x = _f32(x)
     b, t, h = x.shape
     m = mask.to(x.device, x.dtype) if mask is not None else x.new_ones(b, t)
     pad = (-t) % n
     xs = F.pad(x * m[..., None], (0, 0, 0, pad)).view(b, -1, n, h).sum(2)
     ms = F.pad(m, (0, pad)).view(b, -1, n).sum(2)
-    spans = xs / ms.clamp_min(1.0)[..., None]
+    return xs / ms.clamp_min(1.0)[..., None], ms > 0
+
+
+@TRANSFORMS.register("span_relation")
+def span_relation(x: Tensor, *, mask: Tensor | None = None, arg: str = "") -> Tensor:
+    """MGSKD's span-level relation: mean vectors of consecutive n-token spans (n = 4), then
+    their cosine matrix: [B, T, H] -> [B, S, S] (S = ceil(T/n)); empty spans contribute 0."""
+    spans, real = _span_means(x, mask, int(arg or 4))
     rel = cos_matrix(spans)
-    real = (ms > 0).to(rel.dtype)
+    real = real.to(rel.dtype)
     return rel * real[:, :, None] * real[:, None, :]
 
 
@@ -200,15 +205,9 @@ _attrs(gram, pairwise=True, own_mask=True, merges_heads=False)
 def span_angle(x: Tensor, *, mask: Tensor | None = None, arg: str = "") -> Tensor:
     """MGSKD's span triplet angles: angle relation among the n-token span vectors
     [B, T, H] -> [B, S, S, S]; triples touching an empty span are zeroed."""
-    n = int(arg or 4)
-    x = _f32(x)
-    b, t, h = x.shape
-    m = mask.to(x.device, x.dtype) if mask is not None else x.new_ones(b, t)
-    pad = (-t) % n
-    xs = F.pad(x * m[..., None], (0, 0, 0, pad)).view(b, -1, n, h).sum(2)
-    ms = F.pad(m, (0, pad)).view(b, -1, n).sum(2)
-    ang = angle_tensor(xs / ms.clamp_min(1.0)[..., None])
-    real = (ms > 0).to(ang.dtype)
+    spans, real = _span_means(x, mask, int(arg or 4))
+    ang = angle_tensor(spans)
+    real = real.to(ang.dtype)
     return ang * real[:, :, None, None] * real[:, None, :, None] * real[:, None, None, :]
 
 
