@@ -23,7 +23,7 @@ def add_parallel_args(p: argparse.ArgumentParser, trials: bool = False) -> None:
                    help="split the teacher's layers over N ranks (needs N processes from a launcher)")
     if trials:
         g.add_argument("--processes-per-trial", type=int, default=1, metavar="N",
-                       help="run each trial as one N-process job (Ray Train worker group; with --executor ray)")
+                       help="run each trial (and a search's θ phase) as one N-process job (Ray Train worker group)")
 
 
 def parallel_config(args) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,7 @@ class DistillOutcome:
     out_dir: Path | None
     teacher_counts: dict[str, int] | None = None
     test_predictions: list[int] | None = None
+    eval_seconds: float = 0.0  # the final scoring after training (test, and dev when fit did not)
 
     def summary(self) -> dict:
         return {"dev_acc": self.dev_acc, "test_acc": self.test_acc, "best_dev_acc": self.result.best_dev_acc,
@@ -244,11 +246,14 @@ def distill(team, task: TaskData | str, config: DistillConfig | None = None, *, 
                           callbacks=callbacks, teacher_cache=Path(cache_dir) / "teacher_outputs",
                           checkpoint=out_dir is not None, **parallel_options(config))
     result = distiller.fit(stages, dev=loaders.dev, resume=out_dir is not None)
-    dev = evaluate(student, loaders.dev, distiller.device)["accuracy"]
+    start = time.perf_counter()
+    dev = result.student_dev_acc  # fit scored these very weights on dev already
+    if dev is None:
+        dev = evaluate(student, loaders.dev, distiller.device)["accuracy"]
     scored = evaluate(student, loaders.test, distiller.device, predictions=True)
     counts = dict(policy.counts) if isinstance(policy, SampledTeacher) else None
     outcome = DistillOutcome(student, tokenizer, dev, scored["accuracy"], result, out_dir, counts,
-                             scored["predictions"])
+                             scored["predictions"], eval_seconds=time.perf_counter() - start)
     if out_dir is not None and distiller.backend.is_main:  # one rank writes the student
         save_run(outcome, config, team, task)
     distiller.backend.barrier()

@@ -87,8 +87,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--epochs", type=float, default=6.0)
-    ap.add_argument("--max-train", type=int, default=1000)
-    ap.add_argument("--max-eval", type=int, default=400)
+    ap.add_argument("--max-train", type=int, default=300)
+    ap.add_argument("--max-eval", type=int, default=200)
     ap.add_argument("--work", default=str(ROOT / "benchmarks" / "runs" / "asha"), help="runs kept here (resumable)")
     args = ap.parse_args()
     sp = space(args.epochs)
@@ -97,7 +97,8 @@ def main() -> None:
     ray_start = start_ray()
     # a persistent folder: a killed benchmark resumes (finished runs are read back, and a tune
     # interrupted mid-way resumes without redoing its finished trials)
-    work = Path(args.work)
+    # one folder per setting: a rerun with other sizes never mixes its runs with these
+    work = Path(args.work) / f"train{args.max_train}-eval{args.max_eval}-ep{args.epochs:g}"
     work.mkdir(parents=True, exist_ok=True)
     team = tiny_team(work) if not (work / "team.yaml").exists() else work / "team.yaml"
     for seed in args.seeds:

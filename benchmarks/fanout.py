@@ -62,7 +62,7 @@ def run_layout(name: str, cpus_per_trial: int, task: dict, cache: Path, work: Pa
                                              base={"seed": 0}), out, cache_dir=cache, progress=False)
     wall = time.perf_counter() - start
     records = [json.loads(p.read_text()) for p in sorted(out.glob("trials/*/trial.json"))]
-    busy = sum(r["train_seconds"] for r in records)
+    busy = sum(r["train_eval_seconds"] for r in records)  # training, per-epoch dev and final test scoring
     slots = 2 // cpus_per_trial
     return {"layout": name, "concurrent": slots, "threads_per_trial": cpus_per_trial, "wall_seconds": round(wall, 1),
             "trials": len(records), "trials_per_hour": round(3600 * len(records) / wall, 1),

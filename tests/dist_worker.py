@@ -119,6 +119,10 @@ def main(out: str, cases: list[str]) -> None:
             except KeyboardInterrupt:
                 pass
             result = run(deepspeed=ZERO["zero3"], out_dir=ckpt, resume=True)
+        elif case.startswith("search_"):  # AutoSKD's θ step on every rank (tests/theta_cases.py)
+            from theta_cases import run_search  # noqa: PLC0415
+
+            result = run_search(deepspeed=ZERO[case.removeprefix("search_")])
         elif case.startswith("tp"):
             from tp_cases import run_tp_case  # noqa: PLC0415
 

@@ -23,7 +23,7 @@ from autoskd.errors import AutoSKDError
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = ["zero0", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload", "zero2_ds_adam", "zero1_accum",
-         "zero3_resume", "zero3_glmd", "tp_teacher", "tp_student", "tp_zero2"]
+         "zero3_resume", "zero3_glmd", "tp_teacher", "tp_student", "tp_zero2", "search_zero2", "search_zero3_all"]
 LOSS_TOL, WEIGHT_TOL = 1e-5, 5e-5
 
 
@@ -95,6 +95,26 @@ def test_word_predictions_under_zero3(distributed):
     ref = w.run(method="glmd")
     got = distributed["zero3_glmd"]
     assert len(got["losses"]) == len(ref["losses"]) == 6  # pretrain, task_mlm, task x 2 batches
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), atol=LOSS_TOL, rtol=0)
+    assert_same_weights(got["weights"], ref["weights"])
+
+
+@pytest.mark.parametrize("case", ["search_zero2", "search_zero3_all"])
+def test_search_theta_steps_under_zero_equal_one_process(distributed, case):
+    """AutoSKD's bilevel search on 2 ranks, each holding half of every train batch (and under
+    ZeRO-3 a partition of every weight): θ's trajectory through phase 1, the drop and phase 2 is
+    the one-process trajectory on whole batches, on *both* ranks, and so are the student's losses
+    and weights (without averaging the virtual step over the ranks, θ drifts by ~1e-3)."""
+    from theta_cases import run_search
+
+    ref = run_search()
+    got = distributed[case]
+    assert len(ref["theta"]) == 6 and ref["dropped"] == [2]  # 3 teachers, 4 steps, the weakest dropped
+    assert max(abs(a - b) for a, b in zip(ref["theta"][-1], ref["theta"][-2])) > 1e-3  # phase 2 moves θ
+    assert got["dropped"] == ref["dropped"] and got["counts"] == ref["counts"]
+    assert len(got["theta_per_rank"]) == 2
+    for theta in got["theta_per_rank"]:
+        torch.testing.assert_close(torch.tensor(theta), torch.tensor(ref["theta"]), atol=1e-6, rtol=0)
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), atol=LOSS_TOL, rtol=0)
     assert_same_weights(got["weights"], ref["weights"])
 

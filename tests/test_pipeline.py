@@ -91,3 +91,23 @@ def test_word_prediction_method_without_its_pretraining_stage_still_adapts_the_t
     out = distill(team, task, config, out_dir=None, cache_dir=tmp_path / "cache", progress=False)
     assert getattr(team.teachers["deep"], "_autoskd_mlm_adapted", False)
     assert 0 <= out.dev_acc <= 1
+
+
+def test_dev_accuracy_is_the_returned_students_without_scoring_dev_twice(team, task, tmp_path, monkeypatch):
+    """``distill`` reuses fit's dev score of the weights it hands back (the best epoch's, restored)
+    instead of scoring dev again; the number must be what a fresh evaluation of the student gives."""
+    from autoskd import pipeline
+    from autoskd.engine.trainer import evaluate
+
+    calls = []
+    monkeypatch.setattr(pipeline, "evaluate", lambda *a, **k: calls.append(a[1]) or evaluate(*a, **k))
+    config = DistillConfig(method="kd", epochs=3, batch_size=16, lr=3e-3, teacher="deep")
+    out = distill(team, task, config, cache_dir=tmp_path / "cache", progress=False)
+    assert len(calls) == 1  # only the test split is scored after training
+    history = [h["dev_acc"] for h in out.result.history]
+    assert len(history) == 3 and out.dev_acc == max(history) == out.result.student_dev_acc
+    from autoskd.pipeline import make_loaders
+
+    dev = make_loaders(task, team.tokenizer, team.max_length, 16, config.seed, config.train_split).dev
+    assert evaluate(out.student, dev)["accuracy"] == out.dev_acc
+    assert out.eval_seconds > 0

@@ -20,6 +20,8 @@ is used when a DeepSpeed config is given.
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 from pathlib import Path
 from typing import Any, Callable
@@ -113,6 +115,14 @@ class TorchBackend:
 
     def eval_model(self, student: nn.Module) -> nn.Module:
         return student
+
+    def functional_forward(self, module: nn.Module):
+        """Context for a ``functional_call`` of ``module`` between steps (AutoSKD's θ step)."""
+        return contextlib.nullcontext()
+
+    def mean_over_data_ranks(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-rank tensors averaged over the ranks that split each batch (none here)."""
+        return tensors
 
     def full_state(self, module: nn.Module) -> dict:
         if self.tensor_parallel is not None:

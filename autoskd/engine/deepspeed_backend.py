@@ -39,6 +39,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from ..errors import AutoSKDError
 from .backends import TorchBackend, adamw, param_groups, scheduler_steps, write_atomic
+from .functional_forward import mean_over_ranks, whole_parameters
 
 
 def load_deepspeed_config(source: Any) -> dict:
@@ -343,6 +344,12 @@ class DeepSpeedBackend(TorchBackend):
 
     def eval_model(self, student: nn.Module) -> nn.Module:
         return _ThroughEngine(self.engine, student) if self.stage == 3 and self.engine is not None else student
+
+    def functional_forward(self, module: nn.Module):
+        return whole_parameters(module)
+
+    def mean_over_data_ranks(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        return mean_over_ranks(tensors) if self.world_size > 1 else tensors
 
     def full_state(self, module: nn.Module) -> dict:
         params = _shard_params(module)

@@ -6,6 +6,10 @@ CPU, nccl on GPUs). Ray Train sets up the process group; every worker runs the s
 :func:`autoskd.search.trials.distill_arm`, so the one training loop runs under DeepSpeed across
 the group exactly as under ``torchrun``; rank 0 writes the student and reports the record.
 
+With ``--processes-per-trial N`` the search's own θ phase runs the same way
+(:func:`bilevel_search_parallel`): N ranks train the student under DeepSpeed and update Cat(θ)
+identically (each θ step averages its unrolled gradient over the ranks).
+
 Other fan-out code (``autoskd tune``) uses it the same way: put
 ``"runner": "autoskd.engine.ray_parallel:distill_arm_parallel"`` in the TrialSpec and
 ``processes`` (plus ``deepspeed``) in its ``base_config``.
@@ -23,6 +27,28 @@ CPUS_PER_WORKER_ENV = "AUTOSKD_CPUS_PER_WORKER"
 RECORD_FILE = "parallel_record.json"
 
 
+def run_group(worker, loop_config: dict, n: int, storage: Path, record: Path) -> dict:
+    """Run ``worker(loop_config)`` on ``n`` Ray Train workers (one process group) and return the
+    JSON record its rank 0 wrote to ``record``: Ray Train versions differ in what
+    ``Result.metrics`` keeps of reports without checkpoints, a file does not."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    cuda = torch.cuda.is_available()
+    cpus = float(os.environ.get(CPUS_PER_WORKER_ENV, "0.5" if not cuda else "1"))
+    trainer = TorchTrainer(
+        worker, train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=n, use_gpu=cuda, resources_per_worker={"CPU": cpus}),
+        torch_config=TorchConfig(backend="nccl" if cuda else "gloo"),
+        run_config=RunConfig(storage_path=str(Path(storage).absolute()), name="workers"))
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    if not record.exists():
+        raise RuntimeError(f"the worker group finished without a record in {record}")
+    return json.loads(record.read_text())
+
+
 def distill_arm_parallel(spec, arm, out_dir: Path) -> dict:
     """Trial runner: ``distill_arm`` on ``processes`` Ray Train workers (in-process when 1)."""
     from ..search.trials import distill_arm
@@ -30,23 +56,50 @@ def distill_arm_parallel(spec, arm, out_dir: Path) -> dict:
     n = int(spec.base_config.get("processes", 1) or 1)
     if n <= 1:
         return distill_arm(spec, arm, out_dir)
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    return run_group(_worker, {"spec": spec.to_dict(), "arm": arm.to_dict(), "out": str(out_dir)}, n,
+                     Path(out_dir) / "ray_train", Path(out_dir) / RECORD_FILE)
 
-    cuda = torch.cuda.is_available()
-    cpus = float(os.environ.get(CPUS_PER_WORKER_ENV, "0.5" if not cuda else "1"))
-    trainer = TorchTrainer(
-        _worker, train_loop_config={"spec": spec.to_dict(), "arm": arm.to_dict(), "out": str(out_dir)},
-        scaling_config=ScalingConfig(num_workers=n, use_gpu=cuda, resources_per_worker={"CPU": cpus}),
-        torch_config=TorchConfig(backend="nccl" if cuda else "gloo"),
-        run_config=RunConfig(storage_path=str(Path(out_dir).absolute() / "ray_train"), name="workers"))
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
-    record = Path(out_dir) / RECORD_FILE  # written by rank 0: Ray Train versions differ in what
-    if not record.exists():               # Result.metrics keeps of reports without checkpoints
-        raise RuntimeError(f"the worker group finished without a record in {record}")
-    return json.loads(record.read_text())
+
+def bilevel_search_parallel(team_path: str, task_args: dict, config, m: int, out_dir: Path, cache_dir: Path,
+                            theta_lr: float | None = None) -> dict:
+    """AutoSKD's θ search (phase 1, selection, phase 2) on ``config.processes`` Ray Train workers
+    under ``config.deepspeed``: each rank trains on its slice of every batch and θ is updated
+    identically on every rank (:mod:`autoskd.engine.functional_forward`); rank 0 writes the record."""
+    from ..search.run import search_record_path
+
+    record = search_record_path(config, Path(out_dir), theta_lr if theta_lr is not None else config.theta.lr)
+    if record.exists():
+        return json.loads(record.read_text())
+    from ..search.trials import REPO_ROOT, ray_session
+
+    loop = {"team": str(team_path), "task": task_args, "config": config.to_dict(), "m": m, "out": str(out_dir),
+            "cache": str(cache_dir), "theta_lr": theta_lr, "workdir": os.getcwd()}
+    paths = [str(REPO_ROOT), *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]]
+    env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": os.pathsep.join(paths)}
+    with ray_session(env, address=config.address):
+        return run_group(_search_worker, loop, config.processes, Path(out_dir) / "ray_train" / record.stem, record)
+
+
+def _rank_setup() -> None:
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    torch.set_num_threads(1)
+
+
+def _search_worker(loop: dict) -> None:
+    """One rank of the θ search's group: rebuild the task and the (cached) team, then search."""
+    from ..search.run import SearchConfig, bilevel_search, load_search_task
+    from ..team import TeacherTeam
+
+    _rank_setup()
+    if os.path.isdir(loop["workdir"]):
+        os.chdir(loop["workdir"])
+    config = SearchConfig.from_dict(loop["config"])
+    task, team_task = load_search_task(loop["task"], config)
+    cache = Path(loop["cache"])
+    team = TeacherTeam.from_yaml(loop["team"]).build(team_task, cache_dir=cache / "teachers",
+                                                      seed=loop["task"]["seed"], progress=False)
+    bilevel_search(team, task, config, loop["m"], Path(loop["out"]), cache, False, loop["theta_lr"])
 
 
 def _worker(config: dict) -> None:
@@ -56,9 +109,7 @@ def _worker(config: dict) -> None:
     from ..search.arms import Arm
     from ..search.trials import TrialSpec, distill_arm
 
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    torch.set_num_threads(1)
+    _rank_setup()
     spec = TrialSpec.from_dict(config["spec"])
     if os.path.isdir(spec.workdir):
         os.chdir(spec.workdir)

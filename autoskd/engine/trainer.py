@@ -97,6 +97,9 @@ class TrainResult:
     steps: int = 0
     seconds: float = 0.0
     out_dir: Path | None = None
+    #: dev accuracy of the weights the student holds after ``fit`` (the best epoch's when they
+    #: were restored, else the last evaluation's), so callers need not evaluate dev again
+    student_dev_acc: float | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -371,6 +374,9 @@ class Distiller:
         self.backend.finish(self)
         if self.restore_best and best_state is not None:
             self.student.load_state_dict(best_state)
+            result.student_dev_acc = result.best_dev_acc
+        elif result.history and result.history[-1].get("dev_acc") is not None:  # evaluated after the last step
+            result.student_dev_acc = result.history[-1]["dev_acc"]
         result.steps = self.ctx.global_step
         result.seconds = time.perf_counter() - start
         if self.out_dir is not None and self.backend.is_main:

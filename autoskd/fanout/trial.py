@@ -98,6 +98,8 @@ def run_distill_trial(spec: TrialSpec, values: dict, out_dir: Path, report: Call
               "student_params_m": round(student_size(outcome.student), 4),
               "epochs": sum(1 for h in outcome.result.history if h.get("dev_acc") is not None),
               "steps": int(outcome.result.steps), "train_seconds": round(float(outcome.result.seconds), 3),
+              # training with its per-epoch dev scoring, plus the final test scoring: the trial's own work
+              "train_eval_seconds": round(float(outcome.result.seconds + outcome.eval_seconds), 3),
               "history": [h.get("dev_acc") for h in outcome.result.history if h.get("dev_acc") is not None]}
     if latency:
         loaders = make_loaders(task, team.tokenizer, config.max_length or team.max_length, config.batch_size,

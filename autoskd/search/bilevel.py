@@ -142,6 +142,7 @@ def unrolled_theta_grad(
     xi: float,
     order: Literal["first", "second"] = "second",
     fd_eps: float = 0.01,
+    reduce: Callable[[list[Tensor]], list[Tensor]] | None = None,
 ) -> Tensor:
     """The θ-gradient of ``L_val(w − ξ ∇_w L_train(w, θ), θ)`` (detached, θ's shape).
 
@@ -156,6 +157,11 @@ def unrolled_theta_grad(
 
     ``theta`` may be a parameter with ``requires_grad``; its ``.grad`` and the model's ``.grad`` are
     not touched (only ``torch.autograd.grad`` is used).
+
+    ``reduce`` averages tensors over data-parallel ranks, each of which evaluates
+    ``train_loss_fn`` on its own slice of the batch (the val batch is the same everywhere): it is
+    applied to ``∇_w L_train`` (so ``w'`` is the whole batch's virtual step) and to the result (the
+    Hessian-vector product is linear in the train batch), giving every rank the one-process value.
     """
     _check_args(xi, order, fd_eps)
     params = named_trainable_params(model)
@@ -167,20 +173,23 @@ def unrolled_theta_grad(
         loss_tr = _scalar(train_loss_fn(w, theta_c), "train_loss_fn")
         gw = _grads(loss_tr, [w[k] for k in names])
         del loss_tr
+        if reduce is not None:
+            gw = reduce(gw)
         w_prime = {k: (params[k].detach() - xi * g).requires_grad_(True) for k, g in zip(names, gw)}
         del gw, w
 
         theta_v = theta.detach().clone().requires_grad_(True)
         loss_val = _scalar(val_loss_fn(w_prime, theta_v), "val_loss_fn")
+        done = (lambda g: reduce([g.detach()])[0]) if reduce is not None else (lambda g: g.detach())
         if order == "first":
-            return _grads(loss_val, [theta_v])[0].detach()
+            return done(_grads(loss_val, [theta_v])[0])
         g_theta, *v = _grads(loss_val, [theta_v] + [w_prime[k] for k in names])
         del loss_val, w_prime
         if xi == 0:
-            return g_theta.detach()
+            return done(g_theta)
         norm = torch.sqrt(sum((vi.double() ** 2).sum() for vi in v)) if v else torch.zeros((), dtype=torch.float64)
         if not torch.isfinite(norm) or float(norm) == 0.0:
-            return g_theta.detach()  # the val loss is flat in w: no second-order term
+            return done(g_theta)  # the val loss is flat in w: no second-order term
         eps = fd_eps / float(norm)
 
         def theta_grad_of_train_at(sign: float) -> Tensor:
@@ -190,7 +199,7 @@ def unrolled_theta_grad(
             return _grads(loss, [th])[0]
 
         hvp = (theta_grad_of_train_at(+1.0) - theta_grad_of_train_at(-1.0)) / (2.0 * eps)
-        return (g_theta - xi * hvp).detach()
+        return done(g_theta - xi * hvp)
 
 
 def exact_unrolled_theta_grad(

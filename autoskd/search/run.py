@@ -68,9 +68,9 @@ class SearchConfig:
     teachers_full_data: bool = False
     scheduler: str | None = None  # "asha": candidates and baselines report per epoch; losing ones stop early
     method_options: dict = field(default_factory=lambda: {"temperature": 1.0})
-    deepspeed: dict | None = None  # trials (candidates, baselines) train under DeepSpeed
+    deepspeed: dict | None = None  # the search's phases and every trial train under DeepSpeed
     tensor_parallel: int = 1
-    processes: int = 1  # processes per trial (a Ray Train worker group)
+    processes: int = 1  # processes per trial and for the θ search (a Ray Train worker group)
     group_by_length: bool = False  # batch training rows of similar length: less padding, faster steps
 
     @classmethod
@@ -108,6 +108,11 @@ class SearchConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "SearchConfig":
+        """The inverse of :meth:`to_dict` (a worker process rebuilds its search's settings)."""
+        return cls(**{**data, "theta": ThetaConfig(**data["theta"])})
+
 
 def _read(path: Path):
     return json.loads(path.read_text()) if path.exists() else None
@@ -141,12 +146,17 @@ def _lr_tag(lr: float) -> str:
     return f"{lr:.0e}".replace("e-0", "e-").replace("+0", "")
 
 
+def search_record_path(config: SearchConfig, out_dir: Path, theta_lr: float) -> Path:
+    """Where the θ search at ``theta_lr`` writes its record (a finished one is not run again)."""
+    return out_dir / (f"search-lr{_lr_tag(theta_lr)}.json" if config.theta_lrs is not None else "search.json")
+
+
 def bilevel_search(team, task, config: SearchConfig, m: int, out_dir: Path, cache_dir: Path, progress: bool,
                    theta_lr: float | None = None) -> dict:
     """Phase 1, teacher selection, phase 2 at one θ learning rate: θ history and the K candidates."""
     theta_cfg = replace(config.theta, lr=theta_lr) if theta_lr is not None else config.theta
     grid = config.theta_lrs is not None
-    path = out_dir / (f"search-lr{_lr_tag(theta_cfg.lr)}.json" if grid else "search.json")
+    path = search_record_path(config, out_dir, theta_cfg.lr)
     if (done := _read(path)) is not None:
         return done
     names = list(team.teachers)
@@ -166,8 +176,10 @@ def bilevel_search(team, task, config: SearchConfig, m: int, out_dir: Path, cach
                      val_id=f"{task.fingerprint('val')}-L{team.max_length}",
                      alpha=options["alpha"], temperature=options["temperature"])
     student = team.build_student(task, seed=config.seed)
+    # under DeepSpeed the student trains as every trial does, and each θ step gathers its weights
+    # (ZeRO-3) and averages the unrolled gradient over the ranks (autoskd.engine.functional_forward)
     distiller = Distiller(student, "kd", policy, seed=config.seed, progress=progress, callbacks=[step],
-                          method_options=dict(config.method_options),
+                          method_options=dict(config.method_options), deepspeed=config.deepspeed,
                           teacher_cache=cache, checkpoint=False, restore_best=False)
     result = distiller.fit([Stage("task", loaders.train, epochs=config.search_epochs, lr=config.lr,
                                   data_id=loaders.train_id)], dev=loaders.dev)
@@ -177,8 +189,10 @@ def bilevel_search(team, task, config: SearchConfig, m: int, out_dir: Path, cach
     record = {"teachers": names, "m": m, "theta_lr": theta_cfg.lr, "dropped": [names[i] for i in step.dropped],
               "selection_step": step.selection_step, "final_theta": dist.probs().tolist(),
               "candidates": candidates, "history": step.history, "teacher_counts": policy.counts,
-              "search_dev_acc": result.final_dev_acc, "search_seconds": result.seconds, "steps": result.steps}
-    _write(path, record)
+              "search_dev_acc": result.final_dev_acc, "search_seconds": result.seconds, "steps": result.steps,
+              "processes": distiller.backend.world_size}
+    if distiller.backend.is_main:
+        _write(path, record)
     return record
 
 
@@ -221,8 +235,14 @@ def run_search(team_path: str | Path, task_args: dict, config: SearchConfig, out
         raise AutoSKDError(f"--m {m} must be between 0 and {len(names) - 1} for a team of {len(names)} teachers")
     print(f"[search] {why}", flush=True)
 
-    searches = [bilevel_search(team, task, config, m, out_dir, cache_dir, progress, lr if config.theta_lrs else None)
-                for lr in config.grid]
+    if config.processes > 1:  # the θ search as one parallel job too (a Ray Train worker group)
+        from ..engine.ray_parallel import bilevel_search_parallel
+
+        searches = [bilevel_search_parallel(team_ref, task_args, config, m, out_dir, cache_dir,
+                                            lr if config.theta_lrs else None) for lr in config.grid]
+    else:
+        searches = [bilevel_search(team, task, config, m, out_dir, cache_dir, progress,
+                                   lr if config.theta_lrs else None) for lr in config.grid]
     history = [{**h, "theta_lr": s["theta_lr"]} for s in searches for h in s["history"]]
     write_theta_history(out_dir / "theta_history.json", history)
     for s in searches:

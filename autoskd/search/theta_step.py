@@ -255,9 +255,11 @@ class ThetaStep(Callback):
         train_loss, val_loss = self.loss_closures(student, batch, val_batch, i)
         was_training = student.training
         student.eval()  # deterministic closures: the finite differences compare two evaluations
+        backend = trainer.backend  # under DeepSpeed: whole weights, gradients averaged over the ranks
         try:
-            grad = unrolled_theta_grad(student, self.dist.theta, train_loss, val_loss, xi=self.xi(trainer),
-                                       order=self.config.order)
+            with backend.functional_forward(student):
+                grad = unrolled_theta_grad(student, self.dist.theta, train_loss, val_loss, xi=self.xi(trainer),
+                                           order=self.config.order, reduce=backend.mean_over_data_ranks)
         finally:
             student.train(was_training)
         self.optimizer.step(grad, sampled=i if self.config.strategy == "sswo" else None)
