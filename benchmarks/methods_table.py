@@ -36,7 +36,7 @@ METHODS = ["kd", "pkd", "theseus", "tinybert", "mobilebert", "sid", "minilm", "m
            "annealing_kd", "ckd", "universal_kd", "continuation_kd", "rail_kd", "mgskd", "tmkd", "mt_bert", "rl_kd",
            "uncertainty", "takd", "dgkd", "pd", "glmd", "distilbert", "diito"]
 TEACHERS = ["minilm-L4", "minilm-L6"]
-PARTS = ROOT / "results" / "methods_table"
+PARTS = ROOT / "results" / "methods_table"  # per (method, seed) records; --name picks another table
 CACHE = ROOT.parent / ".cache" / "autoskd"
 TEAM_CACHE = ROOT / "runs" / "cache"  # shared with search_vs_random / search_ablation
 
@@ -125,6 +125,10 @@ def run_one(args, team, task) -> dict:
             "epochs_per_stage": epochs, "hops": hops, "test_predictions": predictions}
 
 
+def parts_dir(args) -> Path:
+    return PARTS.parent / args.name
+
+
 def ci95(values: list[float]) -> float | None:
     if len(values) < 2:
         return None
@@ -155,7 +159,7 @@ def aggregate(args, labels: list[int]) -> dict:
 
     table = {}
     for name in METHODS:
-        runs = [json.loads(p.read_text()) for p in sorted(PARTS.glob(f"{name}-s*.json"))]
+        runs = [json.loads(p.read_text()) for p in sorted(parts_dir(args).glob(f"{name}-s*.json"))]
         if not runs:
             continue
         dev, test = [r["dev_acc"] for r in runs], [r["test_acc"] for r in runs]
@@ -223,10 +227,14 @@ def main() -> int:
     p.add_argument("--max-length", type=int, default=None, help="default: the team's (64)")
     p.add_argument("--glmd-alpha", type=float, default=0.1, help="GLMD vocabulary kept (fraction)")
     p.add_argument("--report", action="store_true", help="only aggregate the finished methods (no training)")
+    p.add_argument("--name", default="methods_table",
+                   help="table name: records in results/<name>/, the table in results/<name>.json and .png "
+                        "(e.g. a larger --budget for a few methods, kept apart from the main table)")
     args = p.parse_args()
     from tqdm import tqdm
 
-    PARTS.mkdir(parents=True, exist_ok=True)
+    parts = parts_dir(args)
+    parts.mkdir(parents=True, exist_ok=True)
     if args.report:
         return report(args, None)
     import torch
@@ -234,7 +242,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     team, task = team_and_task(args)  # build (or reuse) the teachers once
     print("teachers (dev acc):", json.dumps(team.dev_accuracy))
-    todo = [(m, s) for s in args.seeds for m in args.methods.split(",") if not (PARTS / f"{m}-s{s}.json").exists()]
+    todo = [(m, s) for s in args.seeds for m in args.methods.split(",") if not (parts / f"{m}-s{s}.json").exists()]
     for name, seed in tqdm(todo, desc="methods", dynamic_ncols=True):
         args.one, args.seed = name, seed
         with PeakRSS() as peak:
@@ -244,7 +252,7 @@ def main() -> int:
                 tqdm.write(f"{name} seed {seed} failed: {type(err).__name__}: {err}")
                 continue
         record["peak_rss_mib"] = peak.mib
-        (PARTS / f"{name}-s{seed}.json").write_text(json.dumps(record, indent=1))
+        (parts / f"{name}-s{seed}.json").write_text(json.dumps(record, indent=1))
         tqdm.write(f"{name:16s} seed {seed}: dev {record['dev_acc']:.4f} test {record['test_acc']:.4f} "
                    f"{record['seconds_per_epoch']:.1f} s/epoch {record['peak_rss_mib']:.0f} MiB")
     return report(args, team)
@@ -273,10 +281,11 @@ def report(args, team) -> int:
         return 1
     settings = {k: getattr(args, k) for k in ("budget", "max_train", "max_eval", "lr", "mlm_adapt_steps", "seeds",
                                               "max_length", "glmd_alpha")}
-    path = write_result("methods_table", {"settings": settings, "teacher": "minilm-L6", "multi_teachers": TEACHERS,
+    path = write_result(args.name, {"settings": settings, "teacher": "minilm-L6", "multi_teachers": TEACHERS,
                                           "teacher_dev_acc": team.dev_accuracy if team else None,
-                                          "missing": ", ".join(m for m in METHODS if m not in table), "methods": table})
-    plot(table, ROOT / "results" / "methods_table.png")
+                                          "missing": ", ".join(m for m in args.methods.split(",") if m not in table),
+                                          "methods": table})
+    plot(table, ROOT / "results" / f"{args.name}.png")
     verdicts = {v: [n for n, r in table.items() if r.get("verdict_vs_kd") == v] for v in ("win", "tie", "loss")}
     print(markdown(table))
     print(f"wrote {path}; vs kd on test (McNemar, p < 0.05): " +
