@@ -136,12 +136,26 @@ def test_distill_values_route_keys():
 def test_epoch_reporter_reports_best_so_far_except_last():
     reports = []
     rep = EpochReporter(expected=3, report=reports.append)
-    for acc in (0.6, 0.5, 0.7):
-        rep.on_epoch_end(None, None, {"dev_acc": acc})
+    for acc, loss in ((0.6, 0.7), (0.5, 0.9), (0.7, 0.6)):
+        rep.on_epoch_end(None, None, {"dev_acc": acc, "dev_loss": loss})
     rep.on_epoch_end(None, None, {"kind": "epoch"})  # an unevaluated epoch (pre-training stage) is ignored
-    assert reports == [{"dev_acc": 0.6, "epoch_dev_acc": 0.6, "epochs": 1},
-                       {"dev_acc": 0.6, "epoch_dev_acc": 0.5, "epochs": 2}]
+    score = 0.6 - 0.7e-6  # the best epoch's accuracy, its loss as a tie-break
+    assert reports == [{"dev_acc": 0.6, "dev_score": score, "epoch_dev_acc": 0.6, "epochs": 1},
+                       {"dev_acc": 0.6, "dev_score": score, "epoch_dev_acc": 0.5, "epochs": 2}]
     assert rep.best == 0.7 and rep.count == 3
+
+
+def test_dev_score_breaks_accuracy_ties_by_loss_and_never_reorders_accuracies():
+    """Trials stuck at one accuracy (the majority class) are ranked by dev loss, so ASHA can stop
+    some of them; a better accuracy always outranks a worse one, whatever the losses."""
+    from autoskd.fanout.early_stop import dev_score
+
+    tied_good, tied_bad = dev_score([{"dev_acc": 0.65, "dev_loss": 0.61}]), dev_score([{"dev_acc": 0.65, "dev_loss": 0.69}])
+    assert tied_good > tied_bad
+    assert dev_score([{"dev_acc": 0.655, "dev_loss": 50.0}]) > dev_score([{"dev_acc": 0.65, "dev_loss": 0.0}])
+    # the first epoch reaching the best accuracy is the one the engine restores: its loss counts
+    assert dev_score([{"dev_acc": 0.7, "dev_loss": 0.5}, {"dev_acc": 0.7, "dev_loss": 0.1}]) == 0.7 - 0.5e-6
+    assert dev_score([{"kind": "epoch"}]) is None
 
 
 def test_evaluated_epochs_and_schedulers():

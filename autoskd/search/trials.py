@@ -167,7 +167,7 @@ def distill_arm(spec: TrialSpec, arm: Arm, out_dir: Path) -> dict:
     """The real runner: rebuild task and team, distil a student with the arm's teacher policy."""
     from ..pipeline import distill
 
-    from ..fanout.early_stop import epoch_reporters
+    from ..fanout.early_stop import dev_score, epoch_reporters
 
     task = spec.load_task()
     team = spec.build_team(task)
@@ -175,6 +175,7 @@ def distill_arm(spec: TrialSpec, arm: Arm, out_dir: Path) -> dict:
     outcome = distill(team, task, config, out_dir=out_dir, cache_dir=spec.cache_dir, progress=False,
                       callbacks=epoch_reporters(config))  # per-epoch dev accuracy when a scheduler is on
     return {"dev_acc": float(outcome.dev_acc), "test_acc": float(outcome.test_acc),
+            "dev_score": dev_score(outcome.result.history),  # what a scheduler ranks by
             "steps": int(outcome.result.steps), "train_seconds": round(float(outcome.result.seconds), 2),
             "teacher_counts": outcome.teacher_counts}
 
@@ -292,7 +293,9 @@ def _ray_trainable(config: dict, spec: dict | None = None, env: dict | None = No
 
     spec = prepare_worker(spec, env)
     record = run_arm(spec, Arm.from_dict(config["arm"]))
-    tune.report({"dev_acc": record["dev_acc"], "record_json": json.dumps(record)})
+    score = record.get("dev_score")
+    tune.report({"dev_acc": record["dev_acc"], "dev_score": record["dev_acc"] if score is None else score,
+                 "record_json": json.dumps(record)})
 
 
 def _trial_name(trial) -> str:
