@@ -349,7 +349,7 @@ class DeepSpeedBackend(TorchBackend):
         return whole_parameters(module)
 
     def mean_over_data_ranks(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        return mean_over_ranks(tensors) if self.world_size > 1 else tensors
+        return mean_over_ranks(tensors)  # the tensors themselves on one rank
 
     def full_state(self, module: nn.Module) -> dict:
         params = _shard_params(module)

@@ -19,7 +19,7 @@ the way, and this module removes them:
 
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from typing import Iterator, Sequence
 
 import torch
@@ -61,9 +61,7 @@ def whole_parameters(module: nn.Module) -> Iterator[None]:
         return
     import deepspeed
 
-    with ExitStack() as stack:
-        stack.enter_context(deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None))
-        stack.enter_context(hooks_suspended(module))
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None), hooks_suspended(module):
         yield
 
 

@@ -70,13 +70,11 @@ def bilevel_search_parallel(team_path: str, task_args: dict, config, m: int, out
     record = search_record_path(config, Path(out_dir), theta_lr if theta_lr is not None else config.theta.lr)
     if record.exists():
         return json.loads(record.read_text())
-    from ..search.trials import REPO_ROOT, ray_session
+    from ..search.trials import ray_session, worker_env
 
     loop = {"team": str(team_path), "task": task_args, "config": config.to_dict(), "m": m, "out": str(out_dir),
             "cache": str(cache_dir), "theta_lr": theta_lr, "workdir": os.getcwd()}
-    paths = [str(REPO_ROOT), *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]]
-    env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": os.pathsep.join(paths)}
-    with ray_session(env, address=config.address):
+    with ray_session(worker_env(), address=config.address):
         return run_group(_search_worker, loop, config.processes, Path(out_dir) / "ray_train" / record.stem, record)
 
 

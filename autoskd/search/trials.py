@@ -260,17 +260,22 @@ def _module_root(module_name: str) -> str | None:
     return str(path)
 
 
-def _worker_env(spec: TrialSpec, cpus_per_trial: float) -> dict[str, str]:
-    _resolve_runner(spec.runner)  # fail early, in the driver, on a bad runner path
-    paths = [str(REPO_ROOT), _module_root(spec.runner.partition(":")[0])]
-    paths += [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+def worker_env(threads: float = 1, extra_paths: tuple[str | None, ...] = ()) -> dict[str, str]:
+    """Environment of a Ray worker process: this checkout (and ``extra_paths``) importable, and
+    ``threads`` torch/MKL threads."""
+    paths = [str(REPO_ROOT), *extra_paths, *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
     seen: list[str] = []
     for p in paths:
         if p and p not in seen:
             seen.append(p)
-    threads = str(max(1, int(cpus_per_trial)))
-    return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false",
+    n = str(max(1, int(threads)))
+    return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "TOKENIZERS_PARALLELISM": "false",
             "PYTHONPATH": os.pathsep.join(seen), "RAY_CHDIR_TO_TRIAL_DIR": "0"}
+
+
+def _worker_env(spec: TrialSpec, cpus_per_trial: float) -> dict[str, str]:
+    _resolve_runner(spec.runner)  # fail early, in the driver, on a bad runner path
+    return worker_env(cpus_per_trial, (_module_root(spec.runner.partition(":")[0]),))
 
 
 def prepare_worker(spec: dict | TrialSpec, env: dict | None) -> TrialSpec:
