@@ -34,7 +34,11 @@ CELLS: dict[str, dict] = {  # the most decision-relevant cells first: a partial 
     "objective-task": {"theta": {"val_objective": "task"}},
     "strategy-cr": {"theta": {"strategy": "cr"}},
     "theta-lr-3e-2": {"theta": {"lr": 3e-2}},
+    "theta-lr-1e-1": {"theta": {"lr": 1e-1}},
     "theta-lr-3e-3": {"theta": {"lr": 3e-3}},
+    # the task objective has no direct path from θ to the loss (only the unrolled one), so a
+    # larger θ step is needed before θ moves at all
+    "task-lr-1e-1": {"theta": {"val_objective": "task", "lr": 1e-1}},
     "xi-student-lr": {"theta": {"xi": "student_lr"}},
     "warmup-0": {"theta": {"warmup": 0.0}},
     "temperature-2": {"method_options": {"temperature": 2.0, "alpha": 0.5}},
