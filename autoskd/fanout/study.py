@@ -49,9 +49,20 @@ def open_storage(url: str) -> "optuna.storages.RDBStorage":
 
 
 class ResumableGridSampler(optuna.samplers.GridSampler):
-    """Optuna's grid sampler for ask-and-tell under Ray Tune: a grid point whose trial failed (or was
-    left running by a killed tune) is run again, and the exhausted grid does not call
-    ``study.stop()`` (which raises outside ``study.optimize``; Tune runs exactly the missing points)."""
+    """Optuna's grid sampler for ask-and-tell under Ray Tune: a grid point whose trial failed in an
+    earlier run (or was left running by a killed tune) is run again on resume, and the exhausted
+    grid does not call ``study.stop()`` (which raises outside ``study.optimize``; Tune runs exactly
+    the missing points).
+
+    A point that fails *in this run* counts as visited: otherwise a point that fails at once (a
+    bad method option) is drawn again and again and uses up the run's samples, and points that
+    never ran are left out. :meth:`start_run` marks where this run's trials begin."""
+
+    _first_trial_of_run = 0
+
+    def start_run(self, study) -> None:
+        """Trials numbered from here on belong to this run (call before its first ask)."""
+        self._first_trial_of_run = len(study._storage.get_all_trials(study._study_id, deepcopy=False))
 
     def after_trial(self, study, trial, state, values) -> None:
         pass
@@ -61,12 +72,18 @@ class ResumableGridSampler(optuna.samplers.GridSampler):
         for t in study._storage.get_all_trials(study._study_id, deepcopy=False):
             if "grid_id" not in t.system_attrs or not self._same_search_space(t.system_attrs["search_space"]):
                 continue
-            if t.state in DONE:
+            if t.state in DONE or (t.state == TrialState.FAIL and t.number >= self._first_trial_of_run):
                 done.add(t.system_attrs["grid_id"])
             elif t.state == TrialState.RUNNING:
                 running.add(t.system_attrs["grid_id"])
         todo = set(range(self._n_min_trials)) - done
         return sorted(todo - running) or sorted(todo)
+
+    def points_done(self, study) -> int:
+        """Distinct grid points with a finished trial (complete or stopped early)."""
+        return len({t.system_attrs["grid_id"] for t in study._storage.get_all_trials(study._study_id, deepcopy=False)
+                    if t.state in DONE and "grid_id" in t.system_attrs
+                    and self._same_search_space(t.system_attrs["search_space"])})
 
 
 def make_sampler(name: str, space: SearchSpace, seed: int = 0, multi_objective: bool = False):

@@ -123,7 +123,10 @@ def run_tune(space: SearchSpace, team_path: str, task_args: dict, settings: Tune
     storage = open_storage(url)
     study = open_study(storage, study_name, settings.directions, space, settings.objectives)
     stale = fail_stale_trials(study)
-    done = len(finished_trials(study))
+    # a grid counts distinct points: a point run twice is still one point, a failed one runs again
+    done = sampler.points_done(study) if grid_size is not None else len(finished_trials(study))
+    if grid_size is not None:
+        sampler.start_run(study)
     todo = max(0, wanted - done)
     spec = TrialSpec(team_path=team_path, task=task_args, root=str(out_dir), cache_dir=str(cache_dir),
                      base_config=settings.base)
