@@ -215,10 +215,12 @@ def test_grid_sampler_reruns_failed_points_and_never_stops_the_study():
     import optuna
 
     space = SearchSpace.from_dict({"params": {"lr": {"grid": [1, 2, 3]}}})
-    study = optuna.create_study(sampler=make_sampler("grid", space, seed=0), direction="maximize")
+    sampler = make_sampler("grid", space, seed=0)
+    study = optuna.create_study(sampler=sampler, direction="maximize")
     dist = space.to_optuna()
     first = study.ask(dist)
     study.tell(first, state=optuna.trial.TrialState.FAIL)
+    sampler.start_run(study)  # a later run (resume): the earlier run's failed point is due again
     seen = []
     for _ in range(3):
         t = study.ask(dist)
