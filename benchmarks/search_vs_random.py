@@ -139,6 +139,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, help="torch threads per worker (default: cores / workers)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "search_vs_random"))
     ap.add_argument("--no-run", action="store_true", help="only summarise the seeds already finished")
+    ap.add_argument("--name", help="result name (default search_vs_random_<preset>): keeps a run under other "
+                                   "settings apart from the main result")
     args = ap.parse_args()
     seeds = args.seeds[:1] if args.quick else args.seeds
     overrides = dict(SMOKE) if args.quick else {}
@@ -185,7 +187,8 @@ def main() -> None:
                   "search_epochs": config.search_epochs, "method_options": config.method_options}})
     for arm in result["arms"].values():
         arm.pop("correct", None)
-    name = "search_vs_random" + ("_smoke" if args.quick else "" if args.preset == "quick" else f"_{args.preset}")
+    name = args.name or ("search_vs_random" + ("_smoke" if args.quick else "" if args.preset == "quick"
+                                              else f"_{args.preset}"))
     if len(seeds) < len(args.seeds) and not args.quick:
         name += "_partial"  # fewer seeds finished than asked for: never mistaken for the full result
     write_result(name, result)
