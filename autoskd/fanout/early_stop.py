@@ -13,8 +13,8 @@ ASHA stopped can never end above one it promoted at the same rung.
 The scheduler ranks by ``dev_score``: that accuracy with ties broken by the same epoch's lower dev
 loss (:func:`dev_score`). On a small dev set many trials share one accuracy (all at the majority
 class, say), and ASHA stops a trial only when it is *below* a rung's cutoff, so without the
-tie-break a crowd of equal scores is promoted whole (benchmarks/results/asha.json, seed 0: 35 of
-52 trials at one accuracy, 10 of 54 stopped).
+tie-break a crowd of equal scores is promoted whole (the ASHA benchmark's first run: 35 of 52
+trials at one accuracy, 10 of 54 stopped).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from ..engine.callbacks import Callback
 from ..errors import AutoSKDError
 
 __all__ = ["EpochReporter", "evaluated_epochs", "epoch_reporters", "make_scheduler", "SCHEDULERS", "REPORT_ENV",
-           "dev_score", "SCORE"]
+           "dev_score", "record_score", "SCORE"]
 
 SCHEDULERS = ("none", "asha")
 #: set in a trial's environment when its epochs should be reported (a scheduler is on)
@@ -48,6 +48,13 @@ def dev_score(epochs: Iterable[dict]) -> float | None:
     if best is None:
         return None
     return float(best["dev_acc"]) - TIE_BREAK * float(best.get("dev_loss") or 0.0)
+
+
+def record_score(record: dict) -> float:
+    """What a finished trial reports to the scheduler: its ``dev_score``, or its dev accuracy
+    when it has none (no evaluated epoch history)."""
+    score = record.get("dev_score")
+    return record["dev_acc"] if score is None else score
 
 
 def evaluated_epochs(config) -> int:

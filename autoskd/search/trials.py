@@ -296,10 +296,11 @@ def _ray_trainable(config: dict, spec: dict | None = None, env: dict | None = No
     """One Ray Tune trial: run the arm, report its record (as JSON, so nothing gets flattened)."""
     from ray import tune
 
+    from ..fanout.early_stop import record_score
+
     spec = prepare_worker(spec, env)
     record = run_arm(spec, Arm.from_dict(config["arm"]))
-    score = record.get("dev_score")
-    tune.report({"dev_acc": record["dev_acc"], "dev_score": record["dev_acc"] if score is None else score,
+    tune.report({"dev_acc": record["dev_acc"], "dev_score": record_score(record),
                  "record_json": json.dumps(record)})
 
 
