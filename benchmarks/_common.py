@@ -51,7 +51,7 @@ def write_result(name: str, result: dict[str, Any]) -> Path:
 
 def start_ray() -> float:
     """One local Ray (2 CPUs, 127.0.0.1) for every run of a benchmark; returns its start time (s)."""
-    from autoskd.search.trials import ensure_ray_env
+    from autoskd.ray_runtime import ensure_ray_env
 
     ensure_ray_env()
     import ray

@@ -19,7 +19,8 @@ from autoskd.errors import AutoSKDError
 from autoskd.fanout.space import SearchSpace
 from autoskd.fanout.tune import TuneSettings, run_tune
 from autoskd.search.arms import Arm
-from autoskd.search.trials import REPO_ROOT, TrialSpec, arm_dir, ensure_ray_env, run_arms
+from autoskd.ray_runtime import REPO_ROOT, ensure_ray_env
+from autoskd.search.trials import TrialSpec, arm_dir, run_arms
 
 TESTS = Path(__file__).resolve().parent
 WORDS = "movie plot cast story script scene music actor ending film".split()

@@ -70,7 +70,7 @@ def bilevel_search_parallel(team_path: str, task_args: dict, config, m: int, out
     record = search_record_path(config, Path(out_dir), theta_lr if theta_lr is not None else config.theta.lr)
     if record.exists():
         return json.loads(record.read_text())
-    from ..search.trials import ray_session, worker_env
+    from ..ray_runtime import ray_session, worker_env
 
     loop = {"team": str(team_path), "task": task_args, "config": config.to_dict(), "m": m, "out": str(out_dir),
             "cache": str(cache_dir), "theta_lr": theta_lr, "workdir": os.getcwd()}

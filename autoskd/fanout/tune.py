@@ -7,7 +7,7 @@
    accuracy per epoch through an engine callback);
 3. :func:`autoskd.fanout.results.write_results`: table, best config, best student, plots.
 
-Ray is started and stopped as for AutoSKD's arms (:func:`autoskd.search.trials.ray_session`):
+Ray is started and stopped as for AutoSKD's arms (:func:`autoskd.ray_runtime.ray_session`):
 locally on 127.0.0.1, or on the cluster at ``address`` (``auto`` inside ``ray job submit``).
 """
 
@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import AutoSKDError
-from ..search.trials import TrialSpec, _worker_env, ray_session
+from ..ray_runtime import ray_session
+from ..search.trials import TrialSpec, _worker_env
 from .early_stop import SCHEDULERS, evaluated_epochs, make_scheduler
 from .results import write_results
 from .space import SearchSpace

@@ -23,13 +23,11 @@ An arm whose ``arm.json`` exists is finished: running again loads it (resume).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib
 import json
 import logging
 import os
-import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -37,14 +35,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from ..errors import AutoSKDError
+from ..ray_runtime import module_root, ray_session, worker_env
 from .arms import Arm
 
-__all__ = ["TrialSpec", "run_arm", "run_arms", "distill_arm", "ensure_ray_env", "load_record", "arm_dir",
+__all__ = ["TrialSpec", "run_arm", "run_arms", "distill_arm", "load_record", "arm_dir",
            "DEFAULT_RUNNER"]
 
 DEFAULT_RUNNER = "autoskd.search.trials:distill_arm"
-#: the folder that holds the ``autoskd`` package (put on workers' PYTHONPATH)
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _absolute_if_exists(path: str) -> str:
@@ -240,42 +237,9 @@ def _failed(arm: Arm, error: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- Ray
-def ensure_ray_env() -> None:
-    """Environment Ray needs here; call before ``import ray`` (no usage stats, no OSX cluster)."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # verbose=0 then means quiet (no config box)
-
-
-def _module_root(module_name: str) -> str | None:
-    """The sys.path entry a module was imported from (so workers can import it too)."""
-    mod = sys.modules.get(module_name)
-    file = getattr(mod, "__file__", None)
-    if not file:
-        return None
-    path = Path(file).resolve().parent
-    for _ in range(module_name.count(".") + (1 if Path(file).name == "__init__.py" else 0)):
-        path = path.parent
-    return str(path)
-
-
-def worker_env(threads: float = 1, extra_paths: tuple[str | None, ...] = ()) -> dict[str, str]:
-    """Environment of a Ray worker process: this checkout (and ``extra_paths``) importable, and
-    ``threads`` torch/MKL threads."""
-    paths = [str(REPO_ROOT), *extra_paths, *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
-    seen: list[str] = []
-    for p in paths:
-        if p and p not in seen:
-            seen.append(p)
-    n = str(max(1, int(threads)))
-    return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "TOKENIZERS_PARALLELISM": "false",
-            "PYTHONPATH": os.pathsep.join(seen), "RAY_CHDIR_TO_TRIAL_DIR": "0"}
-
-
 def _worker_env(spec: TrialSpec, cpus_per_trial: float) -> dict[str, str]:
     _resolve_runner(spec.runner)  # fail early, in the driver, on a bad runner path
-    return worker_env(cpus_per_trial, (_module_root(spec.runner.partition(":")[0]),))
+    return worker_env(cpus_per_trial, (module_root(spec.runner.partition(":")[0]),))
 
 
 def prepare_worker(spec: dict | TrialSpec, env: dict | None) -> TrialSpec:
@@ -341,38 +305,6 @@ def _progress_callback(total: int):
                 self._bar = None
 
     return _Bar()
-
-
-@contextlib.contextmanager
-def ray_session(env: dict[str, str], address: str | None = None, num_cpus: int | None = None):
-    """Ray for trials, with ``env`` in every worker: a local Ray on 127.0.0.1 (``num_cpus``, default
-    all cores) or the cluster at ``address`` (``auto`` inside a ``ray job submit`` entrypoint,
-    ``ray://head:10001`` from outside). Ray is shut down at the end if this started it; an
-    initialised Ray is used as it is."""
-    ensure_ray_env()
-    import ray
-
-    started = False
-    if not ray.is_initialized():
-        env = dict(env)
-        runtime_env: dict = {"env_vars": env}
-        common = dict(ignore_reinit_error=True, log_to_driver=False, runtime_env=runtime_env)
-        if address is None or address == "local":
-            ray.init(address=None, num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, logging_level="warning",
-                     _node_ip_address="127.0.0.1", object_store_memory=256 * 1024 ** 2, **common)
-        else:
-            if address.startswith("ray://"):
-                # a remote cluster has no copy of this checkout: ship the package with the job
-                # (the team YAML, cache_dir and root must be on storage the cluster shares)
-                runtime_env["py_modules"] = [str(REPO_ROOT / "autoskd")]
-                env.pop("PYTHONPATH", None)
-            ray.init(address=address, logging_level="warning", **common)
-        started = True
-    try:
-        yield
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def _run_ray(spec: TrialSpec, arms: list[Arm], *, address: str | None, cpus_per_trial: float, gpus_per_trial: float,

@@ -1,0 +1,88 @@
+"""The Ray runtime every fan-out path shares: the environment Ray needs on this machine, the
+environment of a worker process, and a session that starts a local Ray on 127.0.0.1 or joins a
+cluster.
+
+AutoSKD's arms (:mod:`autoskd.search.trials`), ``autoskd tune``'s trials (:mod:`autoskd.fanout.tune`)
+and the multi-process θ search (:mod:`autoskd.engine.ray_parallel`) all start Ray through
+:func:`ray_session`, so a worker sees the same checkout, thread count and settings whichever path
+launched it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["ensure_ray_env", "module_root", "worker_env", "ray_session", "REPO_ROOT"]
+
+#: the folder that holds the ``autoskd`` package (put on workers' PYTHONPATH)
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def ensure_ray_env() -> None:
+    """Environment Ray needs here; call before ``import ray`` (no usage stats, no OSX cluster)."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # verbose=0 then means quiet (no config box)
+
+
+def module_root(module_name: str) -> str | None:
+    """The sys.path entry a module was imported from (so workers can import it too)."""
+    mod = sys.modules.get(module_name)
+    file = getattr(mod, "__file__", None)
+    if not file:
+        return None
+    path = Path(file).resolve().parent
+    for _ in range(module_name.count(".") + (1 if Path(file).name == "__init__.py" else 0)):
+        path = path.parent
+    return str(path)
+
+
+def worker_env(threads: float = 1, extra_paths: tuple[str | None, ...] = ()) -> dict[str, str]:
+    """Environment of a Ray worker process: this checkout (and ``extra_paths``) importable, and
+    ``threads`` torch/MKL threads."""
+    paths = [str(REPO_ROOT), *extra_paths, *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
+    seen: list[str] = []
+    for p in paths:
+        if p and p not in seen:
+            seen.append(p)
+    n = str(max(1, int(threads)))
+    return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONPATH": os.pathsep.join(seen), "RAY_CHDIR_TO_TRIAL_DIR": "0"}
+
+
+
+@contextlib.contextmanager
+def ray_session(env: dict[str, str], address: str | None = None, num_cpus: int | None = None):
+    """Ray for trials, with ``env`` in every worker: a local Ray on 127.0.0.1 (``num_cpus``, default
+    all cores) or the cluster at ``address`` (``auto`` inside a ``ray job submit`` entrypoint,
+    ``ray://head:10001`` from outside). Ray is shut down at the end if this started it; an
+    initialised Ray is used as it is."""
+    ensure_ray_env()
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        env = dict(env)
+        runtime_env: dict = {"env_vars": env}
+        common = dict(ignore_reinit_error=True, log_to_driver=False, runtime_env=runtime_env)
+        if address is None or address == "local":
+            ray.init(address=None, num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, logging_level="warning",
+                     _node_ip_address="127.0.0.1", object_store_memory=256 * 1024 ** 2, **common)
+        else:
+            if address.startswith("ray://"):
+                # a remote cluster has no copy of this checkout: ship the package with the job
+                # (the team YAML, cache_dir and root must be on storage the cluster shares)
+                runtime_env["py_modules"] = [str(REPO_ROOT / "autoskd")]
+                env.pop("PYTHONPATH", None)
+            ray.init(address=address, logging_level="warning", **common)
+        started = True
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
