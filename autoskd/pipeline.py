@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from .data.collate import make_loader, tokenize_split, unlabelled_split
 from .data.tasks import TaskData, load_task
 from .engine.methods import Method, get_method
-from .engine.teachers import AverageTeachers, SampledTeacher, SingleTeacher, Teacher, TeacherPolicy
+from .engine.teachers import AverageTeachers, SampledTeacher, SingleTeacher, TeacherPolicy
 from .engine.trainer import Distiller, Stage, TrainResult, evaluate
 from .errors import AutoSKDError
 from .models.lazy import model_entry

@@ -17,7 +17,6 @@ so wall seconds are reported too but are inflated by other processes.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import subprocess
 import sys

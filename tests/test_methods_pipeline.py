@@ -91,6 +91,7 @@ def test_multi_teacher_method_reads_every_teacher(team, task, tmp_path):
 def test_combination_through_the_pipeline(team, task, tmp_path):
     out = distill(team, task, small(method="kd+pkd"), out_dir=tmp_path / "run", cache_dir=tmp_path / "c",
                   progress=False)
+    assert 0 <= out.dev_acc <= 1
     record = next(r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
                   if r["kind"] == "train")
     assert {"kd/soft_kl", "pkd/soft_kl", "hard_ce"} <= set(record)

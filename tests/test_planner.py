@@ -7,7 +7,6 @@ import json
 import statistics
 
 import pytest
-import torch
 from transformers import BertModel
 
 from autoskd.cli import main

@@ -239,7 +239,6 @@ class AuxiliaryModel(nn.Module):
         if stage != self._distance_stage:
             self._distances = {}
             self._distance_stage = stage
-        mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
         out: dict[str, Tensor] = {}
         for term in terms:
             raw = self._distance(term, student_feats, teacher_feats, batch, progress)

@@ -20,11 +20,9 @@ YAML form (``--method mix.yaml``)::
 from __future__ import annotations
 
 import copy
-import dataclasses
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
 from torch import Tensor, nn
 
 from ..errors import AutoSKDError

@@ -15,7 +15,6 @@ import hashlib
 from typing import Iterable, Sequence
 
 import torch
-from torch import nn
 
 from ..errors import AutoSKDError
 from .teachers import Teacher

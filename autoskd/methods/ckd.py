@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..engine.layer_maps import map_layers
 from ..engine.methods import METHODS, Method
 from ..engine.relations import angle_tensor, cos_matrix
 from ..engine.spec import FeatureLoss, MethodSpec

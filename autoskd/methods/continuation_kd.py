@@ -9,7 +9,6 @@ gold labels alone. The paper's pre-training stage is not part of this task-stage
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

@@ -27,7 +27,7 @@ One module per job: :mod:`.spec` (the file format), :mod:`.validation`, :mod:`.p
 from .cache import DEFAULT_CACHE_DIR
 from .core import Member, TeacherTeam
 from .probe import PROBE_SENTENCE
-from .spec import FinetuneSettings, ModelSpec, TeamSpec, _integer, _sha256, bundled_teams
+from .spec import FinetuneSettings, ModelSpec, TeamSpec, bundled_teams
 
 __all__ = ["TeacherTeam", "TeamSpec", "ModelSpec", "FinetuneSettings", "bundled_teams", "Member",
            "DEFAULT_CACHE_DIR", "PROBE_SENTENCE"]
