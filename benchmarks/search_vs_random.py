@@ -22,6 +22,7 @@ candidate beats (figure 3); the compute per arm. Writes
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import statistics
 import time
@@ -63,6 +64,8 @@ def seed_arms(run: dict, test_labels: list[int] | None) -> dict[str, dict]:
         ranked = sorted(pool, key=lambda r: r["dev_acc"])
         arms["random_best"] = arm(ranked[-1], len(pool), seconds)
         arms["random_median"] = arm(ranked[len(ranked) // 2], len(pool), seconds)
+    arms["_distributions"] = {"candidates": [(r["dev_acc"], r["test_acc"]) for r in cands],
+                              "random": [(r["dev_acc"], r["test_acc"]) for r in randoms]}
     arms["_fraction_random_beaten"] = {
         "dev": sum(r["dev_acc"] < best["dev_acc"] for r in randoms) / max(1, len(randoms)),
         "test": sum(r["test_acc"] < best["test_acc"] for r in randoms) / max(1, len(randoms)),
@@ -100,7 +103,43 @@ def aggregate(per_seed: dict[int, dict], seeds: list[int]) -> dict:
     fr = [per_seed[s]["_fraction_random_beaten"] for s in seeds]
     fraction = {"dev": statistics.mean(f["dev"] for f in fr), "test": statistics.mean(f["test"] for f in fr),
                 "n_random_per_seed": fr[0]["n_random"]}
-    return {"arms": arms, "comparisons": comparisons, "fraction_of_random_beaten": fraction}
+    return {"arms": arms, "comparisons": comparisons, "fraction_of_random_beaten": fraction,
+            "learned_vs_random": learned_vs_random([per_seed[s]["_distributions"] for s in seeds])}
+
+
+def best_of(pool: list[tuple[float, float]], k: int) -> tuple[float, float]:
+    """Expected (dev, test) of the dev-best of ``k`` draws from ``pool``: the mean over every
+    k-subset, so it does not depend on which ``k`` happened to be drawn first."""
+    picks = [max(c, key=lambda r: r[0]) for c in itertools.combinations(pool, min(k, len(pool)))]
+    return statistics.fmean(p[0] for p in picks), statistics.fmean(p[1] for p in picks)
+
+
+def learned_vs_random(dists: list[dict]) -> dict:
+    """The search's distributions against random ones, paired over seeds, compute aside:
+
+    * ``mean``: a learned candidate's mean accuracy against a random distribution's mean (does
+      the search find better distributions than chance?);
+    * ``best_of_k``: AutoSKD's dev-best of its K candidates against the dev-best of K random
+      distributions (the same number of student trainings after the search)."""
+    if not dists or any(not d["random"] or not d["candidates"] for d in dists):
+        return {}
+    out = {}
+    for key, pick in (("mean", lambda pool, k: (statistics.fmean(r[0] for r in pool),
+                                                  statistics.fmean(r[1] for r in pool))),
+                      ("best_of_k", best_of)):
+        learned, random = [], []
+        for d in dists:
+            k = len(d["candidates"])
+            learned.append(pick(d["candidates"], k) if key == "mean" else max(d["candidates"], key=lambda r: r[0]))
+            random.append(pick(d["random"], k))
+        row = {}
+        for i, split in enumerate(("dev", "test")):
+            diff = paired_ci([x[i] for x in learned], [x[i] for x in random])
+            row[split] = {"learned": statistics.fmean(x[i] for x in learned),
+                          "random": statistics.fmean(x[i] for x in random), "diff": diff, "verdict": verdict(diff)}
+        out[key] = row
+    out["k"] = [len(d["candidates"]) for d in dists]
+    return out
 
 
 def plot(result: dict, out_png: Path) -> Path:
@@ -203,6 +242,14 @@ def main() -> None:
               f"test {a['test_acc_mean']:.4f} ± {a['test_ci95']['half_width']:.4f}  "
               f"trainings {a['student_trainings']:.1f}{diff}")
     print(f"best candidate beats {result['fraction_of_random_beaten']['test']:.0%} of random distributions on test")
+    for key, label in (("mean", "a learned candidate vs a random distribution (means)"),
+                       ("best_of_k", "best of K candidates vs best of K random")):
+        row = result["learned_vs_random"].get(key)
+        if row is None:
+            continue
+        print(f"{label}: " + "  ".join(f"{sp} {row[sp]['learned']:.4f} vs {row[sp]['random']:.4f} "
+                                      f"(Δ {row[sp]['diff']['mean']:+.4f} [{row[sp]['diff']['lo']:+.4f}, "
+                                      f"{row[sp]['diff']['hi']:+.4f}] {row[sp]['verdict']})" for sp in ("dev", "test")))
     print("target met" if met else f"target missed: above autoskd {result['arms_above_autoskd']}")
 
 

@@ -1,0 +1,39 @@
+"""The learned-vs-random figures of benchmarks/search_vs_random.py: best-of-k is the mean over
+every k-subset (independent of draw order), and a search whose candidates beat the random pool
+on every seed is reported as a paired win."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def svr():
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location("search_vs_random", BENCH / "search_vs_random.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_best_of_k_is_the_mean_over_subsets(svr):
+    pool = [(0.1, 1.0), (0.2, 2.0), (0.3, 3.0)]
+    # 2-subsets: {.1,.2}->.2, {.1,.3}->.3, {.2,.3}->.3 (picked by dev; test follows the pick)
+    assert svr.best_of(pool, 2) == pytest.approx((0.8 / 3, 8.0 / 3))
+    assert svr.best_of(pool, 1) == pytest.approx((0.2, 2.0))
+    assert svr.best_of(pool, 5) == pytest.approx((0.3, 3.0))  # k above the pool: the pool's best
+
+
+def test_learned_vs_random_paired_over_seeds(svr):
+    dists = [{"candidates": [(0.70 + s / 100, 0.71 + s / 100), (0.72 + s / 100, 0.70 + s / 100)],
+              "random": [(0.60 + s / 100, 0.60), (0.65 + s / 100, 0.62), (0.50, 0.50)]} for s in range(4)]
+    out = svr.learned_vs_random(dists)
+    assert out["k"] == [2, 2, 2, 2]
+    assert out["mean"]["dev"]["verdict"] == "win" and out["best_of_k"]["dev"]["verdict"] == "win"
+    # seed 0: candidates' dev-best is (0.72, 0.70); random best-of-2 dev = mean(.65, .65, .60)
+    assert out["best_of_k"]["dev"]["learned"] == pytest.approx(0.72 + 0.015)
+    assert svr.learned_vs_random([{"candidates": [(0.7, 0.7)], "random": []}]) == {}
