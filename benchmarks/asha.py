@@ -25,7 +25,7 @@ the full run. Figures, over 3 seeds:
 * ``best_ratio``: mean over seeds of (best dev accuracy with ASHA) / (best without); target >= 0.99;
 * ``compute_ratio``: student-epochs spent with ASHA / without (summed over seeds); target <= 0.5.
 
-    python benchmarks/asha.py [--seeds 0 1 2] [--epochs 6]
+    python benchmarks/asha.py [--seeds 0 1 2] [--epochs 6] [--grace-period 1 --reduction-factor 2]
 """
 
 from __future__ import annotations
@@ -88,10 +88,11 @@ def space(epochs: float) -> SearchSpace:
     return SearchSpace.from_dict(data)
 
 
-def run(sp: SearchSpace, team: Path, task: dict, seed: int, scheduler: str, out: Path, cache: Path) -> dict:
+def run(sp: SearchSpace, team: Path, task: dict, seed: int, scheduler: str, out: Path, cache: Path,
+        grace: int = GRACE_PERIOD, factor: float = REDUCTION_FACTOR) -> dict:
     start = time.perf_counter()
     summary = run_tune(sp, str(team), {**task}, TuneSettings(sampler="grid", scheduler=scheduler, seed=seed,
-                                                             reduction_factor=REDUCTION_FACTOR, grace_period=GRACE_PERIOD, num_cpus=2,
+                                                             reduction_factor=factor, grace_period=grace, num_cpus=2,
                                                              base={"seed": seed, "batch_size": 32}),
                        out, cache_dir=cache, progress=False)
     rows = json.loads((out / "results.json").read_text())
@@ -107,6 +108,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=float, default=6.0)
     ap.add_argument("--max-train", type=int, default=1000)
     ap.add_argument("--max-eval", type=int, default=1000)
+    ap.add_argument("--grace-period", type=int, default=GRACE_PERIOD, help="ASHA: epochs every trial runs")
+    ap.add_argument("--reduction-factor", type=float, default=REDUCTION_FACTOR, help="ASHA: keep 1/N at each rung")
     ap.add_argument("--name", default="asha", help="result name: benchmarks/results/<name>.json")
     ap.add_argument("--work", default=str(ROOT / "benchmarks" / "runs" / "asha"), help="runs kept here (resumable)")
     args = ap.parse_args()
@@ -122,11 +125,15 @@ def main() -> None:
     team = tiny_team(work) if not (work / "team.yaml").exists() else work / "team.yaml"
     for seed in args.seeds:
         for scheduler in ("none", "asha"):
-            done = work / f"{scheduler}-{seed}.json"
+            # the full runs do not depend on ASHA's settings: every setting shares them
+            tag = scheduler if scheduler == "none" or (args.grace_period, args.reduction_factor) == (
+                GRACE_PERIOD, REDUCTION_FACTOR) else f"asha-g{args.grace_period}-f{args.reduction_factor:g}"
+            done = work / f"{tag}-{seed}.json"
             if done.exists():
                 r = json.loads(done.read_text())
             else:
-                r = run(sp, team, task, seed, scheduler, work / f"{scheduler}-{seed}", work / "cache")
+                r = run(sp, team, task, seed, scheduler, work / f"{tag}-{seed}", work / "cache", args.grace_period,
+                        args.reduction_factor)
                 done.write_text(json.dumps(r))
             print(json.dumps(r), flush=True)
             runs.append(r)
@@ -144,7 +151,7 @@ def main() -> None:
               "best_ratio_per_seed": [round(r, 4) for r in ratios], "compute_ratio": round(asha / full, 4),
               "student_epochs": {"asha": asha, "full": full}, "seeds": args.seeds, "epochs": args.epochs,
               "methods": list(sp.params["method"].values), "lrs": LRS, "trials_per_run": runs[0]["trials"],
-              "asha": {"grace_period": GRACE_PERIOD, "reduction_factor": REDUCTION_FACTOR},
+              "asha": {"grace_period": args.grace_period, "reduction_factor": args.reduction_factor},
               "task": f"rotten_tomatoes ({args.max_train} train / {args.max_eval} eval rows)",
               "ray_start_seconds": ray_start,
               "team": "tiny random-init BERTs (hidden 64; teachers 1 and 2 layers, student 1 layer)", "runs": runs}
