@@ -54,7 +54,6 @@ def worker_env(threads: float = 1, extra_paths: tuple[str | None, ...] = ()) -> 
             "PYTHONPATH": os.pathsep.join(seen), "RAY_CHDIR_TO_TRIAL_DIR": "0"}
 
 
-
 @contextlib.contextmanager
 def ray_session(env: dict[str, str], address: str | None = None, num_cpus: int | None = None):
     """Ray for trials, with ``env`` in every worker: a local Ray on 127.0.0.1 (``num_cpus``, default

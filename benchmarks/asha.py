@@ -123,11 +123,12 @@ def main() -> None:
     work = Path(args.work) / f"train{args.max_train}-eval{args.max_eval}-ep{args.epochs:g}"
     work.mkdir(parents=True, exist_ok=True)
     team = tiny_team(work) if not (work / "team.yaml").exists() else work / "team.yaml"
+    # the full runs do not depend on ASHA's settings, so every setting shares them
+    asha_tag = ("asha" if (args.grace_period, args.reduction_factor) == (GRACE_PERIOD, REDUCTION_FACTOR)
+                else f"asha-g{args.grace_period}-f{args.reduction_factor:g}")
     for seed in args.seeds:
         for scheduler in ("none", "asha"):
-            # the full runs do not depend on ASHA's settings: every setting shares them
-            tag = scheduler if scheduler == "none" or (args.grace_period, args.reduction_factor) == (
-                GRACE_PERIOD, REDUCTION_FACTOR) else f"asha-g{args.grace_period}-f{args.reduction_factor:g}"
+            tag = asha_tag if scheduler == "asha" else "none"
             done = work / f"{tag}-{seed}.json"
             if done.exists():
                 r = json.loads(done.read_text())

@@ -50,9 +50,6 @@ def load_histories(run: Path) -> list[dict]:
 
 def replay(trials: list[dict], grace: int, factor: float, workers: int) -> dict:
     """Run ``trials`` through ASHA as ``workers`` parallel slots in trial order; what it keeps and spends."""
-    import numpy as np
-
-    np.random.seed(0)  # ASHA picks a bracket at random; autoskd uses one bracket, so this is moot
     max_t = max(len(t["scores"]) for t in trials)
     scheduler = make_scheduler("asha", max_t, grace, factor)
     order = itertools.count()

@@ -123,22 +123,21 @@ def learned_vs_random(dists: list[dict]) -> dict:
       distributions (the same number of student trainings after the search)."""
     if not dists or any(not d["random"] or not d["candidates"] for d in dists):
         return {}
-    out = {}
-    for key, pick in (("mean", lambda pool, k: (statistics.fmean(r[0] for r in pool),
-                                                  statistics.fmean(r[1] for r in pool))),
-                      ("best_of_k", best_of)):
-        learned, random = [], []
-        for d in dists:
-            k = len(d["candidates"])
-            learned.append(pick(d["candidates"], k) if key == "mean" else max(d["candidates"], key=lambda r: r[0]))
-            random.append(pick(d["random"], k))
-        row = {}
+
+    def mean(pool):
+        return statistics.fmean(r[0] for r in pool), statistics.fmean(r[1] for r in pool)
+
+    pairs = {"mean": [(mean(d["candidates"]), mean(d["random"])) for d in dists],
+             "best_of_k": [(best_of(d["candidates"], len(d["candidates"])), best_of(d["random"], len(d["candidates"])))
+                           for d in dists]}
+    out: dict = {"k": [len(d["candidates"]) for d in dists]}
+    for key, per_seed in pairs.items():
+        out[key] = {}
         for i, split in enumerate(("dev", "test")):
-            diff = paired_ci([x[i] for x in learned], [x[i] for x in random])
-            row[split] = {"learned": statistics.fmean(x[i] for x in learned),
-                          "random": statistics.fmean(x[i] for x in random), "diff": diff, "verdict": verdict(diff)}
-        out[key] = row
-    out["k"] = [len(d["candidates"]) for d in dists]
+            learned, random = [x[0][i] for x in per_seed], [x[1][i] for x in per_seed]
+            diff = paired_ci(learned, random)
+            out[key][split] = {"learned": statistics.fmean(learned), "random": statistics.fmean(random),
+                               "diff": diff, "verdict": verdict(diff)}
     return out
 
 

@@ -31,7 +31,6 @@ _COMPRESSION = (".bz2", ".gz", ".xz", ".zip", ".zst")
 _ROLES = {"train": "train", "validation": "dev", "valid": "dev", "val": "dev", "dev": "dev", "test": "test"}
 
 
-
 class Source(NamedTuple):
     """A source's raw rows per split, before columns are resolved and labels encoded."""
 
