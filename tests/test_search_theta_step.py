@@ -182,3 +182,32 @@ def test_candidates_cover_phase_two_one_per_segment():
     assert candidate_steps(100, 200, 2, span=0.5) == [174, 199]
     with pytest.raises(AutoSKDError, match="fewer than the 5 candidates"):
         candidate_steps(10, 14, 5)
+
+
+@pytest.mark.parametrize("strategy", ["sswo", "cr"])
+def test_first_order_without_virtual_step_is_one_val_forward(setup, strategy):
+    """order first, xi 0 (the medium preset): exactly ∇_θ L_val(w, θ) (whose closures the
+    finite-difference test above checks), the weights untouched, and the train loss never
+    evaluated, so the step costs a val forward and not a train step as well."""
+    config = ThetaConfig(strategy=strategy, order="first", xi=0.0, lr=0.5)
+    step = make_step(setup, config)
+    student = tiny_bert(setup["tok"], layers=1, seed=3, dropout=0.0).double().eval()
+    batch, val_batch = next(iter(setup["train"])), next(iter(setup["val"]))
+    i = 0
+    train_loss, val_loss = step.loss_closures(student, batch, val_batch, i)
+    calls = []
+
+    def counted_train_loss(params, theta):
+        calls.append(1)
+        return train_loss(params, theta)
+
+    before = {k: v.detach().clone() for k, v in student.state_dict().items()}
+    grad = unrolled_theta_grad(student, step.dist.theta, counted_train_loss, val_loss, xi=0.0, order="first")
+    assert calls == []
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
+    theta0 = step.dist.theta.detach().clone()
+    th = theta0.clone().requires_grad_(True)
+    params = {k: v.detach() for k, v in named_trainable_params(student).items()}
+    (plain,) = torch.autograd.grad(val_loss(params, th), th)
+    assert torch.allclose(grad, plain, rtol=1e-10, atol=1e-14)
+    assert float(grad.abs().max()) > 0  # θ reaches the val loss through the targets

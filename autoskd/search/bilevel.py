@@ -149,7 +149,8 @@ def unrolled_theta_grad(
     * Virtual step: ``w' = w − ξ ∇_w L_train(w, θ)`` over :func:`named_trainable_params`, built as a
       new dict of tensors (the model is not touched).
     * ``order="first"``: ``∇_θ L_val(w', θ)`` with ``w'`` held constant (DARTS first order with the
-      virtual step; ``xi=0`` gives plain first-order DARTS, ``∇_θ L_val(w, θ)``).
+      virtual step; ``xi=0`` gives plain first-order DARTS, ``∇_θ L_val(w, θ)``, computed from one
+      student forward on the val batch without a graph through ``w``: the train loss is not evaluated).
     * ``order="second"``: DARTS's finite-difference Hessian-vector product. With
       ``g = ∇_θ L_val(w', θ)``, ``v = ∇_{w'} L_val(w', θ)``, ``ε = fd_eps / ‖v‖`` and
       ``w± = w ± ε v``, returns ``g − ξ (∇_θ L_train(w+, θ) − ∇_θ L_train(w−, θ)) / (2ε)``
@@ -166,6 +167,17 @@ def unrolled_theta_grad(
     _check_args(xi, order, fd_eps)
     params = named_trainable_params(model)
     names = list(params)
+    done = (lambda g: reduce([g.detach()])[0]) if reduce is not None else (lambda g: g.detach())
+    if order == "first" and xi == 0:
+        # no virtual step: w' = w, and θ reaches L_val only through the targets, so the student's
+        # forward needs no graph and the train loss is never evaluated (a forward, not 1.3 steps)
+        fixed = {k: p.detach() for k, p in params.items()}
+        theta_v = theta.detach().clone().requires_grad_(True)
+        with _buffers_restored(model):
+            loss_val = _scalar(val_loss_fn(fixed, theta_v), "val_loss_fn")
+            if not loss_val.requires_grad:  # θ does not reach this loss: its gradient is zero
+                return done(torch.zeros_like(theta_v))
+            return done(_grads(loss_val, [theta_v])[0])
     with _buffers_restored(model):
         theta_c = theta.detach()
         # virtual step w' = w - xi * grad_w L_train(w, theta)
@@ -180,7 +192,6 @@ def unrolled_theta_grad(
 
         theta_v = theta.detach().clone().requires_grad_(True)
         loss_val = _scalar(val_loss_fn(w_prime, theta_v), "val_loss_fn")
-        done = (lambda g: reduce([g.detach()])[0]) if reduce is not None else (lambda g: g.detach())
         if order == "first":
             return done(_grads(loss_val, [theta_v])[0])
         g_theta, *v = _grads(loss_val, [theta_v] + [w_prime[k] for k in names])

@@ -221,7 +221,7 @@ class ThetaStep(Callback):
     def loss_closures(self, student, batch: dict, val_batch: dict, i: int):
         """``(train_loss(params, theta), val_loss(params, theta))`` for one θ step with teacher ``i``
         sampled: the closures :func:`~autoskd.search.bilevel.unrolled_theta_grad` differentiates."""
-        train_t = self._teacher_logits(batch, None)
+        train_t: list[torch.Tensor] = []  # read on first use: first order with xi 0 never needs it
         val_t = self._teacher_logits(val_batch, self.val_tables)
         sswo, active, scaling = self.config.strategy == "sswo", self.dist.active, self.config.scaling
 
@@ -235,7 +235,9 @@ class ThetaStep(Callback):
             return out.logits if hasattr(out, "logits") else out
 
         def train_loss(params, theta):
-            return distillation_loss(logits_of(params, batch), target(train_t, theta), batch.get("labels"),
+            if not train_t:
+                train_t.append(self._teacher_logits(batch, None))
+            return distillation_loss(logits_of(params, batch), target(train_t[0], theta), batch.get("labels"),
                                      self.alpha, self.temperature)
 
         def val_loss(params, theta):
