@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import math
 import statistics
 import time
@@ -166,6 +167,22 @@ def plot(result: dict, out_png: Path) -> Path:
     return out_png
 
 
+def set_override(overrides: dict, item: str) -> None:
+    """``a.b=value`` into ``overrides["a"]["b"]`` (value parsed as JSON, else kept as text)."""
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"--set {item!r}: write KEY=VALUE, e.g. --set theta.scaling=n")
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = text
+    *path, last = key.split(".")
+    node = overrides
+    for part in path:
+        node = node.setdefault(part, {})
+    node[last] = value
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny data, 1 seed, 2 candidates: a smoke run")
@@ -179,10 +196,14 @@ def main() -> None:
     ap.add_argument("--no-run", action="store_true", help="only summarise the seeds already finished")
     ap.add_argument("--name", help="result name (default search_vs_random_<preset>): keeps a run under other "
                                    "settings apart from the main result")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a preset setting, e.g. --set theta.scaling=n (repeatable; JSON values)")
     args = ap.parse_args()
     seeds = args.seeds[:1] if args.quick else args.seeds
     overrides = dict(SMOKE) if args.quick else {}
     overrides.update(executor="local", n_random=args.random)
+    for item in args.set:
+        set_override(overrides, item)
     base = Path(args.out) / ("smoke" if args.quick else args.preset)
     cache = ROOT / "runs" / "cache"
     start = time.perf_counter()

@@ -37,3 +37,13 @@ def test_learned_vs_random_paired_over_seeds(svr):
     # seed 0: candidates' dev-best is (0.72, 0.70); random best-of-2 dev = mean(.65, .65, .60)
     assert out["best_of_k"]["dev"]["learned"] == pytest.approx(0.72 + 0.015)
     assert svr.learned_vs_random([{"candidates": [(0.7, 0.7)], "random": []}]) == {}
+
+
+def test_set_override_nests_and_parses_json(svr):
+    overrides = {"theta": {"num_candidates": 2}}
+    svr.set_override(overrides, "theta.scaling=n")
+    svr.set_override(overrides, "theta.lr=0.03")
+    svr.set_override(overrides, "eval_epochs=2")
+    assert overrides == {"theta": {"num_candidates": 2, "scaling": "n", "lr": 0.03}, "eval_epochs": 2}
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        svr.set_override(overrides, "theta.scaling")
