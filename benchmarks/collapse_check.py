@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from _common import write_result
 from _search_runs import ROOT
 
 from autoskd.search.arms import Arm
-from autoskd.search.run import SearchConfig
-from autoskd.search.trials import TrialSpec, run_arms
+from autoskd.search.run import SearchConfig, arm_spec
+from autoskd.search.trials import run_arms
 
 COLLAPSED = 0.62  # dev accuracy below this is the constant predictor on this split (0.591)
 
@@ -39,11 +40,8 @@ def main() -> None:
     before = {r["name"]: r for r in json.loads((seed_dir / "results.json").read_text())}
     rows = []
     for scaling in args.scalings:
-        base = {**config.base_distill().to_dict(), "theta_scaling": scaling}
-        spec = TrialSpec(team_path=cfg["team"], cache_dir=cfg["cache_dir"], base_config=base,
-                         task={**cfg["task"], "max_train": config.max_train, "max_eval": config.max_eval,
-                               "teachers_full_data": config.teachers_full_data},
-                         root=str(Path(args.out) / f"{seed_dir.name}_{scaling}"))
+        scaled = replace(config, theta=replace(config.theta, scaling=scaling))
+        spec = arm_spec(scaled, cfg["task"], cfg["team"], cfg["cache_dir"], Path(args.out) / f"{seed_dir.name}_{scaling}")
         arms = [Arm(n, "uniform" if n == "uniform" else "candidate", theta=before[n]["theta"]) for n in args.arms]
         for rec in run_arms(spec, arms, executor="local"):
             old = before[rec["name"]]

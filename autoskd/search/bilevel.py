@@ -174,10 +174,7 @@ def unrolled_theta_grad(
         fixed = {k: p.detach() for k, p in params.items()}
         theta_v = theta.detach().clone().requires_grad_(True)
         with _buffers_restored(model):
-            loss_val = _scalar(val_loss_fn(fixed, theta_v), "val_loss_fn")
-            if not loss_val.requires_grad:  # θ does not reach this loss: its gradient is zero
-                return done(torch.zeros_like(theta_v))
-            return done(_grads(loss_val, [theta_v])[0])
+            return done(_grads(_scalar(val_loss_fn(fixed, theta_v), "val_loss_fn"), [theta_v])[0])
     with _buffers_restored(model):
         theta_c = theta.detach()
         # virtual step w' = w - xi * grad_w L_train(w, theta)

@@ -252,14 +252,19 @@ def run_search(team_path: str | Path, task_args: dict, config: SearchConfig, out
     candidates = [c for s in searches for c in s["candidates"]]
     arms = candidate_arms([c["theta"] for c in candidates], [c["name"] for c in candidates])
     arms += baseline_arms(names, parse_baselines(config.baselines), config.n_random, config.seed)
-    spec = TrialSpec(team_path=team_ref, **parallel_runner(config),
-                     task={**task_args, "max_train": config.max_train, "max_eval": config.max_eval,
-                           "teachers_full_data": config.teachers_full_data},
-                     cache_dir=str(cache_dir), base_config=config.base_distill().to_dict(), root=str(out_dir))
-    records = run_arms(spec, arms, executor=config.executor, address=config.address,
+    records = run_arms(arm_spec(config, task_args, team_ref, cache_dir, out_dir), arms, executor=config.executor, address=config.address,
                        cpus_per_trial=config.cpus_per_trial, gpus_per_trial=config.gpus_per_trial,
                        max_concurrent=config.max_concurrent, progress=progress, scheduler=config.scheduler)
     return summarise(records, searches, team, m, why, out_dir)
+
+
+def arm_spec(config: SearchConfig, task_args: dict, team_ref: str, cache_dir: str | Path,
+             out_dir: str | Path) -> TrialSpec:
+    """How every arm of a search trains (its task, team, cache and base config), under ``out_dir``."""
+    return TrialSpec(team_path=team_ref, **parallel_runner(config),
+                     task={**task_args, "max_train": config.max_train, "max_eval": config.max_eval,
+                           "teachers_full_data": config.teachers_full_data},
+                     cache_dir=str(cache_dir), base_config=config.base_distill().to_dict(), root=str(out_dir))
 
 
 def parallel_runner(config: SearchConfig) -> dict:

@@ -10,6 +10,8 @@ K evenly spaced points over phase 2 (one per epoch when phase 2 lasts K epochs, 
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import asdict, dataclass
 from itertools import cycle
 from typing import Iterator
@@ -221,7 +223,7 @@ class ThetaStep(Callback):
     def loss_closures(self, student, batch: dict, val_batch: dict, i: int):
         """``(train_loss(params, theta), val_loss(params, theta))`` for one θ step with teacher ``i``
         sampled: the closures :func:`~autoskd.search.bilevel.unrolled_theta_grad` differentiates."""
-        train_t: list[torch.Tensor] = []  # read on first use: first order with xi 0 never needs it
+        train_t = functools.cache(lambda: self._teacher_logits(batch, None))  # first order, xi 0: never read
         val_t = self._teacher_logits(val_batch, self.val_tables)
         sswo, active, scaling = self.config.strategy == "sswo", self.dist.active, self.config.scaling
 
@@ -235,9 +237,7 @@ class ThetaStep(Callback):
             return out.logits if hasattr(out, "logits") else out
 
         def train_loss(params, theta):
-            if not train_t:
-                train_t.append(self._teacher_logits(batch, None))
-            return distillation_loss(logits_of(params, batch), target(train_t[0], theta), batch.get("labels"),
+            return distillation_loss(logits_of(params, batch), target(train_t(), theta), batch.get("labels"),
                                      self.alpha, self.temperature)
 
         def val_loss(params, theta):
