@@ -263,3 +263,13 @@ def test_m_counts_the_teachers_smaller_than_the_student(tokenizer, sentiment_csv
 
     m, why = capacity_m(Team(), task)
     assert m == 1 and "one" in why and "two" not in why.split(":")[-1]  # same size is not weaker
+
+
+def test_preset_overrides_merge_nested_settings_key_by_key():
+    """Overriding one θ or method option keeps the preset's others (``--set method_options.alpha=0.5``
+    must not drop the preset's temperature); ``None`` keeps the preset's value."""
+    config = SearchConfig.from_preset("medium", theta={"scaling": "n"}, method_options={"alpha": 0.5},
+                                      eval_epochs=None, seed=3)
+    assert config.theta.scaling == "n" and config.theta.order == "first" and config.theta.num_candidates == 4
+    assert config.method_options == {"temperature": 1.0, "alpha": 0.5}
+    assert config.eval_epochs == 3.0 and config.seed == 3

@@ -75,10 +75,13 @@ class SearchConfig:
 
     @classmethod
     def from_preset(cls, preset: str, **overrides) -> "SearchConfig":
+        """Nested settings (``theta``, ``method_options``) are merged key by key, so overriding
+        one of them keeps the preset's others; an override of ``None`` keeps the preset's value."""
         values = get_preset(preset)
-        theta = ThetaConfig(**{**values.pop("theta"), **(overrides.pop("theta", None) or {})})
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(preset=preset, theta=theta, **values)
+        for key, value in overrides.items():
+            if value is not None:
+                values[key] = {**values[key], **value} if isinstance(values.get(key), dict) else value
+        return cls(preset=preset, theta=ThetaConfig(**values.pop("theta")), **values)
 
     def __post_init__(self) -> None:
         if self.theta_lrs is not None:
@@ -252,7 +255,8 @@ def run_search(team_path: str | Path, task_args: dict, config: SearchConfig, out
     candidates = [c for s in searches for c in s["candidates"]]
     arms = candidate_arms([c["theta"] for c in candidates], [c["name"] for c in candidates])
     arms += baseline_arms(names, parse_baselines(config.baselines), config.n_random, config.seed)
-    records = run_arms(arm_spec(config, task_args, team_ref, cache_dir, out_dir), arms, executor=config.executor, address=config.address,
+    spec = arm_spec(config, task_args, team_ref, cache_dir, out_dir)
+    records = run_arms(spec, arms, executor=config.executor, address=config.address,
                        cpus_per_trial=config.cpus_per_trial, gpus_per_trial=config.gpus_per_trial,
                        max_concurrent=config.max_concurrent, progress=progress, scheduler=config.scheduler)
     return summarise(records, searches, team, m, why, out_dir)

@@ -223,7 +223,8 @@ class ThetaStep(Callback):
     def loss_closures(self, student, batch: dict, val_batch: dict, i: int):
         """``(train_loss(params, theta), val_loss(params, theta))`` for one θ step with teacher ``i``
         sampled: the closures :func:`~autoskd.search.bilevel.unrolled_theta_grad` differentiates."""
-        train_t = functools.cache(lambda: self._teacher_logits(batch, None))  # first order, xi 0: never read
+        # read only when train_loss runs, which first order at xi 0 never does
+        train_t = functools.cache(lambda: self._teacher_logits(batch, None))
         val_t = self._teacher_logits(val_batch, self.val_tables)
         sswo, active, scaling = self.config.strategy == "sswo", self.dist.active, self.config.scaling
 
