@@ -158,7 +158,8 @@ def cmd_search(args) -> int:
     xi = args.xi if args.xi in (None, "theta_lr", "student_lr") else _number("--xi", args.xi)
     theta = {k: v for k, v in {"strategy": args.strategy, "order": args.order, "lr": args.theta_lr,
                                "num_candidates": args.candidates, "val_objective": args.val_objective,
-                               "xi": xi, "scaling": args.theta_scaling, "warmup": args.theta_warmup}.items()
+                               "xi": xi, "scaling": args.theta_scaling, "warmup": args.theta_warmup,
+                               "center": args.theta_center}.items()
              if v is not None}
     config = SearchConfig.from_preset(
         args.preset, theta=theta, theta_lrs=args.theta_lrs, seed=args.seed, m=args.m, baselines=args.baselines,
@@ -231,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--theta-scaling", choices=["theta", "max", "n"],
                    help="SSWO's logit scale for the sampled teacher: theta_i (paper), theta_i/max theta, n*theta_i")
     p.add_argument("--theta-warmup", type=fraction, help="fraction of phase 1 with theta held fixed (paper: 0)")
+    p.add_argument("--theta-center", action="store_true", default=None,
+                   help="centre theta's gradient on the team's mean (not in the paper; see the README's search results)")
     p.add_argument("--val-objective", choices=["distill", "task"],
                    help="theta's validation loss (default: distill; task needs --order second)")
     p.add_argument("--m", type=non_negative_int, help="teachers dropped at selection (default: those smaller than the student)")

@@ -23,19 +23,19 @@ TEAM = ROOT.parent / "teams" / "minilm-ladder.yaml"
 TASK = {"name_or_path": "rotten_tomatoes", "seed": 0}  # one data split for every seed: seeds vary training
 
 
-def build_team(preset: str, cache_dir: Path, overrides: dict | None = None) -> dict:
+def build_team(preset: str, cache_dir: Path, overrides: dict | None = None, team: Path = TEAM) -> dict:
     """Fine-tune (or load) the team once, as the search will; returns the teachers' dev accuracy."""
     from autoskd.search.run import SearchConfig, load_search_task
     from autoskd.team import TeacherTeam
 
     config = SearchConfig.from_preset(preset, **(overrides or {}))
     _, team_task = load_search_task(dict(TASK), config)
-    team = TeacherTeam.from_yaml(TEAM).build(team_task, cache_dir=cache_dir / "teachers", seed=TASK["seed"],
-                                             progress=True)
-    return dict(team.dev_accuracy)
+    built = TeacherTeam.from_yaml(team).build(team_task, cache_dir=cache_dir / "teachers", seed=TASK["seed"],
+                                              progress=True)
+    return dict(built.dev_accuracy)
 
 
-def _job(preset: str, overrides: dict, out_dir: str, cache_dir: str, threads: int) -> tuple[str, float]:
+def _job(preset: str, overrides: dict, out_dir: str, cache_dir: str, threads: int, team: str) -> tuple[str, float]:
     import torch
 
     torch.set_num_threads(threads)
@@ -43,12 +43,12 @@ def _job(preset: str, overrides: dict, out_dir: str, cache_dir: str, threads: in
 
     start = time.perf_counter()
     config = SearchConfig.from_preset(preset, **json.loads(json.dumps(overrides)))
-    run_search(TEAM, dict(TASK), config, out_dir, cache_dir=cache_dir, progress=False)
+    run_search(team, dict(TASK), config, out_dir, cache_dir=cache_dir, progress=False)
     return out_dir, time.perf_counter() - start
 
 
 def run_jobs(preset: str, jobs: list[tuple[Path, dict]], cache_dir: Path, workers: int = 1,
-             threads: int | None = None) -> dict[str, float]:
+             threads: int | None = None, team: Path = TEAM) -> dict[str, float]:
     """Run every job whose ``summary.json`` is missing; returns ``{out_dir: seconds}`` of those run."""
     threads = threads or max(1, (os.cpu_count() or 1) // max(1, workers))
     todo = [(out, ov) for out, ov in jobs if not (Path(out) / "summary.json").exists()]
@@ -62,7 +62,7 @@ def run_jobs(preset: str, jobs: list[tuple[Path, dict]], cache_dir: Path, worker
     bar = tqdm(total=len(todo), desc="search runs", unit="run")
     # spawn: the parent has torch (and maybe CUDA) initialised, which fork would break
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_job, preset, ov, str(out), str(cache_dir), threads): out for out, ov in todo}
+        futures = {pool.submit(_job, preset, ov, str(out), str(cache_dir), threads, str(team)): out for out, ov in todo}
         for fut in as_completed(futures):
             try:
                 out, secs = fut.result()

@@ -1,6 +1,6 @@
 """AutoSKD's best candidate against the baselines, over several seeds (AutoSKDBERT figure 3).
 
-On rotten_tomatoes with the ladder team, one full ``run_search`` per seed (search, K
+On rotten_tomatoes with the ladder team (``--team`` takes another), one full ``run_search`` per seed (search, K
 candidates, every baseline) with the data split and the teachers fixed and the run seed
 varied, so the arms of one seed are paired. Arms:
 
@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from _common import write_result
-from _search_runs import ROOT, build_team, load_run, run_jobs
+from _search_runs import ROOT, TEAM, build_team, load_run, run_jobs
 
 from autoskd.search.stats import mcnemar, mean_ci, paired_ci, verdict
 
@@ -160,7 +160,7 @@ def plot(result: dict, out_png: Path) -> Path:
         ax.set_yticks(range(len(arms)), [n for n, _ in arms])
         ax.set_xlabel(f"{split} accuracy (mean, 95% CI over {len(result['seeds'])} seeds)")
         ax.grid(alpha=0.3, axis="x")
-    fig.suptitle(f"AutoSKD best candidate vs baselines (rotten_tomatoes, ladder team, preset {result['setup']['preset']})")
+    fig.suptitle(f"AutoSKD best candidate vs baselines (rotten_tomatoes, {result['setup'].get('team', 'minilm-ladder')} team, preset {result['setup']['preset']})")
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
@@ -192,6 +192,7 @@ def main() -> None:
                                                              "arm uses the first N of them)")
     ap.add_argument("--workers", type=int, default=1, help="seeds run at once (processes)")
     ap.add_argument("--threads", type=int, help="torch threads per worker (default: cores / workers)")
+    ap.add_argument("--team", type=Path, default=TEAM, help="teacher team YAML (default: the ladder team)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "search_vs_random"))
     ap.add_argument("--no-run", action="store_true", help="only summarise the seeds already finished")
     ap.add_argument("--name", help="result name (default search_vs_random_<preset>): keeps a run under other "
@@ -207,11 +208,13 @@ def main() -> None:
     base = Path(args.out) / ("smoke" if args.quick else args.preset)
     cache = ROOT / "runs" / "cache"
     start = time.perf_counter()
-    teachers = build_team(args.preset, cache, overrides)
+    if not args.team.is_file():
+        ap.error(f"--team {args.team}: no such team YAML; pass a file like teams/minilm-ladder.yaml")
+    teachers = build_team(args.preset, cache, overrides, args.team)
     team_seconds = time.perf_counter() - start
     if not args.no_run:
         jobs = [(base / f"seed{s}", {**overrides, "seed": s}) for s in seeds]
-        run_jobs(args.preset, jobs, cache, workers=args.workers, threads=args.threads)
+        run_jobs(args.preset, jobs, cache, workers=args.workers, threads=args.threads, team=args.team)
     seeds = [s for s in seeds if (base / f"seed{s}" / "summary.json").exists()]
 
     from _search_runs import TASK
@@ -239,7 +242,7 @@ def main() -> None:
         "arms_above_autoskd": {"dev": above_dev, "test": above_test},
         "teachers_dev_accuracy": teachers, "team_build_seconds": round(team_seconds, 1),
         "total_seconds": round(time.perf_counter() - start, 1),
-        "setup": {"task": "rotten_tomatoes", "team": "minilm-ladder", "preset": args.preset, "quick": args.quick,
+        "setup": {"task": "rotten_tomatoes", "team": args.team.stem, "preset": args.preset, "quick": args.quick,
                   "train_rows": task.sizes(), "max_train": config.max_train, "max_eval": config.max_eval,
                   "teachers_full_data": config.teachers_full_data, "candidates": config.theta.num_candidates,
                   "theta": config.theta.to_dict(), "eval_epochs": config.eval_epochs,

@@ -122,7 +122,8 @@ def main(out: str, cases: list[str]) -> None:
         elif case.startswith("search_"):  # AutoSKD's θ step on every rank (tests/theta_cases.py)
             from theta_cases import run_search  # noqa: PLC0415
 
-            result = run_search(deepspeed=ZERO[case.removeprefix("search_")])
+            layout = case.removeprefix("search_")
+            result = run_search(deepspeed=ZERO[layout.removesuffix("_center")], center=layout.endswith("_center"))
         elif case.startswith("tp"):
             from tp_cases import run_tp_case  # noqa: PLC0415
 

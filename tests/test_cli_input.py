@@ -146,6 +146,16 @@ def test_search_passes_the_encoding_to_its_trials(capsys, tmp_path, monkeypatch)
     assert seen["encoding"] == "cp1252"
 
 
+@pytest.mark.parametrize("flags, center", [([], False), (["--theta-center"], True)])
+def test_search_theta_center_flag_reaches_the_config(tmp_path, monkeypatch, flags, center):
+    import autoskd.search.run as search_run
+
+    seen = {}
+    monkeypatch.setattr(search_run, "run_search", lambda team, task_args, config, *a, **k: seen.update(c=config) or {})
+    assert main(["search", "--task", "x.csv", "--out", str(tmp_path / "s"), *flags]) == 0
+    assert seen["c"].theta.center is center
+
+
 @pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl"])
 def test_load_task_decodes_with_the_given_encoding(tmp_path, suffix):
     frame = rows(40)

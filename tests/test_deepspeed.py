@@ -23,7 +23,8 @@ from autoskd.errors import AutoSKDError
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = ["zero0", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload", "zero2_ds_adam", "zero1_accum",
-         "zero3_resume", "zero3_glmd", "tp_teacher", "tp_student", "tp_zero2", "search_zero2", "search_zero3_all"]
+         "zero3_resume", "zero3_glmd", "tp_teacher", "tp_student", "tp_zero2", "search_zero2", "search_zero3_all",
+         "search_zero3_all_center"]
 LOSS_TOL, WEIGHT_TOL = 1e-5, 5e-5
 
 
@@ -116,6 +117,21 @@ def test_search_theta_steps_under_zero_equal_one_process(distributed, case):
     for theta in got["theta_per_rank"]:
         torch.testing.assert_close(torch.tensor(theta), torch.tensor(ref["theta"]), atol=1e-6, rtol=0)
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), atol=LOSS_TOL, rtol=0)
+    assert_same_weights(got["weights"], ref["weights"])
+
+
+def test_centred_search_under_zero3_equals_one_process(distributed):
+    """``theta.center``'s extra val forward (every teacher's direct θ-gradient) runs inside the
+    ZeRO-3 gather and is averaged over the ranks like the unrolled gradient: same trajectory."""
+    from theta_cases import run_search
+
+    ref = run_search(center=True)
+    got = distributed["search_zero3_all_center"]
+    plain = run_search()["theta"][-1]
+    assert max(abs(a - b) for a, b in zip(ref["theta"][-1], plain)) > 1e-5  # centring changes the trajectory
+    assert got["dropped"] == ref["dropped"] and got["counts"] == ref["counts"]
+    for theta in got["theta_per_rank"]:
+        torch.testing.assert_close(torch.tensor(theta), torch.tensor(ref["theta"]), atol=1e-6, rtol=0)
     assert_same_weights(got["weights"], ref["weights"])
 
 

@@ -66,8 +66,10 @@ class OracleTeacher(nn.Module):
 
     def __init__(self, good_id: int, margin: float):
         super().__init__()
-        self.good_id, self.margin = good_id, margin
-        self.anchor = nn.Parameter(torch.zeros(1))  # a parameter, so it has a device and a fingerprint
+        self.good_id = good_id
+        # a buffer, not an attribute: the teacher-output cache tells teachers apart by their state
+        self.register_buffer("margin", torch.tensor(float(margin)))
+        self.anchor = nn.Parameter(torch.zeros(1))  # a parameter, so it has a device
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
         positive = (input_ids == self.good_id).any(-1).float()
@@ -273,3 +275,34 @@ def test_preset_overrides_merge_nested_settings_key_by_key():
     assert config.theta.scaling == "n" and config.theta.order == "first" and config.theta.num_candidates == 4
     assert config.method_options == {"temperature": 1.0, "alpha": 0.5}
     assert config.eval_epochs == 3.0 and config.seed == 3
+
+
+class OneClassTeacher(nn.Module):
+    """Always the same, unconfident answer (class 1 by a small margin), whatever the input: a
+    teacher no better than predicting one class, like a teacher fine-tuned on too few rows."""
+
+    def __init__(self, margin: float = 0.3):
+        super().__init__()
+        self.anchor = nn.Parameter(torch.tensor([0.0, margin]))  # its state, so its cache entry, is its own
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        row = self.anchor
+        return row.expand(input_ids.shape[0], 2)
+
+
+@pytest.mark.parametrize("center", [True, False])
+def test_centred_theta_drops_a_one_class_teacher(tokenizer, sentiment_csv, tmp_path, center):
+    """Every teacher's distill θ-gradient is negative here (the student agrees with all of them
+    more often than not); only its size tells the one-class teacher apart, and per-entry Adam
+    discards size. Centred, the one-class teacher is the one dropped at selection; uncentred, θ
+    ends where the draws put it (documents why ``center`` exists)."""
+    task = load_task(str(sentiment_csv), seed=0)
+    good_id = tokenizer.convert_tokens_to_ids("good")
+    teachers = {"oracle-a": OracleTeacher(good_id, 3.0), "one-class": OneClassTeacher(),
+                "oracle-b": OracleTeacher(good_id, 2.0), "oracle-c": OracleTeacher(good_id, 1.0)}
+    team = TeacherTeam(student=warm_student(tokenizer, task), teachers=teachers, tokenizer=tokenizer, max_length=16)
+    team.build(task, cache_dir=tmp_path / "teachers", progress=False)
+    config = SearchConfig(search_epochs=8, lr=3e-3, batch_size=16, seed=0,
+                          theta=ThetaConfig(lr=2e-2, num_candidates=2, order="first", xi=0.0, center=center))
+    search = bilevel_search(team, task, config, m=1, out_dir=tmp_path, cache_dir=tmp_path / "cache", progress=False)
+    assert (search["dropped"] == ["one-class"]) is center

@@ -211,3 +211,54 @@ def test_first_order_without_virtual_step_is_one_val_forward(setup, strategy):
     (plain,) = torch.autograd.grad(val_loss(params, th), th)
     assert torch.allclose(grad, plain, rtol=1e-10, atol=1e-14)
     assert float(grad.abs().max()) > 0  # θ reaches the val loss through the targets
+
+
+# ------------------------------------------------------------------------ centred θ-gradient
+def own_loss_fd(step, student, batch, val_batch, theta0, eps=1e-2):
+    """Entry j: the central difference in θ_j of teacher j's own val distillation loss (weights fixed)."""
+    params = {k: v.detach() for k, v in named_trainable_params(student).items()}
+    out = torch.zeros_like(theta0)
+    for j in range(len(theta0)):
+        _, val_loss = step.loss_closures(student, batch, val_batch, j)
+        e = torch.zeros_like(theta0)
+        e[j] = eps
+        out[j] = (float(val_loss(params, theta0 + e)) - float(val_loss(params, theta0 - e))) / (2 * eps)
+    return out
+
+
+@pytest.mark.parametrize("order, xi", [("first", 0.0), ("first", 0.5), ("second", 0.5)])
+@pytest.mark.parametrize("scaling", ["theta", "n"])
+def test_centred_sswo_gradient_is_the_sampled_one_minus_the_teams_mean(setup, order, xi, scaling):
+    config = ThetaConfig(order=order, xi=xi, scaling=scaling, center=True, lr=0.5)
+    step = make_step(setup, config)
+    student = tiny_bert(setup["tok"], layers=1, seed=3, dropout=0.0).double().eval()
+    with torch.no_grad():  # logits of a useful size: θ-gradients well above float32 rounding in the FD
+        student.classifier.weight.mul_(30)
+    batch, val_batch = next(iter(setup["train"])), next(iter(setup["val"]))
+    i = 0
+    theta0 = step.dist.theta.detach().clone()
+    got = step.theta_grad(student, batch, val_batch, i, xi)[i]
+    f = objective(student, step, batch, val_batch, i, xi, order, theta0)
+    e = torch.zeros_like(theta0)
+    e[i] = 1e-2
+    plain = (f(theta0 + e) - f(theta0 - e)) / 2e-2  # the uncentred gradient of the sampled entry
+    baseline = own_loss_fd(step, student, batch, val_batch, theta0).mean()
+    assert abs(float(baseline)) > 1e-6
+    assert abs(float(got) - (plain - float(baseline))) < 2e-2 * max(abs(plain), abs(float(baseline)))
+
+
+def test_centred_cr_gradient_sums_to_zero(setup):
+    config = ThetaConfig(strategy="cr", order="second", center=True, lr=0.5)
+    step = make_step(setup, config)
+    student = tiny_bert(setup["tok"], layers=1, seed=3, dropout=0.0).double().eval()
+    batch, val_batch = next(iter(setup["train"])), next(iter(setup["val"]))
+    train_loss, val_loss = step.loss_closures(student, batch, val_batch, 0)
+    plain = unrolled_theta_grad(student, step.dist.theta, train_loss, val_loss, xi=0.5, order="second")
+    got = step.theta_grad(student, batch, val_batch, 0, 0.5)
+    assert torch.allclose(got, plain - plain.mean(), atol=1e-6) and abs(float(got.sum())) < 1e-6
+    assert float(plain.abs().max()) > 1e-6
+
+
+def test_centring_needs_the_distill_objective():
+    with pytest.raises(AutoSKDError, match="theta.center needs --val-objective distill"):
+        ThetaConfig(val_objective="task", order="second", center=True)

@@ -1,6 +1,6 @@
 """The learned-vs-random figures of benchmarks/search_vs_random.py: best-of-k is the mean over
 every k-subset (independent of draw order), and a search whose candidates beat the random pool
-on every seed is reported as a paired win."""
+on every seed is reported as a paired win; a missing --team is a one-line error."""
 
 import importlib.util
 import sys
@@ -47,3 +47,13 @@ def test_set_override_nests_and_parses_json(svr):
     assert overrides == {"theta": {"num_candidates": 2, "scaling": "n", "lr": 0.03}, "eval_epochs": 2}
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         svr.set_override(overrides, "theta.scaling")
+
+
+def test_missing_team_yaml_is_a_one_line_error(svr, monkeypatch, capsys, tmp_path):
+    missing = tmp_path / "no-team.yaml"
+    monkeypatch.setattr(sys, "argv", ["search_vs_random.py", "--team", str(missing)])
+    with pytest.raises(SystemExit) as exit_info:
+        svr.main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "no such team YAML" in err and str(missing) in err

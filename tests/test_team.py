@@ -66,6 +66,19 @@ def test_bundled_ladder_parses():
     assert all(t.finetune.max_train_examples == 256 and t.finetune.epochs == 1 for t in tiny.teachers)
 
 
+def test_bundled_mixed_team_shares_the_ladders_full_data_teachers():
+    """minilm-mixed reuses three ladder teachers as they are (so their cache entries) and adds
+    two fine-tuned on 200 rows only."""
+    ladder, mixed = TeamSpec.from_yaml("minilm-ladder"), TeamSpec.from_yaml("minilm-mixed")
+    assert mixed.student == ladder.student
+    same = {t.name: t for t in ladder.teachers}
+    full = [t for t in mixed.teachers if t.finetune.max_train_examples is None]
+    assert [t.name for t in full] == ["minilm-L1", "minilm-L4", "minilm-L6"]
+    assert all(t == same[t.name] for t in full)
+    few = [t for t in mixed.teachers if t.finetune.max_train_examples == 200]
+    assert [(t.name, t.layers) for t in few] == [("minilm-L3-200rows", 3), ("minilm-L6-200rows", 6)]
+
+
 def test_yaml_values_and_defaults(tmp_path):
     spec = TeamSpec.from_yaml(write(tmp_path, """
         name: t
@@ -308,3 +321,31 @@ def test_build_evaluates_given_module(tiny_dir, tmp_path):
     assert team.status == {"mine": "given"} and 0 <= team.dev_accuracy["mine"] <= 1
     assert team.teachers["mine"] is module and "mine" not in team.fingerprints
     assert not any(tmp_path.iterdir())  # nothing cached for a given module
+
+
+class AlwaysPositive(nn.Module):
+    """A teacher that ignores its input: it predicts class 1 for every row."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = nn.Parameter(torch.tensor([0.0, 2.0]))
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        return self.bias.expand(input_ids.shape[0], 2)
+
+
+def test_build_warns_about_a_teacher_no_better_than_the_majority_class(tiny_dir, tmp_path, capsys):
+    team = TeacherTeam(student=ModelSpec(str(tiny_dir), layers=1), teachers={"lazy": AlwaysPositive()},
+                       tokenizer=str(tiny_dir), max_length=16).build(make_task(), cache_dir=tmp_path)
+    assert team.dev_accuracy["lazy"] == 0.5 and team.uninformative == ["lazy"]
+    warning = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    assert len(warning) == 1 and "teacher lazy scores 0.5000" in warning[0] and "majority class (0.5000)" in warning[0]
+    assert "drop it from the team" in warning[0]
+
+
+def test_uninformative_teachers_keep_the_informative_ones():
+    from autoskd.team.report import majority_rate, uninformative_teachers
+
+    assert majority_rate([0, 1, 1, 1]) == 0.75 and majority_rate([]) == 0.0
+    accs = {"good": 0.83, "weak": 0.70, "majority": 0.5909, "barely": 0.599}
+    assert uninformative_teachers(accs, 0.5909) == ["majority", "barely"]

@@ -18,7 +18,7 @@ from autoskd.search.distribution import TeacherDistribution
 from autoskd.search.theta_step import ThetaConfig, ThetaStep
 
 
-def run_search(deepspeed=None, epochs: float = 2.0) -> dict:
+def run_search(deepspeed=None, epochs: float = 2.0, center: bool = False) -> dict:
     teachers = {}
     for k in (4, 3, 1):
         model = w.bert(k, 48, seed=k)
@@ -27,7 +27,7 @@ def run_search(deepspeed=None, epochs: float = 2.0) -> dict:
         teachers[f"t{k}"] = Teacher(f"t{k}", model)
     student = w.bert(2, 32, seed=2)
     dist = TeacherDistribution.uniform(len(teachers))
-    config = ThetaConfig(strategy="sswo", order="second", lr=0.05, num_candidates=2)
+    config = ThetaConfig(strategy="sswo", order="second", lr=0.05, num_candidates=2, center=center)
     policy = SampledTeacher(teachers, dist.theta, seed=0, scaling=config.scaling)
     val = DataLoader(w.examples(n=16, seed=1), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(1))
     step = ThetaStep(dist, policy, val, config, m=1)

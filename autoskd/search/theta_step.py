@@ -50,6 +50,16 @@ class ThetaConfig:
     ``num_candidates`` distributions are taken at K evenly spaced points over phase 2, the last
     at its end; ``candidate_span`` < 1 squeezes them into the later part of phase 2 (an
     ablation: late candidates are close to one another).
+
+    ``center`` (not in the paper) subtracts from the θ-gradient the mean over the active teachers
+    of each teacher's own direct gradient on the same val batch (one student forward; for CR, the
+    gradient's own mean). Why: the distill objective's gradient has the same sign for every
+    teacher the student mostly agrees with, and differs mainly in size (measured on
+    ``teams/minilm-mixed.yaml``: -1.5 for the best teacher, -0.035 for one that predicts the
+    majority class). Adam normalises each entry, so every sampled entry moves by about ``lr``
+    whatever its gradient's size, and the projection to the simplex cancels the common move:
+    θ then tracks how often each teacher was drawn. Centred, the sign says whether a teacher
+    helps more or less than the team's average, which is what Adam keeps.
     """
 
     strategy: str = "sswo"
@@ -64,6 +74,7 @@ class ThetaConfig:
     every: int = 1
     history_every: int = 1
     warmup: float = 0.0
+    center: bool = False
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -80,6 +91,9 @@ class ThetaConfig:
         if self.val_objective == "task" and (self.order == "first" or (fixed and self.xi == 0)):
             raise AutoSKDError("--val-objective task needs --order second (and xi > 0): the task loss reaches theta "
                                "only through the virtual step, so its first-order theta-gradient is exactly zero")
+        if self.center and self.val_objective != "distill":
+            raise AutoSKDError("theta.center needs --val-objective distill: the task loss has no per-teacher direct "
+                               "gradient to centre on")
         if not self.lr > 0:
             raise AutoSKDError(f"the theta learning rate must be > 0 (got {self.lr})")
         if self.num_candidates < 1:
@@ -250,19 +264,49 @@ class ThetaStep(Callback):
 
         return train_loss, val_loss
 
+    def direct_grads(self, student, val_batch: dict) -> torch.Tensor:
+        """``[n]``: entry j is ∂/∂θ_j of teacher j's own SSWO distillation loss on ``val_batch``
+        at the current weights, for every active j (0 for the others), from one student forward."""
+        with torch.no_grad():
+            out = student(**model_inputs(val_batch))
+        logits = out.logits if hasattr(out, "logits") else out
+        theta = self.dist.theta.detach().clone().requires_grad_(True)
+        val_t = self._teacher_logits(val_batch, self.val_tables)
+        loss = sum(distillation_loss(logits, sswo_teacher_logits(val_t, theta, j, self.config.scaling),
+                                     val_batch.get("labels"), self.alpha, self.temperature)
+                   for j in self.dist.active_indices())
+        return torch.autograd.grad(loss, theta)[0]
+
+    def theta_grad(self, student, batch: dict, val_batch: dict, i: int, xi: float,
+                   reduce=None) -> torch.Tensor:
+        """The gradient the θ optimiser steps with, teacher ``i`` sampled (``center``: see
+        :class:`ThetaConfig`). ``reduce`` averages gradients over data-parallel ranks."""
+        sswo, cfg = self.config.strategy == "sswo", self.config
+        if sswo and cfg.center:
+            direct = self.direct_grads(student, val_batch)
+            direct = reduce([direct])[0] if reduce is not None else direct
+            baseline = direct[self.dist.active].mean()
+            if cfg.order == "first" and xi == 0:  # the sampled entry of `direct` is the whole gradient
+                return direct - baseline
+        train_loss, val_loss = self.loss_closures(student, batch, val_batch, i)
+        grad = unrolled_theta_grad(student, self.dist.theta, train_loss, val_loss, xi=xi, order=cfg.order,
+                                   reduce=reduce)
+        if cfg.center:
+            grad = grad - (baseline if sswo else grad[self.dist.active].mean())
+        return grad
+
     def _theta_step(self, trainer, batch) -> None:
         student = trainer.student
         i = self.policy.draw()
         self.policy.preselected = i
         val_batch = to_device(next(self._val_batches), trainer.device)
-        train_loss, val_loss = self.loss_closures(student, batch, val_batch, i)
         was_training = student.training
         student.eval()  # deterministic closures: the finite differences compare two evaluations
         backend = trainer.backend  # under DeepSpeed: whole weights, gradients averaged over the ranks
         try:
             with backend.functional_forward(student):
-                grad = unrolled_theta_grad(student, self.dist.theta, train_loss, val_loss, xi=self.xi(trainer),
-                                           order=self.config.order, reduce=backend.mean_over_data_ranks)
+                grad = self.theta_grad(student, batch, val_batch, i, self.xi(trainer),
+                                       reduce=backend.mean_over_data_ranks)
         finally:
             student.train(was_training)
         self.optimizer.step(grad, sampled=i if self.config.strategy == "sswo" else None)

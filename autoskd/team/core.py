@@ -24,7 +24,7 @@ from .cache import DEFAULT_CACHE_DIR, entry_dir, freeze, load_frozen, read_meta,
 from .evaluation import dev_accuracy
 from .finetune import finetune_teacher
 from .probe import tokenizer_difference, tokenizer_fingerprint
-from .report import safe, team_table
+from .report import majority_rate, safe, team_table, uninformative_teachers, uninformative_warning
 from .spec import ModelSpec, TeamSpec, _integer
 from .student import build_student
 from .validation import validate_team
@@ -86,6 +86,7 @@ class TeacherTeam:
         self._teacher_tokenizers: dict[str, Any] = {}
         self.teachers: LazyModels = LazyModels()  # name -> module; cached ones load on first access
         self.dev_accuracy: dict[str, float] = {}
+        self.uninformative: list[str] = []  # teachers no better than the majority class (set by build)
         self.status: dict[str, str] = {}
         self.fingerprints: dict[str, str] = {}
         self.cache_dirs: dict[str, Path] = {}
@@ -239,8 +240,12 @@ class TeacherTeam:
                 layers, params = meta.get("layers"), meta.get("parameters", 0)
             rows.append((name, layers, params, self.dev_accuracy[name], self.status[name]))
         self._table = rows
+        majority = majority_rate(task.split("dev")["label"])
+        self.uninformative = uninformative_teachers(self.dev_accuracy, majority)
         if progress:
             print(self.summary(), flush=True)
+            if self.uninformative:
+                print(uninformative_warning(self.uninformative, self.dev_accuracy, majority), flush=True)
         return self
 
     def summary(self) -> str:

@@ -18,6 +18,29 @@ def team_table(name: str, rows: list[tuple] | None) -> str:
     return "\n".join(out)
 
 
+def majority_rate(labels) -> float:
+    """The accuracy of always predicting the most frequent label (0 for no labels)."""
+    labels = list(labels)
+    return max(labels.count(y) for y in set(labels)) / len(labels) if labels else 0.0
+
+
+def uninformative_teachers(dev_accuracy: dict[str, float], majority: float, margin: float = 0.01) -> list[str]:
+    """Teachers whose dev accuracy is within ``margin`` of always predicting the majority class.
+
+    Such a teacher carries (almost) no signal about the task, and its soft targets can pull a
+    student to that class: measured on rotten_tomatoes (``teams/minilm-mixed.yaml``), one such
+    teacher in a team of five made every θ-scaled candidate of one seed collapse to it.
+    """
+    return [name for name, acc in dev_accuracy.items() if acc <= majority + margin]
+
+
+def uninformative_warning(names: list[str], dev_accuracy: dict[str, float], majority: float) -> str:
+    """One line per teacher of :func:`uninformative_teachers`: what is wrong and what to do."""
+    return "\n".join(f"[team] warning: teacher {n} scores {dev_accuracy[n]:.4f} on dev, no better than always "
+                     f"predicting the majority class ({majority:.4f}); it teaches nothing: fine-tune it further "
+                     f"or drop it from the team" for n in names)
+
+
 def safe(fn):
     """``fn()``, or None when it fails with a user-facing error (a layer count we cannot read)."""
     try:
