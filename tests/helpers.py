@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
 from autoskd.engine.callbacks import Callback
@@ -20,6 +21,18 @@ def tiny_bert(tok, layers: int = 2, seed: int = 0, dropout: float = 0.1) -> Bert
                         hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     torch.manual_seed(seed)
     return BertForSequenceClassification(config)
+
+
+class OneClassTeacher(nn.Module):
+    """The same answer, class 1 by ``margin``, whatever the input: a teacher no better than
+    predicting one class. Its margin is its state, so each has its own teacher-cache entry."""
+
+    def __init__(self, margin: float = 0.3):
+        super().__init__()
+        self.anchor = nn.Parameter(torch.tensor([0.0, margin]))
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        return self.anchor.expand(input_ids.shape[0], 2)
 
 
 class InterruptAt(Callback):

@@ -19,6 +19,7 @@ from autoskd.search import trials
 from autoskd.search.run import SearchConfig, bilevel_search, run_search
 from autoskd.search.theta_step import ThetaConfig
 from autoskd.team import TeacherTeam
+from helpers import OneClassTeacher
 
 WORDS = ["movie", "film", "story", "plot", "cast", "scene", "actor", "script"]
 
@@ -275,19 +276,6 @@ def test_preset_overrides_merge_nested_settings_key_by_key():
     assert config.theta.scaling == "n" and config.theta.order == "first" and config.theta.num_candidates == 4
     assert config.method_options == {"temperature": 1.0, "alpha": 0.5}
     assert config.eval_epochs == 3.0 and config.seed == 3
-
-
-class OneClassTeacher(nn.Module):
-    """Always the same, unconfident answer (class 1 by a small margin), whatever the input: a
-    teacher no better than predicting one class, like a teacher fine-tuned on too few rows."""
-
-    def __init__(self, margin: float = 0.3):
-        super().__init__()
-        self.anchor = nn.Parameter(torch.tensor([0.0, margin]))  # its state, so its cache entry, is its own
-
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
-        row = self.anchor
-        return row.expand(input_ids.shape[0], 2)
 
 
 @pytest.mark.parametrize("center", [True, False])

@@ -21,7 +21,7 @@ from autoskd.team import FinetuneSettings, ModelSpec, TeacherTeam, TeamSpec, bun
 REPO = Path(__file__).resolve().parent.parent
 
 
-from helpers import tiny_config  # noqa: E402
+from helpers import OneClassTeacher, tiny_config  # noqa: E402
 
 
 def make_task(n_train: int = 24, n_dev: int = 12, name: str = "toy", shift: int = 0) -> TaskData:
@@ -323,19 +323,8 @@ def test_build_evaluates_given_module(tiny_dir, tmp_path):
     assert not any(tmp_path.iterdir())  # nothing cached for a given module
 
 
-class AlwaysPositive(nn.Module):
-    """A teacher that ignores its input: it predicts class 1 for every row."""
-
-    def __init__(self):
-        super().__init__()
-        self.bias = nn.Parameter(torch.tensor([0.0, 2.0]))
-
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
-        return self.bias.expand(input_ids.shape[0], 2)
-
-
 def test_build_warns_about_a_teacher_no_better_than_the_majority_class(tiny_dir, tmp_path, capsys):
-    team = TeacherTeam(student=ModelSpec(str(tiny_dir), layers=1), teachers={"lazy": AlwaysPositive()},
+    team = TeacherTeam(student=ModelSpec(str(tiny_dir), layers=1), teachers={"lazy": OneClassTeacher(margin=2.0)},
                        tokenizer=str(tiny_dir), max_length=16).build(make_task(), cache_dir=tmp_path)
     assert team.dev_accuracy["lazy"] == 0.5 and team.uninformative == ["lazy"]
     warning = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]

@@ -17,6 +17,7 @@ from typing import Iterable, Sequence
 import torch
 
 from ..errors import AutoSKDError
+from .batches import output_logits
 from .teachers import Teacher
 
 LOGIT_LEVEL = "kd, pd, annealing_kd, continuation_kd, takd, tmkd, uncertainty, dgkd, rl_kd (warm-up), AutoSKD's search"
@@ -49,7 +50,7 @@ class OwnTokenizerTeacher(Teacher):
         if "token_type_ids" in inputs and "token_type_ids" not in model.forward.__code__.co_varnames:
             inputs.pop("token_type_ids")
         out = model(**inputs)
-        return (out.logits if hasattr(out, "logits") else out).float()
+        return output_logits(out).float()
 
     def _split_texts(self, loader) -> tuple[list[str], list[str] | None, list[int]]:
         """(texts, pairs, idx) of the loader's rows, in dataset order."""

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .batches import model_inputs, to_device
+from .batches import model_inputs, output_logits, to_device
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -54,7 +54,7 @@ def compute_logits_table(model: nn.Module, loader: DataLoader, device: torch.dev
     for batch in tqdm(sequential_loader(loader), desc=desc, disable=not progress, leave=False):
         batch = to_device(batch, device)
         out = model(**model_inputs(batch))
-        logits = out.logits if hasattr(out, "logits") else out
+        logits = output_logits(out)
         for i, row in zip(batch["idx"].tolist(), logits.float().cpu()):
             rows[i] = row
     n = max(rows) + 1

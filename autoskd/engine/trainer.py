@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..errors import AutoSKDError
 from .backends import make_backend
-from .batches import model_inputs, to_device
+from .batches import model_inputs, output_logits, to_device
 from .callbacks import Callback
 from .metrics_log import MetricsLog, plot_history
 from .methods import Method, get_method
@@ -119,7 +119,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str = 
     for batch in loader:
         batch = to_device(batch, device)
         out = model(**model_inputs(batch))
-        logits = out.logits if hasattr(out, "logits") else out
+        logits = output_logits(out)
         labels = batch["labels"]
         loss_sum += float(nn.functional.cross_entropy(logits.float(), labels, reduction="sum"))
         correct += int((logits.argmax(-1) == labels).sum())

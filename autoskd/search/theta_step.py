@@ -20,7 +20,7 @@ import torch
 from torch.func import functional_call
 from torch.nn import functional as F
 
-from ..engine.batches import model_inputs, to_device
+from ..engine.batches import model_inputs, output_logits, to_device
 from ..engine.callbacks import Callback
 from ..engine.teacher_cache import TeacherOutputCache
 from ..engine.teachers import THETA_SCALINGS, SampledTeacher
@@ -248,8 +248,7 @@ class ThetaStep(Callback):
             return cr_teacher_logits(teacher_logits, theta, active=active)
 
         def logits_of(params, b):
-            out = functional_call(student, params, args=(), kwargs=model_inputs(b))
-            return out.logits if hasattr(out, "logits") else out
+            return output_logits(functional_call(student, params, args=(), kwargs=model_inputs(b)))
 
         def train_loss(params, theta):
             return distillation_loss(logits_of(params, batch), target(train_t(), theta), batch.get("labels"),
@@ -268,8 +267,7 @@ class ThetaStep(Callback):
         """``[n]``: entry j is ∂/∂θ_j of teacher j's own SSWO distillation loss on ``val_batch``
         at the current weights, for every active j (0 for the others), from one student forward."""
         with torch.no_grad():
-            out = student(**model_inputs(val_batch))
-        logits = out.logits if hasattr(out, "logits") else out
+            logits = output_logits(student(**model_inputs(val_batch)))
         theta = self.dist.theta.detach().clone().requires_grad_(True)
         val_t = self._teacher_logits(val_batch, self.val_tables)
         loss = sum(distillation_loss(logits, sswo_teacher_logits(val_t, theta, j, self.config.scaling),

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..engine.batches import output_logits
 from ..errors import AutoSKDError
 
 #: Sentence whose token ids must agree between team members' tokenizers.
@@ -58,7 +59,7 @@ def probe_num_labels(module: nn.Module, tok: Any) -> int:
                            "input_ids and attention_mask and return logits") from err
     finally:
         module.train(was_training)
-    logits = out.logits if hasattr(out, "logits") else out
+    logits = output_logits(out)
     if not torch.is_tensor(logits) or logits.dim() < 2:
         raise AutoSKDError(f"{type(module).__name__} must return logits [batch, labels] or an object "
                            "with .logits")
