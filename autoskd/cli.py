@@ -223,7 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="quick", choices=["quick", "medium", "paper"],
                    help="settings bundle (default: quick; medium: the benchmark's; paper: AutoSKDBERT's)")
     p.add_argument("--out", type=output_dir, default="runs/search", help="output folder; rerunning resumes it")
-    p.add_argument("--strategy", choices=["sswo", "cr"], help="theta update strategy (default: sswo)")
+    p.add_argument("--strategy", choices=["sswo", "cr", "expected"],
+                   help="theta update strategy (default: sswo; expected: SSWO's step averaged over the draw, "
+                        "every entry each step, not in the paper)")
     p.add_argument("--order", choices=["first", "second"], help="unrolled-gradient order (default: second)")
     p.add_argument("--theta-lr", type=positive_float, help="Adam learning rate on theta (paper: 3e-4 to 1e-3)")
     p.add_argument("--theta-lrs", type=positive_float, nargs="+", metavar="LR",

@@ -1,6 +1,10 @@
-"""Tiny random-init models for fast tests."""
+"""Tiny random-init models for fast tests, and the benchmark scripts as importable modules."""
 
 from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -45,3 +49,17 @@ class InterruptAt(Callback):
     def on_step_begin(self, trainer, ctx, batch):
         if ctx.epoch == self.epoch:
             raise KeyboardInterrupt
+
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` as a module (the scripts are not a package; their own imports of
+    ``_common`` need ``benchmarks/`` on the path)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

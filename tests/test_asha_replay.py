@@ -1,21 +1,17 @@
 """The offline ASHA replay (benchmarks/asha_replay.py) drives Ray's real ASHA scheduler: a late
 bloomer is stopped at the first rung, a steady leader is kept, and compute is counted per epoch."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def replay_mod():
-    spec = importlib.util.spec_from_file_location("asha_replay", ROOT / "benchmarks" / "asha_replay.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("asha_replay")
 
 
 def _full_run(root: Path, histories: list[list[float]]) -> Path:

@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from autoskd.cli import main
+from autoskd.cli import build_parser, main
 from autoskd.cli_types import fraction, int_at_least, output_dir, positive_float
 from autoskd.data.tasks import load_task
 from test_cli import assert_one_error, rows, run, team_yaml
@@ -179,3 +179,20 @@ def test_validators_directly():
     for fn, text in ((int_at_least(2), "1"), (positive_float, "inf"), (fraction, "1.5"), (fraction, "-0.1")):
         with pytest.raises(argparse.ArgumentTypeError):
             fn(text)
+
+
+def test_search_strategy_choices_are_the_optimisers(tmp_path, monkeypatch):
+    """--strategy expected reaches the config (with the task objective and centring, which it allows),
+    and the CLI's choices are exactly the θ optimiser's strategies."""
+    import autoskd.search.run as search_run
+    from autoskd.search.distribution import STRATEGIES
+
+    seen = {}
+    monkeypatch.setattr(search_run, "run_search", lambda team, task_args, config, *a, **k: seen.update(c=config) or {})
+    assert main(["search", "--task", "x.csv", "--out", str(tmp_path / "s"), "--strategy", "expected",
+                 "--val-objective", "task", "--order", "second", "--theta-center"]) == 0
+    theta = seen["c"].theta
+    assert (theta.strategy, theta.val_objective, theta.center) == ("expected", "task", True)
+    choices = next(a.choices for a in build_parser()._subparsers._group_actions[0].choices["search"]._actions
+                   if a.dest == "strategy")
+    assert tuple(choices) == STRATEGIES

@@ -12,6 +12,7 @@ from torch import nn
 
 from autoskd.data.collate import make_loader, tokenize_split
 from autoskd.data.tasks import load_task
+from autoskd.engine.batches import model_inputs
 from autoskd.engine.teachers import SampledTeacher, Teacher, theta_logit_scale
 from autoskd.engine.trainer import Distiller
 from autoskd.errors import AutoSKDError
@@ -60,7 +61,8 @@ def objective(student, step, batch, val_batch, i, xi, order, theta0):
     return f
 
 
-COMBOS = [c for c in itertools.product(("sswo", "cr"), ("first", "second"), ("distill", "task"), ("theta", "max", "n"))
+COMBOS = [c for c in itertools.product(("sswo", "cr", "expected"), ("first", "second"), ("distill", "task"),
+                                       ("theta", "max", "n"))
           if not (c[2] == "task" and c[1] == "first") and not (c[0] == "cr" and c[3] != "theta")]
 
 
@@ -184,7 +186,7 @@ def test_candidates_cover_phase_two_one_per_segment():
         candidate_steps(10, 14, 5)
 
 
-@pytest.mark.parametrize("strategy", ["sswo", "cr"])
+@pytest.mark.parametrize("strategy", ["sswo", "cr", "expected"])
 def test_first_order_without_virtual_step_is_one_val_forward(setup, strategy):
     """order first, xi 0 (the medium preset): exactly ∇_θ L_val(w, θ) (whose closures the
     finite-difference test above checks), the weights untouched, and the train loss never
@@ -259,6 +261,45 @@ def test_centred_cr_gradient_sums_to_zero(setup):
     assert float(plain.abs().max()) > 1e-6
 
 
-def test_centring_needs_the_distill_objective():
-    with pytest.raises(AutoSKDError, match="theta.center needs --val-objective distill"):
+def test_centring_the_task_objective_needs_an_every_entry_strategy():
+    with pytest.raises(AutoSKDError, match="theta.center with --val-objective task needs --strategy cr or expected"):
         ThetaConfig(val_objective="task", order="second", center=True)
+    for strategy in ("cr", "expected"):
+        ThetaConfig(strategy=strategy, val_objective="task", order="second", center=True)  # accepted
+
+
+def test_expected_task_gradient_is_each_teachers_val_loss_drop(setup):
+    """``expected`` + task: entry j of the second-order θ-gradient is −ξ ∇_w CE_val(w') · ∇_w L_j(w),
+    L_j the student's loss toward teacher j alone (SSWO's scale held constant); centred, it sums to 0."""
+    config = ThetaConfig(strategy="expected", order="second", val_objective="task", lr=0.5)
+    step = make_step(setup, config, alpha=1.0, temperature=1.0)
+    student = tiny_bert(setup["tok"], layers=1, seed=3, dropout=0.0).double().eval()
+    batch, val_batch = next(iter(setup["train"])), next(iter(setup["val"]))
+    xi = 1e-4
+    got = step.theta_grad(student, batch, val_batch, 0, xi)
+    params = [p for p in student.parameters() if p.requires_grad]
+    flat = lambda gs: torch.cat([g.reshape(-1) for g in gs])  # noqa: E731
+    ce = torch.nn.functional.cross_entropy(student(**model_inputs(val_batch)).logits, val_batch["labels"])
+    g_val = flat(torch.autograd.grad(ce, params))
+    s_logits = student(**model_inputs(batch)).logits
+    theta = step.dist.theta.detach()
+    for j, teacher in enumerate(setup["teachers"].values()):
+        with torch.no_grad():
+            z = teacher.features(batch, ["logits"])["logits"].double()
+        kd = -(torch.softmax(theta[j] * z, -1) * torch.log_softmax(s_logits, -1)).sum(-1).mean()
+        a_j = float(g_val @ flat(torch.autograd.grad(kd, params, retain_graph=True)))
+        assert float(got[j]) == pytest.approx(-xi * a_j, rel=2e-2, abs=1e-9)
+    assert len({round(float(v), 12) for v in got}) == 3
+    centred = ThetaStep(step.dist, step.policy, setup["val"], ThetaConfig(
+        strategy="expected", order="second", val_objective="task", lr=0.5, center=True), m=0)
+    c = centred.theta_grad(student, batch, val_batch, 0, xi)
+    assert torch.allclose(c, got - got.mean(), atol=1e-12)
+
+
+def test_expected_strategy_moves_every_active_entry():
+    dist = TeacherDistribution.from_list([0.2, 0.5, 0.3])
+    opt = ThetaOptimizer(dist, strategy="expected", lr=0.1)
+    opt.step(torch.tensor([1.0, -1.0, 0.5]))
+    assert opt.steps.tolist() == [1, 1, 1]
+    theta = dist.theta.detach()
+    assert float(theta[1]) > 0.5 and float(theta[0]) < 0.2

@@ -2,22 +2,16 @@
 every k-subset (independent of draw order), and a search whose candidates beat the random pool
 on every seed is reported as a paired win; a missing --team is a one-line error."""
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+from helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def svr():
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("search_vs_random", BENCH / "search_vs_random.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("search_vs_random")
 
 
 def test_best_of_k_is_the_mean_over_subsets(svr):

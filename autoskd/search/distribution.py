@@ -35,8 +35,9 @@ __all__ = [
     "STRATEGIES",
 ]
 
-#: update strategies understood by :class:`ThetaOptimizer`
-STRATEGIES = ("sswo", "cr")
+#: update strategies understood by :class:`ThetaOptimizer`: SSWO updates only the sampled entry,
+#: CR and ``expected`` (SSWO's step in expectation over the draw, see ``ThetaConfig``) every entry
+STRATEGIES = ("sswo", "cr", "expected")
 
 
 def _as_1d_float(values: Tensor | Sequence[float], what: str, dtype: torch.dtype | None = None) -> Tensor:
@@ -277,6 +278,8 @@ class ThetaOptimizer:
       weight decay to all of them at each step). The projection back to the simplex then
       rescales all entries by one common factor, leaving the others' ratios unchanged.
     * ``"cr"`` (continuous relaxation, DARTS): every active entry moves with its gradient.
+    * ``"expected"`` (SSWO's step in expectation over the draw; not in the paper): every active
+      entry moves, as in CR.
 
     Weight decay is Adam's L2 form (``g + wd·θ``), as ``torch.optim.Adam(weight_decay=...)``.
     Call :meth:`step` once per search step with the θ-gradient (e.g. from
@@ -315,7 +318,7 @@ class ThetaOptimizer:
         """One update of θ with gradient ``grad`` (shape ``[n]``), then projection to the simplex.
 
         ``sampled`` is the teacher drawn this step; required for SSWO (and must be active),
-        ignored by CR. Gradients of inactive teachers are ignored.
+        ignored by CR and ``expected``. Gradients of inactive teachers are ignored.
         """
         theta = self.dist.theta
         g = torch.as_tensor(grad).detach().to(dtype=theta.dtype, device=theta.device).reshape(-1)

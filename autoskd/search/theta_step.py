@@ -23,7 +23,7 @@ from torch.nn import functional as F
 from ..engine.batches import model_inputs, output_logits, to_device
 from ..engine.callbacks import Callback
 from ..engine.teacher_cache import TeacherOutputCache
-from ..engine.teachers import THETA_SCALINGS, SampledTeacher
+from ..engine.teachers import THETA_SCALINGS, SampledTeacher, theta_logit_scale
 from ..errors import AutoSKDError
 from .bilevel import cr_teacher_logits, sswo_teacher_logits, unrolled_theta_grad
 from .distribution import STRATEGIES, TeacherDistribution, ThetaOptimizer
@@ -50,6 +50,18 @@ class ThetaConfig:
     ``num_candidates`` distributions are taken at K evenly spaced points over phase 2, the last
     at its end; ``candidate_span`` < 1 squeezes them into the later part of phase 2 (an
     ablation: late candidates are close to one another).
+
+    ``strategy``: ``sswo`` (the paper's: the θ step differentiates the sampled teacher's loss
+    toward θ_i-scaled logits, and moves that entry only), ``cr`` (the student's target is the
+    θ-weighted sum of every teacher's logits), or ``expected`` (not in the paper): the θ step
+    differentiates SSWO's student loss in expectation over the draw, ``Σ_j θ_j L_j``
+    (:func:`expected_distillation_loss`), and moves every entry. Why: with the task objective its
+    second-order gradient is, per teacher, how much a step on that teacher alone lowers the val
+    loss. On the ladder team that ranks the teachers the way full trainings do for a fresh
+    student (Spearman +0.9), where the distill objective's direct gradient ranks them in reverse
+    (−0.7 for every trained student; ``benchmarks/results/one_step_signal.json``). In a search it
+    still ends on the most confident teacher, not the best one
+    (``benchmarks/results/search_expected_pilot.json``), so it is an option, not the default.
 
     ``center`` (not in the paper) subtracts from the θ-gradient the mean over the active teachers
     of each teacher's own direct gradient on the same val batch (one student forward; for CR, the
@@ -91,9 +103,9 @@ class ThetaConfig:
         if self.val_objective == "task" and (self.order == "first" or (fixed and self.xi == 0)):
             raise AutoSKDError("--val-objective task needs --order second (and xi > 0): the task loss reaches theta "
                                "only through the virtual step, so its first-order theta-gradient is exactly zero")
-        if self.center and self.val_objective != "distill":
-            raise AutoSKDError("theta.center needs --val-objective distill: the task loss has no per-teacher direct "
-                               "gradient to centre on")
+        if self.center and self.val_objective != "distill" and self.strategy == "sswo":
+            raise AutoSKDError("theta.center with --val-objective task needs --strategy cr or expected: SSWO centres "
+                               "on each teacher's direct gradient, which the task loss does not have")
         if not self.lr > 0:
             raise AutoSKDError(f"the theta learning rate must be > 0 (got {self.lr})")
         if self.num_candidates < 1:
@@ -137,6 +149,21 @@ def distillation_loss(student_logits: torch.Tensor, target_logits: torch.Tensor,
             raise AutoSKDError("a distillation loss with hard labels (alpha < 1) needs labelled batches")
         loss = loss + (1.0 - alpha) * F.cross_entropy(student_logits, labels)
     return loss
+
+
+def expected_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, theta: torch.Tensor,
+                               scales: torch.Tensor, labels: torch.Tensor | None, alpha: float,
+                               temperature: float) -> torch.Tensor:
+    """SSWO's student loss in expectation over the draw: ``Σ_j θ_j · L(student, c_j · z_j)`` over the
+    teachers with ``c_j > 0``, with SSWO's logit scales ``scales`` (``c_j``, taken at the current θ)
+    held constant.
+
+    θ reaches it only as the probability of drawing each teacher, so the second-order θ-gradient
+    of a task objective is ``−ξ ∇_w L_val · ∇_w L_j`` per teacher: how much a step on teacher j
+    alone lowers the val loss (``benchmarks/one_step_signal.py`` measures it)."""
+    return sum(theta[j] * distillation_loss(student_logits, scales[j].to(teacher_logits.dtype) * teacher_logits[j],
+                                            labels, alpha, temperature)
+               for j in torch.nonzero(scales > 0).flatten().tolist())
 
 
 def candidate_steps(selection_step: int, total: int, k: int, span: float = 1.0) -> list[int]:
@@ -242,24 +269,31 @@ class ThetaStep(Callback):
         val_t = self._teacher_logits(val_batch, self.val_tables)
         sswo, active, scaling = self.config.strategy == "sswo", self.dist.active, self.config.scaling
 
-        def target(teacher_logits, theta):
-            if sswo:
-                return sswo_teacher_logits(teacher_logits, theta, i, scaling)
-            return cr_teacher_logits(teacher_logits, theta, active=active)
+        scales = None
+        if self.config.strategy == "expected":  # SSWO's logit scales at the current θ: constants of the θ-gradient
+            theta_now = self.dist.theta.detach()
+            scales = torch.stack([theta_logit_scale(theta_now, j, scaling) if active[j] else theta_now.new_zeros(())
+                                  for j in range(len(theta_now))])
+
+        def student_loss(logits, teacher_logits, theta, labels):
+            if scales is not None:
+                return expected_distillation_loss(logits, teacher_logits, theta, scales, labels,
+                                                  self.alpha, self.temperature)
+            target = sswo_teacher_logits(teacher_logits, theta, i, scaling) if sswo else \
+                cr_teacher_logits(teacher_logits, theta, active=active)
+            return distillation_loss(logits, target, labels, self.alpha, self.temperature)
 
         def logits_of(params, b):
             return output_logits(functional_call(student, params, args=(), kwargs=model_inputs(b)))
 
         def train_loss(params, theta):
-            return distillation_loss(logits_of(params, batch), target(train_t(), theta), batch.get("labels"),
-                                     self.alpha, self.temperature)
+            return student_loss(logits_of(params, batch), train_t(), theta, batch.get("labels"))
 
         def val_loss(params, theta):
             logits = logits_of(params, val_batch)
             if self.config.val_objective == "task":
                 return F.cross_entropy(logits, val_batch["labels"])
-            return distillation_loss(logits, target(val_t, theta), val_batch.get("labels"), self.alpha,
-                                     self.temperature)
+            return student_loss(logits, val_t, theta, val_batch.get("labels"))
 
         return train_loss, val_loss
 
