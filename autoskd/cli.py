@@ -167,7 +167,7 @@ def cmd_search(args) -> int:
         executor=args.executor, address=args.address, cpus_per_trial=args.cpus_per_trial,
         gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent, max_train=args.max_train,
         max_eval=args.max_eval, search_epochs=args.search_epochs, eval_epochs=args.eval_epochs,
-        scheduler=args.scheduler, **parallel_config(args))
+        scheduler=args.scheduler, theta_only=args.theta_only, **parallel_config(args))
     task_args = {"name_or_path": args.task, "text_column": args.text_column,
                  "text_pair_column": args.text_pair_column, "label_column": args.label_column}
     if args.encoding:
@@ -241,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--m", type=non_negative_int, help="teachers dropped at selection (default: those smaller than the student)")
     p.add_argument("--candidates", type=positive_int, help="K candidate distributions from phase 2")
     p.add_argument("--search-epochs", type=positive_float, help="epochs of the bilevel search")
+    p.add_argument("--theta-only", action="store_true",
+                   help="stop after the theta search (search.json and its plot): see what theta learns before "
+                        "paying for the candidate and baseline trainings")
     p.add_argument("--eval-epochs", type=positive_float, help="epochs of each candidate/baseline training")
     p.add_argument("--baselines", type=baseline_list, default="all", help="all, none, or a comma list of single,avgkd,uniform,random")
     p.add_argument("--random", type=non_negative_int, help="number of random Dirichlet(1) distributions")

@@ -48,10 +48,11 @@ def _job(preset: str, overrides: dict, out_dir: str, cache_dir: str, threads: in
 
 
 def run_jobs(preset: str, jobs: list[tuple[Path, dict]], cache_dir: Path, workers: int = 1,
-             threads: int | None = None, team: Path = TEAM) -> dict[str, float]:
-    """Run every job whose ``summary.json`` is missing; returns ``{out_dir: seconds}`` of those run."""
+             threads: int | None = None, team: Path = TEAM, done: str = "summary.json") -> dict[str, float]:
+    """Run every job whose ``done`` file (``search.json`` for θ-only runs) is missing; returns
+    ``{out_dir: seconds}`` of those run."""
     threads = threads or max(1, (os.cpu_count() or 1) // max(1, workers))
-    todo = [(out, ov) for out, ov in jobs if not (Path(out) / "summary.json").exists()]
+    todo = [(out, ov) for out, ov in jobs if not (Path(out) / done).exists()]
     print(f"{len(jobs) - len(todo)} of {len(jobs)} runs already finished; {len(todo)} to run "
           f"({workers} at a time, {threads} threads each)", flush=True)
     seconds: dict[str, float] = {}
@@ -83,3 +84,19 @@ def load_run(out_dir: Path) -> dict:
         pred = out_dir / "trials" / name / "predictions.json"
         r["test_predictions"] = json.loads(pred.read_text())["test"] if pred.exists() else None
     return {"records": records, "searches": searches}
+
+
+def set_override(overrides: dict, item: str) -> None:
+    """``a.b=value`` into ``overrides["a"]["b"]`` (value parsed as JSON, else kept as text)."""
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"--set {item!r}: write KEY=VALUE, e.g. --set theta.scaling=n")
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = text
+    *path, last = key.split(".")
+    node = overrides
+    for part in path:
+        node = node.setdefault(part, {})
+    node[last] = value

@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import statistics
 import time
 from pathlib import Path
 
 from _common import write_result
-from _search_runs import ROOT, TEAM, build_team, load_run, run_jobs
+from _search_runs import ROOT, TEAM, build_team, load_run, run_jobs, set_override
 
 from autoskd.search.stats import mcnemar, mean_ci, paired_ci, verdict
 
@@ -165,22 +164,6 @@ def plot(result: dict, out_png: Path) -> Path:
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
     return out_png
-
-
-def set_override(overrides: dict, item: str) -> None:
-    """``a.b=value`` into ``overrides["a"]["b"]`` (value parsed as JSON, else kept as text)."""
-    key, sep, text = item.partition("=")
-    if not sep or not key:
-        raise SystemExit(f"--set {item!r}: write KEY=VALUE, e.g. --set theta.scaling=n")
-    try:
-        value = json.loads(text)
-    except ValueError:
-        value = text
-    *path, last = key.split(".")
-    node = overrides
-    for part in path:
-        node = node.setdefault(part, {})
-    node[last] = value
 
 
 def main() -> None:

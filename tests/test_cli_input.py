@@ -182,15 +182,16 @@ def test_validators_directly():
 
 
 def test_search_strategy_choices_are_the_optimisers(tmp_path, monkeypatch):
-    """--strategy expected reaches the config (with the task objective and centring, which it allows),
-    and the CLI's choices are exactly the θ optimiser's strategies."""
+    """--strategy expected reaches the config (with the task objective and centring, which it allows;
+    and --theta-only), and the CLI's choices are exactly the θ optimiser's strategies."""
     import autoskd.search.run as search_run
     from autoskd.search.distribution import STRATEGIES
 
     seen = {}
     monkeypatch.setattr(search_run, "run_search", lambda team, task_args, config, *a, **k: seen.update(c=config) or {})
     assert main(["search", "--task", "x.csv", "--out", str(tmp_path / "s"), "--strategy", "expected",
-                 "--val-objective", "task", "--order", "second", "--theta-center"]) == 0
+                 "--val-objective", "task", "--order", "second", "--theta-center", "--theta-only"]) == 0
+    assert seen["c"].theta_only is True
     theta = seen["c"].theta
     assert (theta.strategy, theta.val_objective, theta.center) == ("expected", "task", True)
     choices = next(a.choices for a in build_parser()._subparsers._group_actions[0].choices["search"]._actions

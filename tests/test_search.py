@@ -169,6 +169,22 @@ def test_quick_search_end_to_end(tiny_team_yaml, sentiment_csv, tmp_path):
     assert len(preds) == len(load_task(str(sentiment_csv), seed=0).split("test"))
 
 
+def test_theta_only_stops_before_any_trial_and_a_full_run_reuses_its_search(tiny_team_yaml, sentiment_csv, tmp_path):
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    result = run_search(tiny_team_yaml, {"name_or_path": str(sentiment_csv)}, _config(theta_only=True), out,
+                        cache_dir=cache, progress=False)
+    for name in ("search.json", "theta_history.json", "theta.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert not (out / "trials").exists() and not (out / "summary.json").exists()
+    search = json.loads((out / "search.json").read_text())
+    assert result["theta_only"] and result["final_theta"][str(search["theta_lr"])] == search["final_theta"]
+    mtime = (out / "search.json").stat().st_mtime_ns
+    summary = run_search(tiny_team_yaml, {"name_or_path": str(sentiment_csv)}, _config(), out, cache_dir=cache,
+                         progress=False)
+    assert (out / "search.json").stat().st_mtime_ns == mtime  # the θ search was not redone
+    assert summary["best_candidate"]["group"] == "autoskd" and (out / "summary.json").exists()
+
+
 def test_killed_search_resumes_without_redoing_finished_trials(tiny_team_yaml, sentiment_csv, tmp_path, monkeypatch):
     out, cache = tmp_path / "run", tmp_path / "cache"
     real_runner = trials.distill_arm

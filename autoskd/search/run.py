@@ -72,6 +72,7 @@ class SearchConfig:
     tensor_parallel: int = 1
     processes: int = 1  # processes per trial and for the θ search (a Ray Train worker group)
     group_by_length: bool = False  # batch training rows of similar length: less padding, faster steps
+    theta_only: bool = False  # stop after the θ search (search.json, θ plot): see what θ learns before paying for trials
 
     @classmethod
     def from_preset(cls, preset: str, **overrides) -> "SearchConfig":
@@ -211,7 +212,10 @@ def load_search_task(task_args: dict, config: SearchConfig):
 
 def run_search(team_path: str | Path, task_args: dict, config: SearchConfig, out_dir: str | Path,
                cache_dir: str | Path = ".cache/autoskd", progress: bool = True) -> dict:
-    """Run (or resume) a whole search; returns the summary written to ``summary.json``."""
+    """Run (or resume) a whole search; returns the summary written to ``summary.json``.
+
+    With ``config.theta_only`` it stops after the θ search (``search.json``, ``theta_history.json``,
+    the θ plot) and returns the searches' outcome without writing ``summary.json``."""
     from ..team import TeacherTeam
 
     out_dir, cache_dir = Path(out_dir).resolve(), Path(cache_dir).resolve()
@@ -252,6 +256,14 @@ def run_search(team_path: str | Path, task_args: dict, config: SearchConfig, out
         png = out_dir / (f"theta-lr{_lr_tag(s['theta_lr'])}.png" if config.theta_lrs else "theta.png")
         plot_theta_history(s["history"], names, png, selection_step=s["selection_step"])
 
+    if config.theta_only:
+        for s in searches:
+            print(f"[search] theta lr {s['theta_lr']:g}: dropped {s['dropped']}, final theta "
+                  + ", ".join(f"{n} {t:.3f}" for n, t in zip(names, s["final_theta"])), flush=True)
+        print(f"[search] --theta-only: no candidate or baseline trained; outputs in {out_dir}", flush=True)
+        return {"teachers": names, "m": m, "m_reason": why, "theta_only": True,
+                "dropped": {str(s["theta_lr"]): s["dropped"] for s in searches},
+                "final_theta": {str(s["theta_lr"]): s["final_theta"] for s in searches}}
     candidates = [c for s in searches for c in s["candidates"]]
     arms = candidate_arms([c["theta"] for c in candidates], [c["name"] for c in candidates])
     arms += baseline_arms(names, parse_baselines(config.baselines), config.n_random, config.seed)
