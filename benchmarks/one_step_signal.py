@@ -36,9 +36,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _common import RESULTS_DIR, write_result  # noqa: E402
 from autoskd.engine.batches import model_inputs, output_logits  # noqa: E402
-from autoskd.search.bilevel import sswo_teacher_logits  # noqa: E402
 from autoskd.search.stats import mean_ci  # noqa: E402
-from autoskd.search.theta_step import distillation_loss, soft_cross_entropy  # noqa: E402
+from autoskd.search.theta_step import soft_cross_entropy, sswo_direct_grads  # noqa: E402
 
 
 def _flat_grad(loss: torch.Tensor, params, retain: bool = False) -> torch.Tensor:
@@ -59,20 +58,6 @@ def task_alignment(student, val_batch: dict, train_batch: dict, train_logits: li
                         for z in train_logits])
 
 
-def distill_direct_gradient(student_val_logits: torch.Tensor, val_logits: list[torch.Tensor],
-                            scaling: str = "theta", temperature: float = 1.0) -> torch.Tensor:
-    """``[n]``: ∂/∂θ_i of the val distillation loss toward ``θ_i · z_i`` at uniform θ (first-order
-    SSWO's θ-gradient when teacher i is drawn)."""
-    n = len(val_logits)
-    theta = torch.full((n,), 1.0 / n, requires_grad=True)
-    out = []
-    for i in range(n):
-        target = sswo_teacher_logits(val_logits, theta, i, scaling)
-        loss = distillation_loss(student_val_logits.detach(), target, None, 1.0, temperature)
-        out.append(torch.autograd.grad(loss, theta)[0][i])
-    return torch.stack(out)
-
-
 def spearman(x, y) -> float:
     from scipy.stats import spearmanr
 
@@ -84,11 +69,14 @@ def signals_for(student, names, train_batches, val_batches, train_logits, val_lo
     θ_i goes up, with how often each teacher tops the batch."""
     student.eval()  # no dropout: one deterministic direction per batch pair
     task_rows, distill_rows = [], []
+    uniform = torch.full((len(names),), 1.0 / len(names))
     for k, (vb, tb) in enumerate(zip(val_batches, train_batches)):
         task_rows.append(task_alignment(student, vb, tb, [train_logits[n][k] for n in names]))
         with torch.no_grad():
             s_val = output_logits(student(**model_inputs(vb)))
-        distill_rows.append(-distill_direct_gradient(s_val, [val_logits[n][k] for n in names]))
+        # first-order SSWO's θ-gradient at uniform θ, teacher by teacher
+        distill_rows.append(-sswo_direct_grads(s_val, torch.stack([val_logits[n][k] for n in names]), uniform,
+                                               list(range(len(names))), "theta", None, 1.0, 1.0))
     out = {}
     for signal, rows in (("task", torch.stack(task_rows)), ("distill", torch.stack(distill_rows))):
         centred = rows - rows.mean(1, keepdim=True)

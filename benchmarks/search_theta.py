@@ -57,17 +57,14 @@ def plot(searches: dict[int, dict], out_png: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from autoskd.search.report import draw_theta_history
+
     seeds = sorted(searches)
-    names = searches[seeds[0]]["teachers"]
     fig, axes = plt.subplots(1, len(seeds), figsize=(4.2 * len(seeds), 3.6), squeeze=False, sharey=True)
     for ax, s in zip(axes[0], seeds):
         d = searches[s]
-        steps = [h["step"] for h in d["history"]]
-        for i, n in enumerate(names):
-            ax.plot(steps, [h["theta"][i] for h in d["history"]], label=n)
-        ax.axvline(d["selection_step"], color="grey", ls="--", lw=0.8)
+        draw_theta_history(ax, d["history"], d["teachers"], d["selection_step"])
         ax.set_title(f"seed {s}: dropped {', '.join(d['dropped']) or 'none'}", fontsize=9)
-        ax.set_xlabel("search step (dashed: teacher selection)")
     axes[0][0].set_ylabel("θ")
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()

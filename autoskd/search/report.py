@@ -64,11 +64,24 @@ def plot_theta_history(history: list[dict], teacher_names: list[str], out_png: s
     plt = _pyplot()
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    draw_theta_history(ax, history, teacher_names, selection_step)
+    ax.set_ylabel(r"$\theta_i$ (probability of sampling teacher $i$)")
+    ax.set_title(title or "Teacher distribution during the search")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def draw_theta_history(ax, history: list[dict], teacher_names: list[str], selection_step: int | None = None) -> None:
+    """The lines of :func:`plot_theta_history` on ``ax`` (several searches side by side share it)."""
+    plt = _pyplot()
     history = sorted(history, key=lambda h: h["step"])
     if selection_step is None and history:
         first = history[0].get("phase")
         selection_step = next((h["step"] for h in history if h.get("phase") != first), None)
-    fig, ax = plt.subplots(figsize=(8, 4.5))
     steps = [h["step"] for h in history]
     n = len(teacher_names)
     cmap = plt.get_cmap("viridis" if n > 10 else "tab10")
@@ -81,17 +94,10 @@ def plot_theta_history(history: list[dict], teacher_names: list[str], out_png: s
     if n:
         ax.axhline(1.0 / n, color="grey", ls=":", lw=0.8)
     ax.set_xlabel("search step")
-    ax.set_ylabel(r"$\theta_i$ (probability of sampling teacher $i$)")
     ax.set_ylim(bottom=0)
-    ax.set_title(title or "Teacher distribution during the search")
     ax.grid(alpha=0.3)
     if not history:
         ax.text(0.5, 0.5, "no search steps recorded", ha="center", va="center", transform=ax.transAxes)
-    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
 
 
 # ------------------------------------------------------------------------------------------ arms

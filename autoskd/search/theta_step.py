@@ -166,6 +166,18 @@ def expected_distillation_loss(student_logits: torch.Tensor, teacher_logits: tor
                for j in torch.nonzero(scales > 0).flatten().tolist())
 
 
+def sswo_direct_grads(student_logits: torch.Tensor, teacher_logits: torch.Tensor, theta: torch.Tensor,
+                      active: list[int], scaling: str, labels: torch.Tensor | None, alpha: float,
+                      temperature: float) -> torch.Tensor:
+    """``[n]``: entry j is ∂/∂θ_j of teacher j's own SSWO distillation loss (student logits held
+    fixed), for every j in ``active`` (0 for the others): first-order SSWO's θ-gradient were
+    teacher j drawn. ``teacher_logits`` is ``[n, B, C]``."""
+    theta = theta.detach().clone().requires_grad_(True)
+    loss = sum(distillation_loss(student_logits.detach(), sswo_teacher_logits(teacher_logits, theta, j, scaling),
+                                 labels, alpha, temperature) for j in active)
+    return torch.autograd.grad(loss, theta)[0]
+
+
 def candidate_steps(selection_step: int, total: int, k: int, span: float = 1.0) -> list[int]:
     """The 0-based steps after which the K candidates are taken: the ends of K equal segments
     of (the later ``span`` of) phase 2, ``[selection_step, total)``; the last at the end."""
@@ -298,16 +310,13 @@ class ThetaStep(Callback):
         return train_loss, val_loss
 
     def direct_grads(self, student, val_batch: dict) -> torch.Tensor:
-        """``[n]``: entry j is ∂/∂θ_j of teacher j's own SSWO distillation loss on ``val_batch``
-        at the current weights, for every active j (0 for the others), from one student forward."""
+        """:func:`sswo_direct_grads` on ``val_batch`` at the current weights and θ, from one
+        student forward."""
         with torch.no_grad():
             logits = output_logits(student(**model_inputs(val_batch)))
-        theta = self.dist.theta.detach().clone().requires_grad_(True)
-        val_t = self._teacher_logits(val_batch, self.val_tables)
-        loss = sum(distillation_loss(logits, sswo_teacher_logits(val_t, theta, j, self.config.scaling),
-                                     val_batch.get("labels"), self.alpha, self.temperature)
-                   for j in self.dist.active_indices())
-        return torch.autograd.grad(loss, theta)[0]
+        return sswo_direct_grads(logits, self._teacher_logits(val_batch, self.val_tables), self.dist.theta,
+                                 self.dist.active_indices(), self.config.scaling, val_batch.get("labels"),
+                                 self.alpha, self.temperature)
 
     def theta_grad(self, student, batch: dict, val_batch: dict, i: int, xi: float,
                    reduce=None) -> torch.Tensor:
