@@ -156,6 +156,49 @@ def train_all(jobs: list[tuple[Path, Path, dict]], workers: int, threads: int) -
     return records
 
 
+def collect_rows(runs: list[Path], seeds: list[int], teachers: list[str]) -> list[dict]:
+    """Every θ-policy student of the runs on ``seeds``. Runs after the first share its baselines
+    (hard links), so only their candidates are new."""
+    rows = []
+    for k, run in enumerate(runs):
+        for s, d in seed_dirs(run).items():
+            if s in seeds:
+                recs = json.loads((d / "results.json").read_text())
+                rows += policy_rows([r for r in recs if k == 0 or r.get("kind") == "candidate"], teachers, s, str(run))
+    return rows
+
+
+def run_probes(probes: list[list[float]], teachers: list[str], seed_paths: dict[int, Path], seeds: list[int],
+               out_root: Path, check_arm: dict | None, workers: int, threads: int) -> tuple[dict, dict | None, float]:
+    """Train each probe on each seed (and the check arm on the first seed, compared with its
+    run's record). Returns ``{probe: {seed: record}}``, the check, and the arms' training seconds
+    (as trained, also when reloaded)."""
+    jobs = [(seed_paths[s], out_root / f"seed{s}", {"name": probe_name(t, teachers), "kind": "candidate", "theta": t})
+            for t in probes for s in seeds]
+    check_root = str(out_root / "check")
+    if check_arm is not None:
+        arm = {k: check_arm.get(k) for k in ("name", "kind", "theta", "teacher", "group")}
+        jobs.insert(0, (seed_paths[seeds[0]], Path(check_root), arm))
+    trained = train_all(jobs, workers, threads) if jobs else []
+    failed = [r for r in trained if r.get("status") == "failed"]
+    if failed:
+        raise SystemExit(f"{len(failed)} probe arm(s) failed (see their error.txt); finished ones are kept, rerun to resume")
+    check = None
+    if check_arm is not None:
+        got = next(r for r in trained if r["root"] == check_root)
+        run, again = [check_arm["dev_acc"], check_arm["test_acc"]], [got["dev_acc"], got["test_acc"]]
+        check = {"arm": check_arm["name"], "seed": seeds[0], "run": run, "retrained": again,
+                 "equal": all(abs(a - b) < 1e-9 for a, b in zip(run, again))}
+        print(f"check: {check['arm']} seed {seeds[0]} run {run} retrained {again}", flush=True)
+        if not check["equal"]:
+            raise SystemExit(f"--check {check['arm']}: the retrained arm differs from the run's; probes would not be comparable")
+    by_probe: dict[str, dict[int, dict]] = {}
+    for r in trained:
+        if r["root"] != check_root:
+            by_probe.setdefault(r["name"], {})[int(Path(r["root"]).name[4:])] = r
+    return by_probe, check, round(sum(r.get("seconds") or 0 for r in trained), 1)
+
+
 def compare(probes: dict[str, dict[int, dict]], reference: dict[int, dict], ref_name: str) -> dict:
     """Per probe: mean dev/test with interval, and the paired difference to ``reference``."""
     out = {}
@@ -253,6 +296,25 @@ def plot(result: dict, out_png: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------- main
+def print_summary(result: dict) -> None:
+    """The figures a reader needs, one line each."""
+    for split in ("dev", "test"):
+        v = result["landscape"][split]
+        print(f"{split}: best vertex {v['best_vertex']} (bootstrap share {v['best_vertex_share'][v['best_vertex']]:.2f}); "
+              + ", ".join(f"{t} {e['mean']:.4f} [{e['lo']:.4f}, {e['hi']:.4f}]" for t, e in v["vertex"].items()))
+    for name, p in result["probes"].items():
+        print(f"{name}: dev {p['dev']['mean']:.4f} test {p['test']['mean']:.4f}; vs {result['reference']} "
+              f"dev {p['dev_diff_vs_' + result['reference']]['mean']:+.4f} ({p['dev_verdict']}) "
+              f"test {p['test_diff_vs_' + result['reference']]['mean']:+.4f} ({p['test_verdict']})")
+    print("best single teacher by dev, per seed: " + ", ".join(f"{t} {n}" for t, n in result["best_single_by_dev_per_seed"].items()))
+    a = result["anchored_set"]
+    if a:
+        print(f"anchored set ({result['reference']} + probes, {a['size']} trainings): dev {a['dev']['mean']:.4f} test {a['test']['mean']:.4f}; "
+              + "; ".join(f"vs {k} dev {a['dev_diff_vs_' + k]['mean']:+.4f} ({a['dev_diff_vs_' + k]['verdict']}) "
+                          f"test {a['test_diff_vs_' + k]['mean']:+.4f} ({a['test_diff_vs_' + k]['verdict']})"
+                          for k in ("reference", "avgkd", "random_best") if "dev_diff_vs_" + k in a))
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=Path, nargs="+", required=True,
@@ -276,46 +338,17 @@ def main(argv: list[str] | None = None) -> dict:
     teachers = json.loads((main_seeds[seeds[0]] / "search.json").read_text())["teachers"]
     results = {s: json.loads((main_seeds[s] / "results.json").read_text()) for s in seeds}
 
-    rows = []
-    for k, run in enumerate(args.runs):
-        for s, d in seed_dirs(run).items():
-            if s not in seeds:
-                continue
-            recs = json.loads((d / "results.json").read_text())
-            if k > 0:  # later runs share the first run's baselines (hard links): take only what is new
-                recs = [r for r in recs if r.get("kind") == "candidate"]
-            rows += policy_rows(recs, teachers, s, str(run))
-
+    rows = collect_rows(args.runs, seeds, teachers)
     out_root = args.out or ROOT / "runs" / args.name
     probes = [parse_probe(p, len(teachers)) for p in args.probe]
-    jobs = [(main_seeds[s], out_root / f"seed{s}", {"name": probe_name(t, teachers), "kind": "candidate", "theta": t})
-            for t in probes for s in seeds]
-    check = None
+    check_arm = None
     if args.check:
         first = {r["name"]: r for r in results[seeds[0]]}
         if args.check not in first:
             raise SystemExit(f"--check {args.check!r}: no such arm in seed {seeds[0]} (arms: {', '.join(first)})")
-        ref = first[args.check]
-        arm = {k: ref.get(k) for k in ("name", "kind", "theta", "teacher", "group")}
-        jobs.insert(0, (main_seeds[seeds[0]], out_root / "check", arm))
-    trained = train_all(jobs, args.workers, args.threads) if jobs else []
-    failed = [r for r in trained if r.get("status") == "failed"]
-    if failed:
-        raise SystemExit(f"{len(failed)} probe arm(s) failed (see their error.txt); finished ones are kept, rerun to resume")
-    if args.check:
-        got = next(r for r in trained if r["root"] == str(out_root / "check"))
-        check = {"arm": args.check, "seed": seeds[0], "run": [ref["dev_acc"], ref["test_acc"]],
-                 "retrained": [got["dev_acc"], got["test_acc"]],
-                 "equal": abs(got["dev_acc"] - ref["dev_acc"]) < 1e-9 and abs(got["test_acc"] - ref["test_acc"]) < 1e-9}
-        print(f"check: {args.check} seed {seeds[0]} run {check['run']} retrained {check['retrained']}", flush=True)
-        if not check["equal"]:
-            raise SystemExit(f"--check {args.check}: the retrained arm differs from the run's; probes would not be comparable")
-
-    by_probe: dict[str, dict[int, dict]] = {}
-    for r in trained:
-        if r["root"].endswith("check"):
-            continue
-        by_probe.setdefault(r["name"], {})[int(Path(r["root"]).name[4:])] = r
+        check_arm = first[args.check]
+    by_probe, check, train_seconds = run_probes(probes, teachers, main_seeds, seeds, out_root, check_arm,
+                                                args.workers, args.threads)
     for name, by_seed in by_probe.items():
         rows += [{"seed": s, "name": name, "kind": "probe", "source": "probe", "theta": r["theta"],
                   "dev": r["dev_acc"], "test": r["test_acc"]} for s, r in by_seed.items()]
@@ -333,26 +366,12 @@ def main(argv: list[str] | None = None) -> dict:
         "best_single_by_dev_per_seed": best_single_per_seed(singles, seeds),
         "anchored_set": anchored_set(results, by_probe, singles[best_single], seeds) if by_probe else None,
         "check": check, "seconds": round(time.perf_counter() - start, 1),
-        "probe_train_seconds": round(sum(r.get("seconds") or 0 for r in trained), 1),  # as trained, also when reloaded
+        "probe_train_seconds": train_seconds,
     }
     result["any_probe_beats_reference"] = any(p["beats_reference"] for p in result["probes"].values())
     path = write_result(args.name, result)
     png = plot(result, path.with_suffix(".png"))
-    for split in ("dev", "test"):
-        v = result["landscape"][split]
-        print(f"{split}: best vertex {v['best_vertex']} (bootstrap share {v['best_vertex_share'][v['best_vertex']]:.2f}); "
-              + ", ".join(f"{t} {e['mean']:.4f} [{e['lo']:.4f}, {e['hi']:.4f}]" for t, e in v["vertex"].items()))
-    for name, p in result["probes"].items():
-        print(f"{name}: dev {p['dev']['mean']:.4f} test {p['test']['mean']:.4f}; vs {result['reference']} "
-              f"dev {p['dev_diff_vs_' + result['reference']]['mean']:+.4f} ({p['dev_verdict']}) "
-              f"test {p['test_diff_vs_' + result['reference']]['mean']:+.4f} ({p['test_verdict']})")
-    print("best single teacher by dev, per seed: " + ", ".join(f"{t} {n}" for t, n in result["best_single_by_dev_per_seed"].items()))
-    a = result["anchored_set"]
-    if a:
-        print(f"anchored set ({result['reference']} + probes, {a['size']} trainings): dev {a['dev']['mean']:.4f} test {a['test']['mean']:.4f}; "
-              + "; ".join(f"vs {k} dev {a['dev_diff_vs_' + k]['mean']:+.4f} ({a['dev_diff_vs_' + k]['verdict']}) "
-                          f"test {a['test_diff_vs_' + k]['mean']:+.4f} ({a['test_diff_vs_' + k]['verdict']})"
-                          for k in ("reference", "avgkd", "random_best") if "dev_diff_vs_" + k in a))
+    print_summary(result)
     print(f"wrote {path} and {png}")
     return result
 
