@@ -55,6 +55,15 @@ def seed_dirs(run: Path) -> dict[int, Path]:
     return found
 
 
+def team_names(seed_dir: Path) -> list[str]:
+    """The teachers, in θ's order, from the seed's search record (``search.json``, or
+    ``search-lr*.json`` for a θ-learning-rate grid)."""
+    records = sorted(seed_dir.glob("search*.json"))
+    if not records:
+        raise SystemExit(f"{seed_dir}: no search*.json; the run's search did not finish, rerun search_vs_random.py for it")
+    return json.loads(records[0].read_text())["teachers"]
+
+
 def policy_rows(results: list[dict], teachers: list[str], seed: int, source: str) -> list[dict]:
     """One row per trained arm whose policy is a distribution over the team: θ, dev, test."""
     rows = []
@@ -335,7 +344,7 @@ def main(argv: list[str] | None = None) -> dict:
     missing = [s for s in seeds if s not in main_seeds]
     if missing:
         raise SystemExit(f"--seeds {missing}: not in {args.runs[0]} (it has {sorted(main_seeds)})")
-    teachers = json.loads((main_seeds[seeds[0]] / "search.json").read_text())["teachers"]
+    teachers = team_names(main_seeds[seeds[0]])
     results = {s: json.loads((main_seeds[s] / "results.json").read_text()) for s in seeds}
 
     rows = collect_rows(args.runs, seeds, teachers)

@@ -106,6 +106,13 @@ def test_anchored_set_takes_the_best_by_dev_and_budgets_random_arms_by_its_size(
     assert tl.best_single_per_seed(singles, seeds) == {"a": 1, "b": 2}
 
 
+def test_team_names_come_from_any_search_record(tl, tmp_path):
+    (tmp_path / "search-lr1e-3.json").write_text(json.dumps({"teachers": ["a", "b"]}))
+    assert tl.team_names(tmp_path) == ["a", "b"]  # a theta-lr grid writes no search.json
+    with pytest.raises(SystemExit, match="no search"):
+        tl.team_names(tmp_path / "nothing")
+
+
 def test_missing_run_folder_is_a_one_line_error(tl, tmp_path):
     with pytest.raises(SystemExit, match="no such folder"):
         tl.main(["--runs", str(tmp_path / "nope")])
