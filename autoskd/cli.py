@@ -105,6 +105,10 @@ def cmd_distill(args) -> int:
     from .pipeline import DistillConfig, distill
 
     options = _parse_options(args.option)
+    from .lm.cli import cmd_distill_lm, is_lm_task
+
+    if is_lm_task(args.task):  # a language-modelling task: decoder teachers and student
+        return cmd_distill_lm(args, options)
     from .engine.stages import is_stage_plan
 
     if is_stage_plan(args.method):  # a YAML 'stages:' plan, each stage its own method (autoskd.staged)
@@ -215,7 +219,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int_at_least(2), help="token limit (default: the team's max_length)")
     p.add_argument("--out", type=output_dir, default="runs/distill", help="output folder (student/, metrics.jsonl, training.png, result.json)")
     add_parallel_args(p)
-    p.set_defaults(func=cmd_distill)
+    g = p.add_argument_group("language models (--task lm:<corpus>)")
+    g.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="autocast precision of the forwards (bf16 works on CPU; fp16 needs CUDA)")
+    g.add_argument("--top-k", type=non_negative_int, default=64,
+                   help="teacher tokens cached per position (0: run the teacher live every step)")
+    g.add_argument("--layout", default="packed", choices=["packed", "padded"],
+                   help="packed blocks of --max-length tokens, or one padded row per document")
+    g.add_argument("--prompt-column", help="prompt column of prompt/completion data (loss on completions only)")
+    g.add_argument("--completion-column", help="completion column of prompt/completion data")
+    g.add_argument("--max-steps", type=positive_int, help="cap on training steps per stage")
+    p.set_defaults(func=cmd_distill, default_team=DEFAULT_TEAM)
 
     p = sub.add_parser("search", help="AutoSKD: learn which teachers to sample, evaluate candidates and baselines")
     _add_team_args(p)

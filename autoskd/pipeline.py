@@ -218,6 +218,9 @@ def distill(team, task: TaskData | str, config: DistillConfig | None = None, *, 
     config = config or DistillConfig()
     task = load_task(task, seed=config.seed) if isinstance(task, str) else task
     method = get_method(config.method, **config.method_options)
+    if method.spec.extra.get("decoder_only"):
+        raise AutoSKDError(f"method {config.method!r} distils generative LMs; use an LM team and task "
+                           "(--team teams/smollm2.yaml --task lm:rotten_tomatoes)")
     max_length = config.max_length or team.max_length
     loaders = loaders or make_loaders(task, team.tokenizer, max_length, config.batch_size, config.seed, config.train_split,
                                       config.group_by_length)

@@ -55,7 +55,7 @@ def total(losses):
 def test_describe_methods_lists_every_method():
     described = describe_methods()
     assert {"finetune", "kd", "minilm", "theseus", "tinybert", "mlm", "glmd"} <= {d["name"] for d in described}
-    assert len(described) == 28  # GKD's Table 1 (25) + GLMD + finetune + mlm
+    assert len(described) == 30  # GKD's Table 1 (25) + GLMD + finetune + mlm + seqkd + on_policy (decoder LMs)
     for d in described:
         assert d["description"] and d["stages"] and d["reference"]
         assert set(d) >= {"name", "description", "stages", "features", "reference"}
@@ -70,8 +70,8 @@ def test_unknown_method_lists_known_ones():
 
 
 def test_unknown_option_is_an_error():
-    with pytest.raises(AutoSKDError, match="method 'kd' has no option beta.*alpha"):
-        get_method("kd", beta=0.1)
+    with pytest.raises(AutoSKDError, match="method 'kd' has no option gamma.*alpha"):
+        get_method("kd", gamma=0.1)
     with pytest.raises(AutoSKDError, match="alpha must be in"):
         get_method("kd", alpha=1.5)
     with pytest.raises(AutoSKDError, match="not a valid"):

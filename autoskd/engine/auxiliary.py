@@ -36,14 +36,14 @@ from torch import Tensor, nn
 from ..errors import AutoSKDError
 from .features import ATTENTION_KINDS, FeatureRef, parse_feature
 from .layer_maps import map_layers
-from .losses import DISTANCES, hard_label_ce, on_logits, probs_to_logits, zero_masked_scores
+from .losses import DISTANCES, hard_label_ce, next_token_ce, on_logits, probs_to_logits, zero_masked_scores
 from .projections import PROJECTIONS
 from .relations import get_transform
 from .schedules import schedule_value
 from .spec import FeatureLoss, MethodSpec
 
 #: Feature kinds whose last dim is a per-token vector that a projection can map.
-_PROJECTABLE = ("embeddings", "hidden", "query", "key", "value", "logits", "mlm_logits")
+_PROJECTABLE = ("embeddings", "hidden", "query", "key", "value", "logits", "mlm_logits", "lm_logits")
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def _width(kind: str, geom) -> int | None:
         return geom.head_size
     if kind == "logits":
         return geom.num_labels
-    if kind == "mlm_logits":
+    if kind in ("mlm_logits", "lm_logits"):
         return geom.vocab_size
     return None
 
@@ -254,7 +254,13 @@ class AuxiliaryModel(nn.Module):
         out: dict[str, Tensor] = {}
         labels = batch.get("labels") if isinstance(batch, Mapping) else None
         weight = self.spec.hard_weight(stage) if hard_weight is None else hard_weight
-        if labels is not None and weight > 0:
+        targets = batch.get("target_ids") if isinstance(batch, Mapping) else None
+        if targets is not None and weight > 0:  # a language model's own next-token loss
+            logits = student_feats.get("lm_logits", student_feats.get("logits"))
+            if logits is None:
+                raise AutoSKDError("the next-token loss needs the student's 'lm_logits'")
+            out["hard_ce"] = next_token_ce(logits, targets) * weight
+        elif labels is not None and weight > 0:
             if "logits" not in student_feats:
                 raise AutoSKDError("the hard-label loss needs the student's 'logits'")
             out["hard_ce"] = hard_label_ce(student_feats["logits"], labels) * weight
@@ -278,6 +284,8 @@ class AuxiliaryModel(nn.Module):
                 f"extract the names given by feature_requests()"
             ) from None
         loss = term.loss
+        if term.student.kind == "lm_logits":
+            return self._token_distance(term, s, t, batch, progress)
         mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
         if loss.teacher_scale:
             t = t * schedule_value(loss.teacher_scale, progress)
@@ -304,6 +312,23 @@ class AuxiliaryModel(nn.Module):
         feature_mask = None if getattr(transform, "own_mask", False) else self._feature_mask(term, s, mask, pairwise)
         tau = loss.temperature * schedule_value(loss.temperature_schedule, progress)
         return distance(s, t, temperature=tau, mask=feature_mask)
+
+    def _token_distance(self, term: ResolvedTerm, s: Tensor, t, batch: Mapping[str, Tensor],
+                        progress: float) -> Tensor:
+        """A language model's next-token distributions, compared at the positions that carry a
+        target (``target_ids != -100``); the teacher side may be a cached top-k (``TopK``) or a
+        set of them, one per temperature (:class:`~autoskd.engine.token_losses.TopKSet`)."""
+        loss = term.loss
+        distance = DISTANCES.get(loss.distance)
+        if not getattr(distance, "token_level", False):
+            raise AutoSKDError(f"loss term {term.key!r} compares next-token distributions; use one of the "
+                               f"token-level distances: forward_kl, reverse_kl, jsd, tvd (got {loss.distance!r})")
+        tau = loss.temperature * schedule_value(loss.temperature_schedule, progress)
+        targets = batch.get("target_ids") if isinstance(batch, Mapping) else None
+        mask = None if targets is None else targets != -100
+        if hasattr(t, "at"):  # TopKSet: the cached table made at this term's temperature
+            t = t.at(tau)
+        return distance(s, t, temperature=tau, mask=mask, **dict(loss.params))
 
     @staticmethod
     def _feature_mask(term: ResolvedTerm, x: Tensor, mask: Tensor | None, pairwise: bool) -> Tensor | None:

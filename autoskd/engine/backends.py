@@ -76,8 +76,12 @@ class TorchBackend:
         """What a checkpoint of this backend must agree with, besides the method and stages."""
         return {}
 
+    scaler = None  # fp16: loss scaling, so small gradients do not underflow to zero
+
     def setup(self, distiller) -> None:
         """Called once the Distiller has its student, auxiliary model and teachers."""
+        if getattr(distiller, "precision", "fp32") == "fp16":
+            self.scaler = torch.amp.GradScaler("cuda")
         if self.tensor_parallel is not None and self.tensor_parallel.shard_student:
             self.tensor_parallel.shard(distiller.student)
             distiller.checkpoint = False  # per-rank DTensor checkpoints: not supported yet
@@ -100,11 +104,17 @@ class TorchBackend:
     def update(self, loss: torch.Tensor, optimizer, max_grad_norm: float) -> None:
         optimizer.zero_grad(set_to_none=True)
         if loss.requires_grad:  # a step can have no trainable path (Theseus replacing no layer)
-            loss.backward()
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            if self.scaler is not None:
+                self.scaler.unscale_(optimizer)
             if max_grad_norm and max_grad_norm > 0:
                 clip = nn.utils.clip_grad_norm_ if self.tensor_parallel is None else clip_mixed_grad_norm
                 clip(self._params, max_grad_norm)
-        optimizer.step()  # without gradients AdamW leaves every parameter as it is
+        if self.scaler is not None and loss.requires_grad:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()  # without gradients AdamW leaves every parameter as it is
 
     def step_scheduler(self, scheduler) -> None:
         scheduler.step()

@@ -2,6 +2,11 @@
 
 A method never touches model code; it names the features it needs (``"hidden:3"``,
 ``"attention_scores:-1"``, ``"logits"``) and the extraction hooks capture exactly those.
+
+On a decoder-only causal LM the same names mean: ``embeddings`` what decoder layer 0 receives,
+``hidden:i`` the output of decoder layer i (``hidden:-1`` is before the model's final norm),
+``query/key/value/attention_*:i`` the post-RoPE attention of layer i with kv heads repeated to
+the query heads and causal + padding masking, and ``lm_logits`` the [B, T, vocab] logits.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ FEATURE_KINDS: dict[str, bool] = {
     "attention_probs": True,
     "logits": False,
     "mlm_logits": False,
+    # A causal LM's next-token logits [B, T, vocab] (output.logits); no hook, no layer.
+    "lm_logits": False,
 }
 
 #: Per-layer kinds that come from the self-attention projections (Q, K, V).

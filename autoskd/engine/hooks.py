@@ -15,6 +15,11 @@ requested features need -- ``attention_probs:-1`` hooks the last layer's query a
 - ``mlm_logits``: hook on the last encoder layer; the model's ``mlm_head`` (BERT's MLM head,
   see :mod:`autoskd.engine.mlm`) on the last hidden, or last hidden @ word_embeddingsᵀ without one.
 - ``logits``: no hook; ``output.logits`` (or the output itself when it is a tensor).
+- ``lm_logits``: no hook; a causal LM's ``output.logits``, [B,T,V] (the loss code masks tokens).
+
+On a causal LM (``adapter.causal``) ``embeddings`` is what decoder layer 0 receives, ``hidden:-1``
+is before the final norm (``adapter.final_norm``), and the attention features are captured at
+the model's attention function (:mod:`.decoder_attention`), not derived from Q/K/V hooks.
 
 Hooks record only while the extractor's ``__call__`` runs, and what they recorded is dropped
 when the call returns, so nothing is retained between steps (the returned dict is the only
@@ -40,8 +45,11 @@ from torch import nn
 from ..errors import AutoSKDError
 from .batches import MODEL_INPUT_KEYS
 from ..models.adapters import ArchitectureAdapter, module_at
-from .features import FeatureRef, parse_feature
+from .decoder_attention import DecoderAttentionCapture, lm_logits
+from .features import ATTENTION_KINDS, FeatureRef, parse_feature
 
+#: Feature kinds read from the model output, needing no hook (nor an adapter).
+OUTPUT_KINDS = ("logits", "lm_logits")
 
 
 def _first_tensor(output: Any) -> torch.Tensor:
@@ -114,6 +122,7 @@ class FeatureExtractor:
         self._recording = False
         self._requested: dict[str, FeatureRef] = {}
         self._paths: dict[str, str] = {}
+        self._attention: DecoderAttentionCapture | None = None
         self._input_keys = self._accepted_input_keys()
         self.set_features(features)
 
@@ -135,7 +144,10 @@ class FeatureExtractor:
         requested: dict[str, FeatureRef] = {}
         for name in names:
             ref = parse_feature(name)
-            if ref.kind != "logits":
+            if ref.kind == "lm_logits" and self.adapter is not None and not self.adapter.causal:
+                raise AutoSKDError(f"lm_logits needs a causal LM; {self.adapter.family} is not one "
+                                   "(an encoder's word predictions are mlm_logits)")
+            if ref.kind not in OUTPUT_KINDS:
                 if self.adapter is None:
                     raise self._adapter_error or AutoSKDError("no architecture adapter")
                 ref = ref.resolve(self.adapter.geometry.num_layers)
@@ -148,9 +160,16 @@ class FeatureExtractor:
         self.remove()
         self._requested = requested
         self._paths = paths
-        for path, module in modules.items():
-            self._handles.append(module.register_forward_hook(self._make_hook(path)))
+        layers = {ref.layer for ref in requested.values() if self._decoder_attention(ref)}
+        self._attention = DecoderAttentionCapture.for_layers(self.model, self.adapter, layers)
+        for path, module in modules.items():  # attention modules are watched, not hooked
+            if paths[path] != "attention":
+                self._handles.append(module.register_forward_hook(self._make_hook(path)))
         return self
+
+    def _decoder_attention(self, ref: FeatureRef) -> bool:
+        """Whether ``ref`` is an attention feature of a causal LM (captured, not hooked)."""
+        return ref.kind in ATTENTION_KINDS and self.adapter is not None and self.adapter.causal
 
     def _needed(self, ref: FeatureRef) -> list[tuple[str, str]]:
         a = self.adapter
@@ -158,6 +177,9 @@ class FeatureExtractor:
             return [("embeddings", a.path("embeddings"))]
         if ref.kind == "hidden":
             return [("layer", a.path("layer", ref.layer))]
+        if self._decoder_attention(ref):
+            self._need_heads(ref)
+            return [("attention", a.path("attention", ref.layer))]
         if ref.kind in ("query", "key", "value"):
             needed = [(ref.kind, a.path(ref.kind, ref.layer))]
             self._need_heads(ref)
@@ -171,7 +193,7 @@ class FeatureExtractor:
         if ref.kind == "mlm_logits":
             a.path("word_embeddings")  # error now if the adapter lacks it
             return [("layer", a.path("layer", a.geometry.num_layers - 1))]
-        return []  # logits: from the model output
+        return []  # logits, lm_logits: from the model output
 
     def _need_heads(self, ref: FeatureRef) -> None:
         if not self.adapter.geometry.num_heads:
@@ -203,6 +225,7 @@ class FeatureExtractor:
         self._handles = []
         self._paths = {}
         self._captured = {}
+        self._attention = None
 
     def __enter__(self) -> "FeatureExtractor":
         return self
@@ -224,21 +247,26 @@ class FeatureExtractor:
         and ``"logits"``."""
         self._captured = {}
         self._recording = True
+        attention = self._attention.recording() if self._attention is not None else contextlib.nullcontext()
         try:
-            output = self.model(**self.model_inputs(batch))
+            with attention:
+                output = self.model(**self.model_inputs(batch))
         finally:
             self._recording = False
         try:
-            result = self._derive(batch)
-            result["logits"] = model_logits(output)
+            logits = model_logits(output)
+            result = self._derive(batch, logits)
+            result["logits"] = logits
         finally:
             self._captured = {}
+            if self._attention is not None:
+                self._attention.clear()
         return result
 
-    def _derive(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    def _derive(self, batch: Mapping[str, Any], logits: torch.Tensor) -> dict[str, torch.Tensor]:
         a, cap = self.adapter, self._captured
-        if a is None:  # only "logits" was requested
-            return {}
+        if a is None:  # only "logits" / "lm_logits" were requested
+            return {name: lm_logits(logits) for name, ref in self._requested.items() if ref.kind == "lm_logits"}
         heads = a.geometry.num_heads
         mask = batch.get("attention_mask")
         cache: dict[FeatureRef, torch.Tensor] = {}
@@ -259,6 +287,8 @@ class FeatureExtractor:
                 t = captured(a.path("embeddings"))
             elif k == "hidden":
                 t = captured(a.path("layer", ref.layer))
+            elif self._decoder_attention(ref):
+                t = self._attention.feature(k, ref.layer, mask)
             elif k in ("query", "key", "value"):
                 t = split_heads(captured(a.path(k, ref.layer)), heads)
             elif k == "attention_scores":
@@ -269,6 +299,8 @@ class FeatureExtractor:
                                      mask, bias)
             elif k == "attention_probs":
                 t = torch.softmax(get(FeatureRef("attention_scores", ref.layer)), dim=-1)
+            elif k == "lm_logits":
+                t = lm_logits(logits)
             elif k == "mlm_logits":
                 last = captured(a.path("layer", a.geometry.num_layers - 1))
                 head = getattr(self.model, "mlm_head", None)

@@ -205,6 +205,13 @@ def hard_label_ce(logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(logits, labels.long(), ignore_index=-100)
 
 
+def next_token_ce(logits: Tensor, targets: Tensor) -> Tensor:
+    """A language model's cross-entropy on its next-token targets ``[B, T]`` (``-100``: no loss),
+    averaged over target tokens; the logits ``[B, T, V]`` are upcast to fp32."""
+    return F.cross_entropy(_f32(logits).reshape(-1, logits.shape[-1]), targets.reshape(-1).long(),
+                           ignore_index=-100)
+
+
 # --------------------------------------------------------------------------- transforms
 @TRANSFORMS.register("identity")
 def identity(x: Tensor, *, mask: Tensor | None = None) -> Tensor:
@@ -261,3 +268,4 @@ cos_nce.on_logits = False  # type: ignore[attr-defined]
 
 
 from . import relations as _relations  # noqa: E402,F401  (registers the relation transforms)
+from . import token_losses as _token_losses  # noqa: E402,F401  (registers the token-level LM distances)

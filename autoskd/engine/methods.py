@@ -183,6 +183,11 @@ class Method:
     def on_step(self, ctx) -> None:
         """Called at the start of every training step (schedules)."""
 
+    def prepare_batch(self, ctx, batch: dict) -> dict:
+        """The batch this step trains on (default: the loader's batch as it is). On-policy
+        distillation replaces some batches by text the student generates."""
+        return batch
+
     def feature_requests(self, ctx, teacher_name: str | None) -> tuple[list[str], Any]:
         """(student feature names, what to ask the teacher(s) for) in this step."""
         return ctx.auxiliary.feature_requests(ctx.stage, teacher_name)

@@ -50,6 +50,8 @@ class FeatureLoss:
     temperature_schedule: str | None = None
     teacher_scale: str | None = None
     tokens: str = "attention"
+    #: Extra keywords of the distance, e.g. ``(("beta", 0.5),)`` for ``jsd``.
+    params: tuple[tuple[str, object], ...] = ()
 
     def __post_init__(self) -> None:
         from .layer_maps import LAYER_MAPS, parse_map

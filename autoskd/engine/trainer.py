@@ -8,6 +8,7 @@ and callbacks (the search's theta step). The loop itself knows none of them.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -27,6 +28,7 @@ from .batches import model_inputs, output_logits, to_device
 from .callbacks import Callback
 from .metrics_log import MetricsLog, plot_history
 from .methods import Method, get_method
+from .metrics import Metric, accuracy_metric
 from .teacher_cache import TeacherOutputCache
 from .teachers import AverageTeachers, TeacherPolicy, as_policy
 
@@ -100,6 +102,12 @@ class TrainResult:
     #: dev accuracy of the weights the student holds after ``fit`` (the best epoch's when they
     #: were restored, else the last evaluation's), so callers need not evaluate dev again
     student_dev_acc: float | None = None
+    #: The run's metric (``accuracy`` or ``perplexity``, :mod:`.metrics`) and its dev scores;
+    #: for accuracy these equal the ``*_dev_acc`` fields above.
+    metric: str = "accuracy"
+    best_score: float | None = None
+    final_score: float | None = None
+    student_score: float | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -131,6 +139,19 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str = 
         raise AutoSKDError("evaluation data is empty; check the dev/test split")
     out = {"accuracy": correct / total, "loss": loss_sum / total}
     return {**out, "predictions": predicted} if predictions else out
+
+
+def autocast(device: torch.device, precision: str):
+    """Mixed precision for a step's forwards (``bf16`` works on CPU too); ``fp32``: none.
+    Parameters and optimizer state stay fp32; the losses upcast to fp32 themselves."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in dtypes:
+        raise AutoSKDError(f"precision {precision!r} unknown; choose fp32, bf16 or fp16")
+    if precision == "fp16" and device.type != "cuda":
+        raise AutoSKDError("fp16 training needs a CUDA GPU (loss scaling); use --precision bf16 on CPU")
+    return torch.autocast(device_type=device.type, dtype=dtypes[precision])
 
 
 def _geometry(model: nn.Module):
@@ -182,12 +203,15 @@ class Distiller:
                  teacher_cache: TeacherOutputCache | str | Path | None = None, restore_best: bool = True,
                  checkpoint: bool = True, log_every: int = 20, method_options: dict | None = None,
                  teacher_fingerprints: dict[str, str] | None = None, deepspeed: Any = None,
-                 tensor_parallel: Any = None):
+                 tensor_parallel: Any = None, metric: Metric | None = None, precision: str = "fp32"):
         seed_everything(seed)
+        self.metric = metric or accuracy_metric()
+        self.precision = precision
         self.backend = make_backend(deepspeed, tensor_parallel)
         self.device = getattr(self.backend, "device", None) or torch.device(
             device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.student = student.to(self.device)
+        autocast(self.device, precision)  # an unusable precision fails here, before any work
         self.method = get_method(method, **(method_options or {}))
         self.policy: TeacherPolicy | None = as_policy(teachers, teacher_fingerprints)
         if self.method.spec.needs_teacher and self.policy is None:
@@ -242,6 +266,7 @@ class Distiller:
         """Forward student (and teacher), sum the method's losses, update. Returns detached terms."""
         ctx = self.ctx
         self.method.on_step(ctx)
+        batch = self.method.prepare_batch(ctx, batch)  # e.g. on-policy: the student writes the batch
         for cb in self.callbacks:
             cb.on_step_begin(self, ctx, batch)
         teacher_name = self.policy.choose(ctx.global_step) if self.policy is not None else None
@@ -251,11 +276,13 @@ class Distiller:
         student_req, teacher_req = self.method.feature_requests(ctx, teacher_name)
         if set(student_req) != set(self.extractor.features):
             self.extractor.set_features(student_req)
-        teacher_feats = self.method.teacher_features(ctx, self.policy, teacher_name, batch, teacher_req)
+        with autocast(self.device, self.precision):
+            teacher_feats = self.method.teacher_features(ctx, self.policy, teacher_name, batch, teacher_req)
 
         def compute() -> dict[str, torch.Tensor]:  # under ZeRO-3 it runs inside the engine's forward
-            student_feats = self.method.student_forward(ctx, self.extractor, batch)
-            return self.method.losses(ctx, student_feats, teacher_feats, teacher_name, batch)
+            with autocast(self.device, self.precision):
+                student_feats = self.method.student_forward(ctx, self.extractor, batch)
+                return self.method.losses(ctx, student_feats, teacher_feats, teacher_name, batch)
 
         losses = self.backend.compute(compute)
         if not losses:
@@ -283,7 +310,7 @@ class Distiller:
         if resumed_state is not None:
             state = resumed_state
             result.history, best_state = state["history"], state.get("best_state")
-            result.best_dev_acc, result.best_epoch = state.get("best_dev_acc"), state.get("best_epoch")
+            result.best_score, result.best_epoch = state.get("best_score", state.get("best_dev_acc")), state.get("best_epoch")
             done_stage, done_epoch = state["stage_index"], state["epoch"]
             gen_states = state.get("sampler_states")
             if gen_states is None:  # a checkpoint from before all stages' generators were saved
@@ -350,14 +377,15 @@ class Distiller:
                 metrics: dict[str, Any] = {"kind": "epoch", "stage": stage.name, "epoch": epoch, "step": step,
                                            "global_step": ctx.global_step}
                 if dev is not None and stage.evaluate:
-                    scores = evaluate(self.backend.eval_model(self.student), dev, self.device)
-                    metrics.update(dev_acc=scores["accuracy"], dev_loss=scores["loss"])
-                    if result.best_dev_acc is None or scores["accuracy"] > result.best_dev_acc:
-                        result.best_dev_acc, result.best_epoch = scores["accuracy"], len(result.history)
+                    scores = self.metric.evaluate(self.backend.eval_model(self.student), dev, self.device)
+                    value = self.metric.score(scores)
+                    metrics.update({self.metric.key: value, "dev_loss": scores["loss"]})
+                    if self.metric.better(value, result.best_score):
+                        result.best_score, result.best_epoch = value, len(result.history)
                         if self.restore_best:
                             best_state = self.backend.full_state(self.student)
-                    result.final_dev_acc = scores["accuracy"]
-                    bar.set_postfix(dev_acc=f"{scores['accuracy']:.4f}")
+                    result.final_score = value
+                    bar.set_postfix({self.metric.key: f"{value:.4f}"})
                 result.history.append(metrics)
                 self.log.write(metrics)
                 for cb in self.callbacks:
@@ -374,9 +402,13 @@ class Distiller:
         self.backend.finish(self)
         if self.restore_best and best_state is not None:
             self.student.load_state_dict(best_state)
-            result.student_dev_acc = result.best_dev_acc
-        elif result.history and result.history[-1].get("dev_acc") is not None:  # evaluated after the last step
-            result.student_dev_acc = result.history[-1]["dev_acc"]
+            result.student_score = result.best_score
+        elif result.history and result.history[-1].get(self.metric.key) is not None:  # evaluated after the last step
+            result.student_score = result.history[-1][self.metric.key]
+        result.metric = self.metric.name
+        if self.metric.name == "accuracy":
+            result.best_dev_acc, result.final_dev_acc = result.best_score, result.final_score
+            result.student_dev_acc = result.student_score
         result.steps = self.ctx.global_step
         result.seconds = time.perf_counter() - start
         if self.out_dir is not None and self.backend.is_main:
@@ -428,6 +460,6 @@ class Distiller:
                  "sampler_states": [g.get_state() if g is not None else None for g in _loader_generators(stages)],
                  "rng": rng,
                  "policy": self.policy.state_dict() if self.policy is not None else {},
-                 "history": result.history, "best_dev_acc": result.best_dev_acc, "best_epoch": result.best_epoch,
+                 "history": result.history, "best_score": result.best_score, "best_epoch": result.best_epoch,
                  "best_state": best_state}
         self.backend.save(path, state, self, optimizer, scheduler)

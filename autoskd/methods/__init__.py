@@ -33,6 +33,8 @@ from . import (  # noqa: F401  (registration)
     takd,
     dgkd,
     glmd,
+    seqkd,
+    on_policy,
 )
 
-__all__ = ["finetune", "kd", "pd", "pkd", "distilbert", "theseus", "tinybert", "mobilebert", "sid", "minilm", "minilmv2", "alp_kd", "lrc_bert", "annealing_kd", "ckd", "universal_kd", "diito", "continuation_kd", "rail_kd", "mgskd", "tmkd", "mt_bert", "rl_kd", "uncertainty", "takd", "dgkd", "glmd"]
+__all__ = ["finetune", "kd", "pd", "pkd", "distilbert", "theseus", "tinybert", "mobilebert", "sid", "minilm", "minilmv2", "alp_kd", "lrc_bert", "annealing_kd", "ckd", "universal_kd", "diito", "continuation_kd", "rail_kd", "mgskd", "tmkd", "mt_bert", "rl_kd", "uncertainty", "takd", "dgkd", "glmd", "seqkd", "on_policy"]

@@ -26,11 +26,21 @@ class KD(Method):
         stages=("task",),
         reference="Hinton, Vinyals, Dean 2015, Distilling the Knowledge in a Neural Network",
     )
-    OPTIONS = {"alpha": 1.0}
+    #: ``loss``: ``kl`` (Hinton), or a token-level divergence -- ``forward_kl``, ``reverse_kl``,
+    #: ``jsd`` (generalised JSD with ``beta``, GKD) or ``tvd`` -- the choices for language models.
+    OPTIONS = {"alpha": 1.0, "loss": "kl", "beta": 0.5}
+    LOSSES = ("kl", "forward_kl", "reverse_kl", "jsd", "tvd")
 
     def configure(self, spec: MethodSpec, options: dict[str, Any]) -> MethodSpec:
         alpha = options["alpha"]
         if not 0.0 <= alpha <= 1.0:
             raise AutoSKDError(f"method 'kd': alpha must be in [0, 1] (got {alpha})")
-        losses = tuple(dataclasses.replace(l, weight=alpha) for l in spec.losses)
+        loss = str(options["loss"])
+        if loss not in self.LOSSES:
+            raise AutoSKDError(f"method 'kd': loss {loss!r} unknown; choose one of: {', '.join(self.LOSSES)}")
+        beta = options["beta"]
+        if not 0.0 <= beta <= 1.0:
+            raise AutoSKDError(f"method 'kd': beta must be in [0, 1] (got {beta})")
+        params = (("beta", beta),) if loss == "jsd" else ()
+        losses = tuple(dataclasses.replace(l, weight=alpha, distance=loss, params=params) for l in spec.losses)
         return dataclasses.replace(spec, losses=losses, hard_label_weight=1.0 - alpha)

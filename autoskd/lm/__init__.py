@@ -1,0 +1,1 @@
+"""Generative decoder language models: corpora, token rows and causal-LM models for distillation."""

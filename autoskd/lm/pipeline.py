@@ -1,0 +1,208 @@
+"""From (LM team, text corpus, method) to a distilled causal-LM student: ``autoskd distill`` on
+decoders.
+
+The same :class:`~autoskd.engine.trainer.Distiller` as for classifiers runs the training; this
+module only supplies what a language-modelling task brings: token blocks with next-token
+targets, a teacher served from a top-k cache, the method's decoder recipe
+(:mod:`.recipes`), perplexity as the metric, and a report with agreement and samples.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..engine.teachers import SampledTeacher, SingleTeacher, TeacherPolicy
+from ..engine.trainer import Distiller, Stage, TrainResult
+from ..errors import AutoSKDError
+from .data import LMCorpus, load_corpus, lm_data_id, make_lm_loader, tokenize_lm_split
+from .evaluate import evaluate_lm, greedy_samples, perplexity_metric, top1_agreement
+from .models import save_lm
+from .recipes import decoder_method, lm_temperatures
+from .team import LMTeam
+from .teachers import LMTeacher
+from .topk_cache import TopKCache
+
+DEFAULT_CACHE = Path(".cache/autoskd")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class LMDistillConfig:
+    """Settings of one LM distillation run besides the team and the corpus.
+
+    ``epochs`` apply to each of the method's stages (GLMD and TinyBERT have two: halve it to
+    compare at equal student steps). ``top_k`` tokens per position of the teacher are cached
+    (0: run the teacher live every step). ``layout``: ``packed`` blocks of ``max_length``
+    tokens, or ``padded`` documents. ``max_steps`` caps each stage (benchmarks at equal steps).
+    """
+
+    method: str = "kd"
+    method_options: dict = field(default_factory=dict)
+    teacher: str | None = None
+    policy: str = "single"
+    theta: list[float] | None = None
+    epochs: float = 1.0
+    max_steps: int | None = None
+    lr: float = 1e-4
+    batch_size: int = 8
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    seed: int = 0
+    max_length: int | None = None
+    layout: str = "packed"
+    top_k: int = 64
+    precision: str = "fp32"
+    samples: int = 3
+    agreement: bool = True  # top-1 agreement with the teacher on test (one more teacher pass)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def check(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise AutoSKDError(f"--precision {self.precision!r} unknown; choose one of: {', '.join(PRECISIONS)}")
+        if self.top_k < 0:
+            raise AutoSKDError(f"top_k must be >= 0 (0 runs the teacher live); got {self.top_k}")
+        if self.policy not in ("single", "sampled"):
+            raise AutoSKDError(f"policy {self.policy!r} is not available for LM teams yet; use single or sampled")
+
+
+@dataclass
+class LMOutcome:
+    student: nn.Module
+    tokenizer: Any
+    scores: dict
+    result: TrainResult
+    out_dir: Path | None
+    samples: list = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {**self.scores, "steps": self.result.steps, "seconds": round(self.result.seconds, 2),
+                "best_dev_ppl": self.result.best_score}
+
+
+@dataclass
+class LMLoaders:
+    train: Any
+    dev: Any
+    val: Any
+    test: Any
+    train_id: str
+
+
+def lm_loaders(corpus: LMCorpus, tokenizer, config: LMDistillConfig, block: int, train_split: str = "train",
+               train_rows=None) -> LMLoaders:
+    """Token rows of every split; ``train_id`` keys the teacher cache (data + tokenizer + layout)."""
+    def rows(split):
+        return tokenize_lm_split(corpus.split(split), tokenizer, block, layout=config.layout, kind=corpus.kind)
+
+    train = train_rows if train_rows is not None else rows(train_split)
+    if len(train) == 0:
+        raise AutoSKDError(f"the {train_split} split gives no training rows of {block} tokens; use a larger corpus "
+                           "or a smaller --max-length")
+    eval_bs = config.batch_size * 2
+    return LMLoaders(train=make_lm_loader(train, config.batch_size, shuffle=True, seed=config.seed),
+                     dev=make_lm_loader(rows("dev"), eval_bs, shuffle=False),
+                     val=make_lm_loader(rows("val"), eval_bs, shuffle=False),
+                     test=make_lm_loader(rows("test"), eval_bs, shuffle=False),
+                     train_id=lm_data_id(corpus, train_split, tokenizer, block, config.layout))
+
+
+def lm_policy(team: LMTeam, config: LMDistillConfig, method, cache_dir: Path) -> TeacherPolicy | None:
+    """Frozen LM teachers behind the policy the config names, each with its top-k cache plan."""
+    if not method.spec.needs_teacher:
+        return None
+    temps = lm_temperatures(method)
+    cache = TopKCache(Path(cache_dir) / "lm_topk")
+    teachers = {name: LMTeacher(name, model, team.fingerprints.get(name), top_k=config.top_k,
+                                temperatures=temps, cache=cache)
+                for name, model in team.teachers.items()}
+    if config.policy == "sampled":
+        theta = torch.tensor(config.theta or [1.0] * len(teachers), dtype=torch.float64)
+        if len(theta) != len(teachers) or (theta < 0).any() or float(theta.sum()) <= 0:
+            raise AutoSKDError(f"theta must have {len(teachers)} non-negative weights with a positive sum")
+        return SampledTeacher(teachers, theta / theta.sum(), seed=config.seed, scaling="none")
+    name = config.teacher or next(iter(teachers))
+    if name not in teachers:
+        raise AutoSKDError(f"teacher {name!r} is not in the team; choose one of: {', '.join(teachers)}")
+    return SingleTeacher(teachers[name])
+
+
+def method_stages(method, config: LMDistillConfig, loaders: LMLoaders) -> list[Stage]:
+    common = dict(lr=config.lr, warmup_ratio=config.warmup_ratio, weight_decay=config.weight_decay,
+                  epochs=config.epochs, data_id=loaders.train_id)
+    if config.max_steps is not None:
+        common["epochs"] = min(config.epochs, config.max_steps / max(1, len(loaders.train)))
+    return [Stage(name, loaders.train, **common) for name in method.spec.stages]
+
+
+def distill_lm(team: LMTeam, corpus: LMCorpus | str, config: LMDistillConfig | None = None, *,
+               out_dir: str | Path | None = None, cache_dir: str | Path = DEFAULT_CACHE, progress: bool = True,
+               callbacks=(), student: nn.Module | None = None) -> LMOutcome:
+    """Distil ``team``'s student on ``corpus`` (a loaded :class:`LMCorpus` or a source string)."""
+    config = config or LMDistillConfig()
+    config.check()
+    method = decoder_method(config.method, **config.method_options)  # refuses encoder-only methods now
+    corpus = load_corpus(corpus, seed=config.seed) if isinstance(corpus, str) else corpus
+    team.build(seed=config.seed)
+    tokenizer = team.tokenizer
+    block = config.max_length or team.max_length
+    student = student if student is not None else team.build_student(seed=config.seed)
+    policy = lm_policy(team, config, method, Path(cache_dir))
+    train_rows = None
+    if callable(getattr(method, "train_rows", None)):  # sequence-level KD trains on the teacher's text
+        teacher = next(iter(policy.teachers.values()))
+        train_rows = method.train_rows(corpus.split("train"), tokenizer, block, teacher, Path(cache_dir),
+                                       progress=progress)
+    loaders = lm_loaders(corpus, tokenizer, config, block, train_rows=train_rows)
+    if train_rows is not None:
+        loaders.train_id = f"{loaders.train_id}|{method.rows_id}"
+    out_dir = Path(out_dir) if out_dir else None
+    distiller = Distiller(student, method, policy, out_dir=out_dir, seed=config.seed, progress=progress,
+                          callbacks=callbacks, teacher_cache=None, checkpoint=out_dir is not None,
+                          metric=perplexity_metric(), precision=config.precision)
+    result = distiller.fit(method_stages(method, config, loaders), dev=loaders.dev, resume=out_dir is not None)
+    outcome = LMOutcome(student, tokenizer, score_student(student, loaders, policy if config.agreement else None,
+                                                          distiller.device, result), result, out_dir)
+    if config.samples:
+        prompts = [" ".join(doc.split()[:6]) if isinstance(doc, str) else doc[0]
+                   for doc in corpus.split("test")[: config.samples]]
+        outcome.samples = greedy_samples(student, tokenizer, prompts, device=distiller.device)
+    if out_dir is not None:
+        save_lm_run(outcome, config, team, corpus)
+    return outcome
+
+
+def score_student(student, loaders: LMLoaders, policy, device, result: TrainResult) -> dict:
+    """Val/test perplexity and (with a teacher) top-1 agreement with it on test."""
+    start = time.perf_counter()
+    scores = {"val_ppl": evaluate_lm(student, loaders.val, device)["perplexity"],
+              "test_ppl": evaluate_lm(student, loaders.test, device)["perplexity"],
+              "dev_ppl": result.student_score}
+    if policy is not None:
+        teacher = next(iter(policy.teachers.values())).model
+        scores["test_top1_agreement"] = top1_agreement(student, teacher, loaders.test, device)
+    scores["eval_seconds"] = round(time.perf_counter() - start, 2)
+    return scores
+
+
+def save_lm_run(outcome: LMOutcome, config: LMDistillConfig, team: LMTeam, corpus: LMCorpus) -> None:
+    """The student (``save_pretrained`` + tokenizer), its scores and samples, and its config."""
+    out = outcome.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    save_lm(outcome.student, outcome.tokenizer, out / "student")
+    (out / "result.json").write_text(json.dumps({"task": f"lm:{corpus.name}", **outcome.summary(),
+                                                 "samples": outcome.samples,
+                                                 "history": outcome.result.history}, indent=2))
+    (out / "config.json").write_text(json.dumps({"task": f"lm:{corpus.name}", "team": team.describe(),
+                                                 **config.to_dict()}, indent=2))
+    ckpt = out / "checkpoint.pt"
+    if ckpt.exists():  # finished: the saved student supersedes the resume point
+        ckpt.unlink()

@@ -1,0 +1,83 @@
+"""A frozen causal-LM teacher whose next-token distributions come from a top-k cache.
+
+A teacher forward over the training split is the same every epoch, in every arm and trial, so
+it is run once per (weights, tokenised split, temperature) and its top-k next-token
+distribution stored (:mod:`.topk_cache`). A method's loss terms may read the teacher at more
+than one temperature (GLMD: 15 in its first stage, 1 in its second), so the teacher keeps one
+table per temperature and hands the loss a :class:`TopKSet`; the loss picks the table made at
+its own temperature. Batches the cache cannot serve (on-policy text the student just wrote,
+features other than the logits) run the teacher live.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..engine.teachers import Teacher
+from ..errors import AutoSKDError
+from .topk_cache import TopKCache, TopKTable, check_dense_size, compute_topk_table
+
+
+class TopKSet:
+    """The teacher's cached top-k rows of one batch, one :class:`TopK` per temperature."""
+
+    def __init__(self, by_temperature: dict):
+        self.by_temperature = by_temperature
+
+    def at(self, temperature: float):
+        for tau, rows in self.by_temperature.items():
+            if abs(tau - temperature) < 1e-6:
+                return rows
+        have = ", ".join(f"{t:g}" for t in self.by_temperature)
+        raise AutoSKDError(f"the teacher cache holds temperatures {have}, not {temperature:g}; a loss term's "
+                           "temperature changed after the cache was planned (temperature schedules need top_k=0)")
+
+
+class LMTeacher(Teacher):
+    """``top_k`` > 0: cache that many tokens per position (``top_k`` >= the vocabulary: the
+    exact dense distribution, refused past ``dense_limit_bytes``); 0: run the teacher live."""
+
+    def __init__(self, name, model, fingerprint: str | None = None, *, top_k: int = 64,
+                 temperatures: Iterable[float] = (), cache: TopKCache | None = None,
+                 dense_limit_bytes: int = 2 * 1024**3):
+        super().__init__(name, model, fingerprint)
+        self.top_k = int(top_k)
+        self.temperatures = sorted({float(t) for t in temperatures})
+        self.topk_cache = cache
+        self.dense_limit_bytes = dense_limit_bytes
+        self.tables: dict[float, TopKTable] = {}
+
+    def vocab_size(self) -> int:
+        config = getattr(self.shape_model, "config", None)
+        size = getattr(config, "vocab_size", None)
+        return int(size) if size else int(self.model.get_output_embeddings().weight.shape[0])
+
+    def prepare(self, loader: DataLoader, data_id: str | None, cache=None, device="cpu", progress: bool = True) -> None:
+        """Top-k tables of this split at every temperature the method reads (none: live teacher)."""
+        self.tables = {}
+        if data_id is None or self.top_k <= 0 or not self.temperatures:
+            return
+        vocab = self.vocab_size()
+        k = min(self.top_k, vocab)
+        if k == vocab:  # the dense distribution, stored exactly: refuse it past the size limit
+            sample = loader.dataset[0]["input_ids"]
+            check_dense_size(len(loader.dataset), len(sample), vocab, self.dense_limit_bytes)
+        for tau in self.temperatures:
+            desc = f"teacher {self.name} top-{k} (tau {tau:g})"
+            if self.topk_cache is None:
+                self.tables[tau] = compute_topk_table(self.model, loader, k, tau, device, progress, desc=desc)
+            else:
+                self.tables[tau] = self.topk_cache.get_or_compute(self.fingerprint, data_id, self.model, loader, k,
+                                                                  tau, device=device, progress=progress)
+
+    @torch.no_grad()
+    def features(self, batch: dict, names: Iterable[str]) -> dict:
+        names = list(names)
+        if self.tables and set(names) <= {"lm_logits"} and "idx" in batch and not batch.get("on_policy"):
+            idx = batch["idx"]
+            return {"lm_logits": TopKSet({tau: table.rows(idx).to(batch["input_ids"].device)
+                                          for tau, table in self.tables.items()})}
+        return super().features(batch, names)
