@@ -277,3 +277,44 @@ def test_on_policy_batches_are_written_by_the_student(tok):
     assert torch.equal(new["input_ids"][:, :3], batch["input_ids"][:, :3])
     assert (new["target_ids"][:, :2] == -100).all()
     assert decoder_method("on_policy", lmbda=0.0).prepare_batch(ctx, batch) is batch
+
+
+# ---------------------------------------------------------------------------------------- GLMD vocabulary
+def test_glmd_vocabulary_compression_shrinks_both_ends_and_saves_the_map(tok, corpus, trained_teacher, tmp_path):
+    from autoskd.lm.vocab import load_vocab_map
+
+    student = tiny_llama(len(tok), layers=1, hidden=48, seed=11)
+    team = team_of(tok, student=student, teacher=trained_teacher)
+    out = distill_lm(team, corpus, LMDistillConfig(method="glmd", method_options={"vocab_alpha": 0.4}, epochs=1,
+                                                   lr=3e-3, samples=1), out_dir=tmp_path / "run",
+                     cache_dir=tmp_path / "cache", progress=False)
+    k = out.scores["compressed_vocab_size"]
+    assert k == 128 and student.get_input_embeddings().weight.shape[0] == k
+    assert student.get_output_embeddings().weight.shape[0] == k
+    assert student.get_output_embeddings().weight is student.get_input_embeddings().weight  # still tied
+    assert math.isfinite(out.scores["test_ppl"]) and "test_top1_agreement" not in out.scores
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "student")
+    vocab = load_vocab_map(tmp_path / "run" / "student", len(tok), trained_teacher.get_input_embeddings().weight)
+    assert saved.config.vocab_size == k and vocab.size == k
+    ids = tok("the film was good", return_tensors="pt")["input_ids"]
+    assert saved(input_ids=vocab.remap(ids)).logits.shape[-1] == k
+    specials = set(tok.all_special_ids)
+    assert specials <= set(vocab.kept.tolist())  # special tokens are always kept
+    tables = list((tmp_path / "cache" / "lm_topk").glob("*.safetensors"))
+    assert len(tables) == 2  # tau 15 and tau 1, both over the kept tokens (new ids)
+    from safetensors.torch import load_file
+
+    assert all(int(load_file(t)["ids"].max()) < k for t in tables)
+
+
+def test_a_dense_teacher_table_past_the_size_limit_is_refused_in_one_line(tok, corpus, trained_teacher, tmp_path):
+    from autoskd.lm.teachers import LMTeacher
+
+    rows = tokenize_lm_split(corpus.split("train"), tok, 16)
+    teacher = LMTeacher("t", trained_teacher, "fp", top_k=10**9, temperatures=[1.0], dense_limit_bytes=1000)
+    with pytest.raises(AutoSKDError, match="top_k") as err:
+        teacher.prepare(make_lm_loader(rows, 8, shuffle=False), "data", device="cpu", progress=False)
+    assert "GB" in str(err.value) and "\n" not in str(err.value)
+    teacher.dense_limit_bytes = 10**9  # k = the whole vocabulary: the exact dense distribution
+    teacher.prepare(make_lm_loader(rows, 8, shuffle=False), "data", device="cpu", progress=False)
+    assert teacher.tables[1.0].k == len(tok) and teacher.tables[1.0].retained_mass > 0.999

@@ -68,14 +68,21 @@ def top1_agreement(student: nn.Module, teacher: nn.Module, loader: DataLoader,
 
 @torch.no_grad()
 def greedy_samples(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 24,
-                   device: torch.device | str = "cpu") -> list[dict]:
-    """``[{"prompt", "continuation"}]``: what the model writes after each prompt (greedy)."""
-    model.eval()
+                   device: torch.device | str = "cpu", vocab=None) -> list[dict]:
+    """``[{"prompt", "continuation"}]``: what the model writes after each prompt (greedy).
+    ``vocab`` (a GLMD-compressed student): ids are mapped in, and the written ids back out."""
+    from .generation import continue_prompts
+
     out = []
     for prompt in prompts:
-        enc = tokenizer(prompt, return_tensors="pt").to(device)
-        ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-        out.append({"prompt": prompt,
-                    "continuation": tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)})
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
+        if vocab is not None:
+            ids = vocab.remap(ids)
+        eos = getattr(model.config, "eos_token_id", None) if hasattr(model, "config") else None
+        eos = eos[0] if isinstance(eos, list) else eos
+        written, mask, _ = continue_prompts(model, ids, max_new_tokens, eos, pad_id=eos if eos is not None else 0)
+        new = written[0, ids.shape[1]:][mask[0, ids.shape[1]:].bool()]
+        if vocab is not None:
+            new = vocab.kept.to(new.device)[new]
+        out.append({"prompt": prompt, "continuation": tokenizer.decode(new, skip_special_tokens=True)})
     return out

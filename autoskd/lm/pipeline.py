@@ -28,6 +28,7 @@ from .recipes import decoder_method, lm_temperatures
 from .team import LMTeam
 from .teachers import LMTeacher
 from .topk_cache import TopKCache
+from .vocab import RemappedLoader, build_lm_vocab_map, compress_causal_lm, save_vocab_map
 
 DEFAULT_CACHE = Path(".cache/autoskd")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -164,20 +165,43 @@ def distill_lm(team: LMTeam, corpus: LMCorpus | str, config: LMDistillConfig | N
     loaders = lm_loaders(corpus, tokenizer, config, block, train_rows=train_rows)
     if train_rows is not None:
         loaders.train_id = f"{loaders.train_id}|{method.rows_id}"
+    vocab = compress_vocabulary(method, student, policy, tokenizer, loaders)
     out_dir = Path(out_dir) if out_dir else None
     distiller = Distiller(student, method, policy, out_dir=out_dir, seed=config.seed, progress=progress,
                           callbacks=callbacks, teacher_cache=None, checkpoint=out_dir is not None,
                           metric=perplexity_metric(), precision=config.precision)
     result = distiller.fit(method_stages(method, config, loaders), dev=loaders.dev, resume=out_dir is not None)
-    outcome = LMOutcome(student, tokenizer, score_student(student, loaders, policy if config.agreement else None,
+    agreement = config.agreement and vocab is None  # a compressed student predicts other ids
+    outcome = LMOutcome(student, tokenizer, score_student(student, loaders, policy if agreement else None,
                                                           distiller.device, result), result, out_dir)
+    if vocab is not None:
+        outcome.scores["compressed_vocab_size"] = vocab.size
     if config.samples:
         prompts = [" ".join(doc.split()[:6]) if isinstance(doc, str) else doc[0]
                    for doc in corpus.split("test")[: config.samples]]
-        outcome.samples = greedy_samples(student, tokenizer, prompts, device=distiller.device)
+        outcome.samples = greedy_samples(student, tokenizer, prompts, device=distiller.device, vocab=vocab)
     if out_dir is not None:
         save_lm_run(outcome, config, team, corpus)
+        if vocab is not None:
+            save_vocab_map(vocab, out_dir / "student")
     return outcome
+
+
+def compress_vocabulary(method, student, policy, tokenizer, loaders: LMLoaders):
+    """GLMD with ``vocab_alpha`` < 1: shrink the student's vocabulary to the corpus's most frequent
+    tokens, slice the teachers' distributions to them, and let the student read remapped ids."""
+    alpha = float(getattr(method, "options", {}).get("vocab_alpha", 1.0))
+    if alpha >= 1.0 or policy is None:
+        return None
+    teacher = next(iter(policy.teachers.values()))
+    vocab = build_lm_vocab_map(tokenizer, teacher.model, [loaders.train.dataset.input_ids], alpha)
+    compress_causal_lm(student, vocab)
+    method.vocab = vocab  # GLMD remaps the student's ids and slices live teacher logits
+    for t in policy.teachers.values():
+        t.kept = vocab.kept
+    loaders.train_id = f"{loaders.train_id}|vocab{vocab.size}"
+    loaders.dev, loaders.val, loaders.test = (RemappedLoader(x, vocab) for x in (loaders.dev, loaders.val, loaders.test))
+    return vocab
 
 
 def score_student(student, loaders: LMLoaders, policy, device, result: TrainResult) -> dict:

@@ -44,9 +44,7 @@ def _glmd(spec: MethodSpec, options: dict) -> MethodSpec:
     # GLMD's two stages of word-prediction distillation, no labels, no intermediate layers: KL at
     # tau 15 over every target token (the paper's pre-training stage), then KL at tau 1 (its
     # task stage; for a language model the word predictions are also the task's soft targets).
-    if options.get("vocab_alpha", 1.0) < 1.0:
-        raise AutoSKDError("glmd's vocabulary compression (vocab_alpha < 1) is not available for decoder LMs yet; "
-                           "leave vocab_alpha at 1")
+    # vocab_alpha < 1: the pipeline compresses the student's vocabulary first (:mod:`.vocab`).
     return dataclasses.replace(spec, losses=(_word("forward_kl", temperature=15.0, stage="pretrain", name="word"),
                                              _word("forward_kl", temperature=1.0, stage="task", name="soft")),
                                stages=("pretrain", "task"), hard_label_weight=0.0)

@@ -49,6 +49,9 @@ class LMTeacher(Teacher):
         self.topk_cache = cache
         self.dense_limit_bytes = dense_limit_bytes
         self.tables: dict[float, TopKTable] = {}
+        #: GLMD vocabulary compression: the kept token ids; the cache then holds the teacher's
+        #: distribution over the kept tokens only, in their new order (:mod:`.vocab`).
+        self.kept: torch.Tensor | None = None
 
     def vocab_size(self) -> int:
         config = getattr(self.shape_model, "config", None)
@@ -65,12 +68,19 @@ class LMTeacher(Teacher):
         if k == vocab:  # the dense distribution, stored exactly: refuse it past the size limit
             sample = loader.dataset[0]["input_ids"]
             check_dense_size(len(loader.dataset), len(sample), vocab, self.dense_limit_bytes)
+        model, fingerprint = self.model, self.fingerprint
+        if self.kept is not None:
+            from .vocab import SlicedLogits
+
+            model = SlicedLogits(self.model, self.kept)
+            k = min(k, int(self.kept.numel()))
+            fingerprint = f"{fingerprint}|kept-{hash(tuple(self.kept.tolist()))}"
         for tau in self.temperatures:
             desc = f"teacher {self.name} top-{k} (tau {tau:g})"
             if self.topk_cache is None:
-                self.tables[tau] = compute_topk_table(self.model, loader, k, tau, device, progress, desc=desc)
+                self.tables[tau] = compute_topk_table(model, loader, k, tau, device, progress, desc=desc)
             else:
-                self.tables[tau] = self.topk_cache.get_or_compute(self.fingerprint, data_id, self.model, loader, k,
+                self.tables[tau] = self.topk_cache.get_or_compute(fingerprint, data_id, model, loader, k,
                                                                   tau, device=device, progress=progress)
 
     @torch.no_grad()

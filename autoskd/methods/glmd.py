@@ -66,15 +66,21 @@ class GLMD(Method):
             return batch
         out = dict(batch)
         out["input_ids"] = self.vocab.remap(batch["input_ids"])
-        if "mlm_labels" in batch:
-            out["mlm_labels"] = self.vocab.remap(batch["mlm_labels"])
+        for key in ("mlm_labels", "target_ids"):  # an encoder's MLM targets, a decoder's next tokens
+            if key in batch:
+                out[key] = self.vocab.remap(batch[key])
         return out
 
     def teacher_features(self, ctx, policy, teacher_name, batch, requests):
         feats = super().teacher_features(ctx, policy, teacher_name, batch, requests)
-        if self.vocab is not None and "mlm_logits" in feats:
-            feats = {**feats, "mlm_logits": feats["mlm_logits"][..., self.vocab.kept.to(feats["mlm_logits"].device)]}
+        if self.vocab is not None:
+            for key in ("mlm_logits", "lm_logits"):  # a cached decoder teacher is sliced already
+                if isinstance(feats.get(key), Tensor) and feats[key].shape[-1] != self.vocab.size:
+                    feats = {**feats, key: feats[key][..., self.vocab.kept.to(feats[key].device)]}
         return feats
+
+    def losses(self, ctx, student_feats, teacher_feats, teacher_name, batch):
+        return super().losses(ctx, student_feats, teacher_feats, teacher_name, self._student_batch(batch))
 
     def student_forward(self, ctx, extractor, batch: dict) -> dict[str, Tensor]:
         return extractor(self._student_batch(batch))
