@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..errors import AutoSKDError
-from ..models.loading import _quiet_transformers
+from ..models.loading import _quiet_transformers, save_student
 
 #: Where converted GGUF models are kept (one safetensors folder per GGUF file and size).
 DEFAULT_MODEL_CACHE = Path(".cache/autoskd/models")
@@ -248,20 +248,10 @@ def select_layers(model: nn.Module, layers: int | Sequence[int]) -> nn.Module:
 
 
 def save_lm(model: nn.Module, tokenizer: Any, out_dir: str | Path) -> Path:
-    """``save_pretrained`` weights + config + tokenizer: reloads with plain ``AutoModelForCausalLM``.
-    A user's own module without ``save_pretrained`` is saved as ``model.safetensors``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if callable(getattr(model, "save_pretrained", None)):
-        with _quiet_transformers():
-            model.save_pretrained(str(out))
-    else:
-        from safetensors.torch import save_model
-
-        save_model(model, str(out / "model.safetensors"))
-    if tokenizer is not None and callable(getattr(tokenizer, "save_pretrained", None)):
-        tokenizer.save_pretrained(str(out))
-    return out
+    """``save_pretrained`` weights + config + tokenizer: reloads with plain ``AutoModelForCausalLM``
+    (the classifier's writer without label names). A user's own module is saved as
+    ``model.safetensors``."""
+    return save_student(model, tokenizer, out_dir)
 
 
 def weights_id(source: str, layers: Any, init: str, seed: int, config: dict | None) -> str:
