@@ -318,3 +318,34 @@ def test_a_dense_teacher_table_past_the_size_limit_is_refused_in_one_line(tok, c
     teacher.dense_limit_bytes = 10**9  # k = the whole vocabulary: the exact dense distribution
     teacher.prepare(make_lm_loader(rows, 8, shuffle=False), "data", device="cpu", progress=False)
     assert teacher.tables[1.0].k == len(tok) and teacher.tables[1.0].retained_mass > 0.999
+
+
+# ---------------------------------------------------------------------------------------- trained teachers
+def test_team_members_are_healed_or_adapted_once_and_cached(tok, corpus, tmp_path, monkeypatch):
+    full = tiny_llama(len(tok), layers=3, hidden=48, seed=12)
+    full.save_pretrained(tmp_path / "full")
+    tok.save_pretrained(tmp_path / "full")
+    src = str(tmp_path / "full")
+    team_yaml = tmp_path / "team.yaml"
+    team_yaml.write_text(
+        f"kind: lm\nmax_length: 16\nstudent: {{source: {src}, layers: 1}}\nteachers:\n"
+        f"  - {{name: full, source: {src}}}\n"
+        f"  - {{name: cut, source: {src}, layers: [0, 2], train: {{method: kd, teacher: full, steps: 4, lr: 0.003}}}}\n"
+        f"  - {{name: domain, source: {src}, train: {{method: finetune, steps: 3, lr: 0.003}}}}\n")
+    team = LMTeam.from_yaml(team_yaml).build(seed=0, corpus=corpus, cache_dir=tmp_path / "cache", progress=False)
+    built = sorted(p.name.split("-")[0] for p in (tmp_path / "cache" / "lm_teachers").iterdir())
+    assert built == ["cut", "domain"] and team.teachers["cut"].config.num_hidden_layers == 2
+    assert not torch.equal(team.teachers["domain"].model.embed_tokens.weight, full.model.embed_tokens.weight)
+    assert len(set(team.fingerprints.values())) == 3
+    from autoskd.lm import teacher_prep
+
+    monkeypatch.setattr("autoskd.lm.pipeline.distill_lm", lambda *a, **k: pytest.fail("rebuilt a cached member"))
+    again = LMTeam.from_yaml(team_yaml).build(seed=0, corpus=corpus, cache_dir=tmp_path / "cache", progress=False)
+    assert again.fingerprints == team.fingerprints
+    with pytest.raises(AutoSKDError, match="list 'later' before it"):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(f"kind: lm\nstudent: {{source: {src}}}\nteachers:\n"
+                       f"  - {{name: early, source: {src}, train: {{method: kd, teacher: later}}}}\n"
+                       f"  - {{name: later, source: {src}}}\n")
+        LMTeam.from_yaml(bad).build(corpus=corpus, cache_dir=tmp_path / "cache2", progress=False)
+    assert teacher_prep.TrainSettings.from_value({"steps": 2}, "t").method == "finetune"

@@ -120,6 +120,8 @@ def lm_policy(team: LMTeam, config: LMDistillConfig, method, cache_dir: Path) ->
     """Frozen LM teachers behind the policy the config names, each with its top-k cache plan."""
     if not method.spec.needs_teacher:
         return None
+    if not team.teachers:
+        raise AutoSKDError(f"method {method.spec.name!r} needs a teacher, but the team has none")
     temps = lm_temperatures(method)
     cache = TopKCache(Path(cache_dir) / "lm_topk")
     teachers = {name: LMTeacher(name, model, team.fingerprints.get(name), top_k=config.top_k,
@@ -152,7 +154,7 @@ def distill_lm(team: LMTeam, corpus: LMCorpus | str, config: LMDistillConfig | N
     config.check()
     method = decoder_method(config.method, **config.method_options)  # refuses encoder-only methods now
     corpus = load_corpus(corpus, seed=config.seed) if isinstance(corpus, str) else corpus
-    team.build(seed=config.seed)
+    team.build(seed=config.seed, corpus=corpus, cache_dir=cache_dir, progress=progress)
     tokenizer = team.tokenizer
     block = config.max_length or team.max_length
     student = student if student is not None else team.build_student(seed=config.seed)

@@ -34,7 +34,7 @@ from .models import load_causal_lm, load_lm_tokenizer, weights_id
 
 TEAMS_DIR = Path(__file__).resolve().parents[2] / "teams"
 _TEAM_KEYS = ("name", "kind", "max_length", "tokenizer", "student", "teachers")
-_MEMBER_KEYS = ("name", "source", "layers", "init", "config")
+_MEMBER_KEYS = ("name", "source", "layers", "init", "config", "train")
 
 
 def _unknown(keys, allowed, where: str) -> None:
@@ -54,6 +54,8 @@ class LMMember:
     init: str = "pretrained"
     config: dict = field(default_factory=dict)
     name: str = ""
+    #: Teachers only: train this member on the corpus before it teaches (:mod:`.teacher_prep`).
+    train: Any = None
 
     @classmethod
     def from_value(cls, value: Any, where: str) -> "LMMember":
@@ -74,8 +76,13 @@ class LMMember:
         config = value.get("config") or {}
         if not isinstance(config, Mapping):
             raise AutoSKDError(f"{where}.config must be a mapping of config overrides (e.g. hidden_size: 256)")
+        train = None
+        if value.get("train") is not None:
+            from .teacher_prep import TrainSettings
+
+            train = TrainSettings.from_value(value["train"], where)
         return cls(source=str(value["source"]), layers=layers, init=init, config=dict(config),
-                   name=str(value.get("name", "")))
+                   name=str(value.get("name", "")), train=train)
 
     def load(self, seed: int = 0) -> nn.Module:
         return load_causal_lm(self.source, layers=self.layers, init=self.init, seed=seed, config=self.config or None)
@@ -85,7 +92,7 @@ class LMMember:
 
     def to_dict(self) -> dict:
         return {"name": self.name, "source": self.source, "layers": self.layers, "init": self.init,
-                "config": self.config}
+                "config": self.config, "train": self.train.to_dict() if self.train is not None else None}
 
 
 class LMTeam:
@@ -95,9 +102,7 @@ class LMTeam:
 
     def __init__(self, *, student: LMMember | nn.Module | str, teachers: Mapping[str, LMMember | nn.Module | str],
                  tokenizer: Any = None, max_length: int = 128, name: str = "lm-team"):
-        if not teachers:
-            raise AutoSKDError("an LM team needs at least one teacher")
-        self.name = name
+        self.name = name  # no teachers: only methods without a teacher can run (finetune)
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
             raise AutoSKDError(f"max_length must be a whole number >= 2 (got {max_length!r})")
         self.max_length = max_length
@@ -156,20 +161,32 @@ class LMTeam:
             self._tokenizer = ensure_pad_token(load_lm_tokenizer(source))
         return self._tokenizer
 
-    def build(self, seed: int = 0) -> "LMTeam":
-        """Load and freeze every teacher; check each covers the tokenizer's vocabulary."""
+    def build(self, seed: int = 0, corpus=None, cache_dir: str | Path = ".cache/autoskd",
+              progress: bool = True) -> "LMTeam":
+        """Load and freeze every teacher, in file order (a member trained from another comes
+        after it); members with ``train:`` are trained on ``corpus`` once and cached. Checks each
+        teacher covers the tokenizer's vocabulary."""
         vocab = len(self.tokenizer)
         for name, member in self.teacher_specs.items():
             if name in self.teachers:
                 continue
-            model = member if isinstance(member, nn.Module) else member.load(seed)
+            trained_key = None
+            if isinstance(member, LMMember) and member.train is not None:
+                if corpus is None:
+                    raise AutoSKDError(f"teacher '{name}' is trained on the corpus before it teaches; "
+                                       "build the team with its corpus (team.build(seed, corpus=...))")
+                from .teacher_prep import train_member
+
+                model, trained_key = train_member(self, name, corpus, seed, Path(cache_dir), progress)
+            else:
+                model = member if isinstance(member, nn.Module) else member.load(seed)
             rows = model.get_output_embeddings().weight.shape[0] if hasattr(model, "get_output_embeddings") else None
             if rows is not None and rows < vocab:
                 raise AutoSKDError(f"teacher '{name}' predicts {rows} tokens but the tokenizer has {vocab}; "
                                    "use the tokenizer the teacher was trained with (team 'tokenizer:')")
             self.teachers[name] = freeze(model)
-            self.fingerprints[name] = (member.fingerprint(seed) if isinstance(member, LMMember)
-                                       else model_fingerprint(model))
+            self.fingerprints[name] = trained_key or (member.fingerprint(seed) if isinstance(member, LMMember)
+                                                      else model_fingerprint(model))
         return self
 
     def build_student(self, seed: int = 0) -> nn.Module:
