@@ -12,13 +12,13 @@ against the loss and the dev metric, and :func:`plot_heatmap` draws them as a he
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Iterable
 
 import torch
 
+from .atomic import write_json
 from .engine.callbacks import Callback
 from .engine.hooks import FeatureExtractor
 from .engine.layer_maps import map_layers
@@ -157,8 +157,8 @@ def write_report(recorder: DistanceRecorder, out_dir: str | Path, title: str) ->
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     correlations = correlate(recorder.records)
-    (out / "analysis.json").write_text(json.dumps({"pairs": recorder.pairs, "records": recorder.records,
-                                                   "correlations": correlations}, indent=1))
+    write_json(out / "analysis.json", {"pairs": recorder.pairs, "records": recorder.records,
+                                       "correlations": correlations}, indent=1)
     if correlations:
         plot_heatmap(correlations, out / "analysis.png", title)
     return correlations

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from torch import nn
 
+from .atomic import write_json
 from .errors import AutoSKDError
 from .pipeline import DEFAULT_CACHE, DistillConfig, distill
 
@@ -99,6 +100,5 @@ def run_chain(team, task, config: DistillConfig, assistants: list[int], *, out_d
         dev[name] = hop.dev_acc
         outcome.student = model
     out.mkdir(parents=True, exist_ok=True)
-    (out / "chain.json").write_text(json.dumps({"method": config.method, "teacher": first, **outcome.summary()},
-                                               indent=2))
+    write_json(out / "chain.json", {"method": config.method, "teacher": first, **outcome.summary()})
     return outcome

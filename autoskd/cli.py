@@ -1,4 +1,11 @@
-"""The ``autoskd`` command line: a thin layer over the Python API.
+"""The ``autoskd`` command line: a thin layer over experiment files and the Python API.
+
+``autoskd run experiment.yaml`` runs one experiment file (:mod:`autoskd.experiment`). The
+commands that train (``distill``, ``search`` and ``tune`` here, ``chain`` in
+:mod:`autoskd.cli_methods`) are shorter ways of writing the same file: each flag overrides one
+key of the experiment (``--lr`` is ``distill.lr``), ``--set key=value`` edits any key,
+``--dry-run`` prints the resolved experiment without running it, and every run writes
+``experiment.yaml`` beside its outputs.
 
 Every user-fixable problem surfaces as one line, ``autoskd: error: ...``, and exit code 2.
 """
@@ -9,14 +16,40 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
-from .cli_types import (baseline_list, encoding_name, fraction, int_at_least, non_negative_float, non_negative_int, output_dir,
-                        positive_float, positive_int)
+from .cli_types import (baseline_list, encoding_name, fraction, int_at_least, non_negative_float, non_negative_int,
+                        output_dir, positive_float, positive_int)
+from .defaults import DEFAULT_BATCH_SIZE, DEFAULT_LR
 from .errors import AutoSKDError
-from .parallel_cli import add_parallel_args, parallel_config
+from .experiment.command import SCALE_FLAGS, experiment_from_flags, run_tree
+from .experiment.overrides import apply_overrides, parse_options
+from .experiment.teams import DEFAULT_TEAM
+from .parallel_cli import add_parallel_args
 
-DEFAULT_TEAM = "teams/minilm-ladder.yaml"
+#: ``distill`` flags (dest -> experiment key)
+DISTILL_FLAGS = {"method": "distill.method", "teacher": "distill.teacher", "teachers": "distill.teachers",
+                 "policy": "distill.policy", "epochs": "distill.epochs", "pretrain_epochs": "distill.pretrain_epochs",
+                 "lr": "distill.lr", "batch_size": "distill.batch_size", "max_length": "distill.max_length",
+                 "precision": "distill.precision", "top_k": "distill.top_k", "layout": "distill.layout",
+                 "max_steps": "distill.max_steps", "prompt_column": "task.prompt_column",
+                 "completion_column": "task.completion_column", **SCALE_FLAGS}
+#: ``search`` flags (dest -> experiment key)
+SEARCH_FLAGS = {"preset": "search.preset", "strategy": "search.theta.strategy", "order": "search.theta.order",
+                "theta_lr": "search.theta.lr", "theta_lrs": "search.theta_lrs", "xi": "search.theta.xi",
+                "theta_scaling": "search.theta.scaling", "theta_warmup": "search.theta.warmup",
+                "theta_center": "search.theta.center", "val_objective": "search.theta.val_objective",
+                "m": "search.m", "candidates": "search.theta.num_candidates", "search_epochs": "search.search_epochs",
+                "theta_only": "search.theta_only", "eval_epochs": "search.eval_epochs", "baselines": "search.baselines",
+                "random": "search.n_random", "executor": "search.executor", "address": "search.address",
+                "cpus_per_trial": "search.cpus_per_trial", "gpus_per_trial": "search.gpus_per_trial",
+                "max_concurrent": "search.max_concurrent", "scheduler": "search.scheduler", **SCALE_FLAGS}
+#: ``tune`` flags (dest -> experiment key)
+TUNE_FLAGS = {"space": "tune.space", "sampler": "tune.sampler", "scheduler": "tune.scheduler", "trials": "tune.trials",
+              "storage": "tune.storage", "study": "tune.study", "objective2": "tune.objective2",
+              "batch_size": "tune.batch_size", "grace_period": "tune.grace_period",
+              "reduction_factor": "tune.reduction_factor", "address": "tune.address",
+              "cpus_per_trial": "tune.cpus_per_trial", "gpus_per_trial": "tune.gpus_per_trial",
+              "max_concurrent": "tune.max_concurrent"}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -26,61 +59,55 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"autoskd: error: {self.prog}: {message} (see '{self.prog} --help')\n")
 
 
-def _add_data_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("data")
-    g.add_argument("--task", default="rotten_tomatoes",
-                   help="built-in task name, a CSV/JSONL/Parquet file, or a `datasets` name (default: rotten_tomatoes)")
-    g.add_argument("--text-column", help="column with the text (default: text or sentence)")
-    g.add_argument("--text-pair-column", help="second text column for sentence-pair tasks (e.g. RTE)")
-    g.add_argument("--label-column", help="column with the label (default: label)")
-    g.add_argument("--encoding", type=encoding_name,
+# ---------------------------------------------------------------------------------------------- shared flags
+def add_team_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--team", metavar="FILE",
+                   help=f"teacher-team YAML or bundled name (default: {DEFAULT_TEAM}; smollm2 for lm: tasks)")
+    add_cache_args(p)
+
+
+def add_cache_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-dir", type=output_dir, metavar="DIR",
+                   help="where fine-tuned teachers and teacher outputs are cached (default: .cache/autoskd)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="hide progress bars")
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data (experiment keys task.*, seed)")
+    g.add_argument("--task", metavar="NAME",
+                   help="built-in task name, a CSV/JSONL/Parquet file, a `datasets` name, or lm:<corpus> "
+                        "(default: rotten_tomatoes)")
+    g.add_argument("--text-column", metavar="COL", help="column with the text (default: text or sentence)")
+    g.add_argument("--text-pair-column", metavar="COL", help="second text column for sentence-pair tasks (e.g. RTE)")
+    g.add_argument("--label-column", metavar="COL", help="column with the label (default: label)")
+    g.add_argument("--encoding", type=encoding_name, metavar="CODEC",
                    help="text encoding of a CSV/TSV/JSON data file (default: utf-8), e.g. latin-1, cp1252")
-    g.add_argument("--max-train", type=positive_int, help="keep at most N rows in each of train and val (quick runs)")
-    g.add_argument("--max-eval", type=positive_int, help="keep at most N rows in each of dev and test")
-    g.add_argument("--seed", type=non_negative_int, default=0, help="seed for splits, initialisation and data order")
+    g.add_argument("--max-train", type=positive_int, metavar="N",
+                   help="keep at most N rows in each of train and val (quick runs)")
+    g.add_argument("--max-eval", type=positive_int, metavar="N", help="keep at most N rows in each of dev and test")
+    g.add_argument("--seed", type=non_negative_int, metavar="N",
+                   help="seed for splits, initialisation and data order (default: 0)")
 
 
-def _add_team_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--team", default=DEFAULT_TEAM, help=f"teacher-team YAML (default: {DEFAULT_TEAM})")
-    p.add_argument("--cache-dir", type=output_dir, default=".cache/autoskd",
-                   help="where fine-tuned teachers and teacher outputs are cached")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+def add_experiment_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("experiment")
+    g.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="set any experiment key, e.g. --set distill.lr=3e-4 --set task.max_train=100 (repeatable; "
+                        "values read as YAML)")
+    g.add_argument("--dry-run", action="store_true",
+                   help="check everything and print the resolved experiment and what would run; load nothing")
 
 
-def _parse_options(pairs: list[str]) -> dict:
-    """``key=value`` pairs; values parsed as JSON when possible (numbers, booleans)."""
-    options = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise AutoSKDError(f"--option {pair!r} must look like key=value, e.g. --option temperature=2")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    return options
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    """Team, data and experiment flags: what every training command shares."""
+    add_team_args(p)
+    add_data_args(p)
+    add_experiment_args(p)
 
 
-def _load_task(args):
-    from .data.tasks import load_task
-
-    task = load_task(args.task, text_column=args.text_column, text_pair_column=args.text_pair_column,
-                     label_column=args.label_column, seed=args.seed, encoding=args.encoding)
-    if args.max_train or args.max_eval:
-        task = task.subsample(args.max_train, args.max_eval, seed=args.seed)
-    return task
-
-
-def _build_team(args, task):
-    from .team import TeacherTeam
-
-    team = TeacherTeam.from_yaml(args.team)
-    return team.build(task, cache_dir=Path(args.cache_dir) / "teachers", seed=args.seed, progress=not args.no_progress)
-
-
-# ---------------------------------------------------------------------------- commands
+# ---------------------------------------------------------------------------------------------- commands
 def cmd_methods(args) -> int:
-    from .engine.methods import describe_methods
+    from .methods import describe_methods
 
     rows = describe_methods()
     if args.json:
@@ -94,89 +121,41 @@ def cmd_methods(args) -> int:
 
 
 def cmd_team_build(args) -> int:
-    task = _load_task(args)
-    team = _build_team(args, task)
+    from .experiment import resolve_experiment
+    from .experiment.runner import build_team, load_task
+
+    resolved = resolve_experiment(experiment_from_flags(args, "distill", {}))
+    team = build_team(resolved, load_task(resolved))
     print(json.dumps({"team": team.name, "dev_accuracy": team.dev_accuracy}, indent=2))
     return 0
 
 
+def cmd_run(args) -> int:
+    from .experiment import load_experiment
+
+    tree = apply_overrides(load_experiment(args.file), {"out": args.out, "progress": args.progress})
+    return run_tree(tree, args, source=args.file)
+
+
 def cmd_distill(args) -> int:
-    from .engine.methods import get_method
-    from .pipeline import DistillConfig, distill
-
-    options = _parse_options(args.option)
-    from .lm.cli import cmd_distill_lm, is_lm_task
-
-    if is_lm_task(args.task):  # a language-modelling task: decoder teachers and student
-        return cmd_distill_lm(args, options)
-    from .engine.stages import is_stage_plan
-
-    if is_stage_plan(args.method):  # a YAML 'stages:' plan, each stage its own method (autoskd.staged)
-        from .staged import cmd_distill_stages
-
-        return cmd_distill_stages(args, options)
-    get_method(args.method, **options)  # a typo fails now, not after the teachers are built
-    if (Path(args.out) / "result.json").exists():  # never overwrite a finished student
-        raise AutoSKDError(f"--out {args.out} already holds a finished run (result.json); pass a new --out folder")
-    if args.teacher is not None:  # a typo fails now, not after the teachers are built
-        from .team.spec import TeamSpec
-
-        names = [t.name for t in TeamSpec.from_yaml(args.team).teachers]
-        if args.teacher not in names:
-            raise AutoSKDError(f"--teacher {args.teacher!r} is not in team {args.team}; choose one of: {', '.join(names)}")
-    parallel = parallel_config(args)  # so does a bad --deepspeed file
-    task = _load_task(args)
-    team = _build_team(args, task)
-    config = DistillConfig(method=args.method, method_options=options, teacher=args.teacher,
-                           policy=args.policy, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                           seed=args.seed, pretrain_epochs=args.pretrain_epochs, max_length=args.max_length,
-                           teachers=args.teachers.split(",") if args.teachers else None, **parallel)
-    outcome = distill(team, task, config, out_dir=args.out, cache_dir=args.cache_dir, progress=not args.no_progress)
-    print_table([{"model": f"teacher {n}", "dev_acc": a, "test_acc": None} for n, a in team.dev_accuracy.items()]
-                + [{"model": f"student ({args.method})", "dev_acc": outcome.dev_acc, "test_acc": outcome.test_acc}])
-    print(f"student saved to {Path(args.out) / 'student'}")
-    return 0
-
-
-def print_table(rows: list[dict]) -> None:
-    cols = list(rows[0])
-    fmt = [lambda v: "" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))] * len(cols)
-    cells = [[f(r[c]) for f, c in zip(fmt, cols)] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
-    print("  ".join("-" * w for w in widths))
-    for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
-
-
-def _number(flag: str, text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise AutoSKDError(f"{flag} {text!r} is not a number") from None
+    """``distill``: the experiment ``kind: distill`` (a stage plan as ``--method`` makes it ``kind:
+    stages``; an ``lm:`` task distils language models)."""
+    base = {"distill": {"options": parse_options(args.option)}} if args.option else None
+    return run_tree(experiment_from_flags(args, "distill", DISTILL_FLAGS, base), args)
 
 
 def cmd_search(args) -> int:
-    from .search.run import SearchConfig, run_search
+    return run_tree(experiment_from_flags(args, "search", SEARCH_FLAGS), args)
 
-    xi = args.xi if args.xi in (None, "theta_lr", "student_lr") else _number("--xi", args.xi)
-    theta = {k: v for k, v in {"strategy": args.strategy, "order": args.order, "lr": args.theta_lr,
-                               "num_candidates": args.candidates, "val_objective": args.val_objective,
-                               "xi": xi, "scaling": args.theta_scaling, "warmup": args.theta_warmup,
-                               "center": args.theta_center}.items()
-             if v is not None}
-    config = SearchConfig.from_preset(
-        args.preset, theta=theta, theta_lrs=args.theta_lrs, seed=args.seed, m=args.m, baselines=args.baselines,
-        n_random=args.random,
-        executor=args.executor, address=args.address, cpus_per_trial=args.cpus_per_trial,
-        gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent, max_train=args.max_train,
-        max_eval=args.max_eval, search_epochs=args.search_epochs, eval_epochs=args.eval_epochs,
-        scheduler=args.scheduler, theta_only=args.theta_only, **parallel_config(args))
-    task_args = {"name_or_path": args.task, "text_column": args.text_column,
-                 "text_pair_column": args.text_pair_column, "label_column": args.label_column}
-    if args.encoding:
-        task_args["encoding"] = args.encoding
-    run_search(args.team, task_args, config, args.out, cache_dir=args.cache_dir, progress=not args.no_progress)
+
+def cmd_tune(args) -> int:
+    return run_tree(experiment_from_flags(args, "tune", TUNE_FLAGS), args)
+
+
+def cmd_dashboard(args) -> int:
+    from .fanout.dashboard import serve_dashboard
+
+    serve_dashboard(args.storage, host=args.host, port=args.port)
     return 0
 
 
@@ -186,100 +165,210 @@ def cmd_demo(args) -> int:
                  "--out", "runs/demo"])
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="autoskd", description="Distil a team of teacher language models into a small student.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+# ---------------------------------------------------------------------------------------------- parser
+RUN_EPILOG = """\
+an experiment file (every key but one section is optional; `--dry-run` shows all of them):
+  kind: distill                     # distill | stages | search | tune | chain
+  team: teams/minilm-ladder.yaml    # or the team mapping inline
+  task: {name: rotten_tomatoes, max_train: 200, max_eval: 200}   # or lm:<corpus>
+  seed: 0
+  out: runs/x
+  distill: {method: kd, options: {temperature: 2}, epochs: 3, lr: 1.0e-4, batch_size: 32}
+  # stages: {plan: plan.yaml}  search: {preset: quick, theta: {lr: 0.01}}
+  # tune: {space: search_spaces/kd-hparams.yaml, trials: 8, scheduler: asha}
+  # chain: {method: takd, assistants: [4]}  scale: {deepspeed: ds.json}
 
-    p = sub.add_parser("methods", help="list the distillation methods")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=cmd_methods)
+every run writes its resolved experiment as <out>/experiment.yaml;
+`autoskd run <out>/experiment.yaml --out <new folder>` runs it again.
+"""
+
+
+def _add_distill(sub) -> None:
+    p = sub.add_parser("distill", help="distil the team's student with one method (or a stage plan)",
+                       description="Distil the team's student. Flags override keys of the experiment "
+                                   "(kind: distill); see `autoskd run --help`.")
+    add_common_args(p)
+    g = p.add_argument_group("distillation (experiment keys distill.*)")
+    g.add_argument("--method", metavar="NAME",
+                   help="method name (see `autoskd methods`), a combination 'tinybert+minilmv2', a YAML "
+                        "file listing methods with weights, or a YAML 'stages:' plan (default: kd)")
+    g.add_argument("--option", action="append", metavar="KEY=VALUE",
+                   help="method option, e.g. temperature=2 (repeatable)")
+    g.add_argument("--teacher", metavar="NAME", help="team member to distil from (default: best on dev)")
+    g.add_argument("--teachers", metavar="A,B", help="comma list of members for multi-teacher methods (default: all)")
+    g.add_argument("--policy", choices=["single", "average"],
+                   help="one teacher, or AvgKD over the team (default: single)")
+    g.add_argument("--epochs", type=positive_float, metavar="N", help="epochs per method stage (default: 3)")
+    g.add_argument("--pretrain-epochs", type=non_negative_float, metavar="N",
+                   help="epochs of a pre-training-style stage on unlabelled text (default: 0)")
+    g.add_argument("--lr", type=positive_float, metavar="X", help=f"peak learning rate (default: {DEFAULT_LR:g})")
+    g.add_argument("--batch-size", type=positive_int, metavar="N", help=f"default: {DEFAULT_BATCH_SIZE}")
+    g.add_argument("--max-length", type=int_at_least(2), metavar="N",
+                   help="token limit (default: the team's max_length)")
+    p.add_argument("--out", type=output_dir, metavar="DIR",
+                   help="output folder: student/, metrics.jsonl, training.png, result.json, experiment.yaml "
+                        "(default: runs/distill)")
+    add_parallel_args(p)
+    g = p.add_argument_group("language models (--task lm:<corpus>)")
+    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+                   help="autocast precision of the forwards (bf16 works on CPU; fp16 needs CUDA; default: fp32)")
+    g.add_argument("--top-k", type=non_negative_int, metavar="K",
+                   help="teacher tokens cached per position (0: run the teacher live every step; default: 64)")
+    g.add_argument("--layout", choices=["packed", "padded"],
+                   help="packed blocks of --max-length tokens, or one padded row per document (default: packed)")
+    g.add_argument("--prompt-column", metavar="COL",
+                   help="prompt column of prompt/completion data (loss on completions only)")
+    g.add_argument("--completion-column", metavar="COL", help="completion column of prompt/completion data")
+    g.add_argument("--max-steps", type=positive_int, metavar="N", help="cap on training steps per stage")
+    p.set_defaults(func=cmd_distill)
+
+
+def _add_search(sub) -> None:
+    p = sub.add_parser("search", help="AutoSKD: learn which teachers to sample, evaluate candidates and baselines",
+                       description="AutoSKD's search. Flags override keys of the experiment (kind: search; "
+                                   "search.*, search.theta.*); see `autoskd run --help`.")
+    add_common_args(p)
+    p.add_argument("--preset", choices=["quick", "medium", "paper"],
+                   help="settings bundle (default: quick; medium: the benchmark's; paper: AutoSKDBERT's)")
+    p.add_argument("--out", type=output_dir, metavar="DIR",
+                   help="output folder; rerunning resumes it (default: runs/search)")
+    g = p.add_argument_group("theta search (search.theta.*)")
+    g.add_argument("--strategy", choices=["sswo", "cr", "expected"],
+                   help="theta update strategy (default: sswo; expected: SSWO's step averaged over the draw, "
+                        "every entry each step, not in the paper)")
+    g.add_argument("--order", choices=["first", "second"], help="unrolled-gradient order (default: the preset's)")
+    g.add_argument("--theta-lr", type=positive_float, metavar="X",
+                   help="Adam learning rate on theta (paper: 3e-4 to 1e-3)")
+    g.add_argument("--theta-lrs", type=positive_float, nargs="+", metavar="LR",
+                   help="a grid of theta learning rates: one search per rate, K candidates each (paper: 8 rates)")
+    g.add_argument("--xi", metavar="X", help="virtual-step size: theta_lr (paper, default), student_lr, or a number")
+    g.add_argument("--theta-scaling", choices=["theta", "max", "n"],
+                   help="SSWO's logit scale for the sampled teacher: theta_i (paper), theta_i/max theta, n*theta_i")
+    g.add_argument("--theta-warmup", type=fraction, metavar="F",
+                   help="fraction of phase 1 with theta held fixed (paper: 0)")
+    g.add_argument("--theta-center", action="store_true", default=None,
+                   help="centre theta's gradient on the team's mean (not in the paper)")
+    g.add_argument("--val-objective", choices=["distill", "task"],
+                   help="theta's validation loss (default: distill; task needs --order second)")
+    g.add_argument("--candidates", type=positive_int, metavar="K", help="K candidate distributions from phase 2")
+    g.add_argument("--search-epochs", type=positive_float, metavar="N", help="epochs of the bilevel search")
+    g.add_argument("--theta-only", action="store_true", default=None,
+                   help="stop after the theta search (search.json and its plot): see what theta learns before "
+                        "paying for the candidate and baseline trainings")
+    g = p.add_argument_group("candidates and baselines (search.*)")
+    g.add_argument("--m", type=non_negative_int, metavar="N",
+                   help="teachers dropped at selection (default: those smaller than the student)")
+    g.add_argument("--eval-epochs", type=positive_float, metavar="N", help="epochs of each candidate/baseline training")
+    g.add_argument("--baselines", type=baseline_list, metavar="LIST",
+                   help="all (default), none, or a comma list of single,avgkd,uniform,random")
+    g.add_argument("--random", type=non_negative_int, metavar="N", help="number of random Dirichlet(1) distributions")
+    g.add_argument("--executor", choices=["ray", "local"], help="run trials on Ray Tune (default) or in-process")
+    g.add_argument("--address", metavar="URL",
+                   help="existing Ray cluster, e.g. ray://head:10001 (default: local Ray on 127.0.0.1)")
+    g.add_argument("--cpus-per-trial", type=positive_float, metavar="N", help="default: 1")
+    g.add_argument("--gpus-per-trial", type=non_negative_float, metavar="N", help="default: 0")
+    g.add_argument("--max-concurrent", type=positive_int, metavar="N",
+                   help="trials at once (default: as resources allow)")
+    g.add_argument("--scheduler", choices=["none", "asha"], help="asha: stop clearly losing candidates/baselines early")
+    add_parallel_args(p, trials=True)
+    p.set_defaults(func=cmd_search)
+
+
+def _add_tune(sub) -> None:
+    from .fanout.study import SAMPLERS
+    from .fanout.trial import OBJECTIVES
+    from .search.early_stop import SCHEDULERS
+
+    p = sub.add_parser("tune", help="tune a search space: Ray Tune trials sampled by Optuna, optional ASHA early stopping",
+                       description="Tune a search space. Flags override keys of the experiment (kind: tune; tune.*); "
+                                   "see `autoskd run --help`.")
+    add_common_args(p)
+    g = p.add_argument_group("tune (experiment keys tune.*)")
+    g.add_argument("--space", metavar="FILE",
+                   help="search-space YAML, e.g. search_spaces/kd-hparams.yaml (required, here or as tune.space)")
+    g.add_argument("--sampler", choices=SAMPLERS,
+                   help="grid, random, or Optuna's tpe, cmaes, nsga2 (two objectives) (default: tpe)")
+    g.add_argument("--scheduler", choices=SCHEDULERS, help="asha stops hopeless trials early (default: none)")
+    g.add_argument("--trials", type=positive_int, metavar="N",
+                   help="trials in the study in all (default: the grid's size, else 10)")
+    g.add_argument("--storage", metavar="URL", help="Optuna storage: sqlite:///path.db or postgresql://... "
+                                                     "(default: sqlite:///<out>/optuna.db)")
+    g.add_argument("--study", metavar="NAME", help="study name in the storage (default: the space's name); rerun to resume")
+    g.add_argument("--objective2", choices=sorted(OBJECTIVES),
+                   help="second objective, minimised beside dev accuracy (nsga2 default: size)")
+    g.add_argument("--batch-size", type=positive_int, metavar="N",
+                   help="batch size of every trial (unless the space sets it)")
+    g.add_argument("--grace-period", type=positive_int, metavar="N", help="ASHA: epochs every trial runs (default: 1)")
+    g.add_argument("--reduction-factor", type=positive_float, metavar="N",
+                   help="ASHA: keep 1/N of trials at each rung (default: 2)")
+    g.add_argument("--address", metavar="URL", help="Ray cluster: auto (inside `ray job submit`), ray://head:10001 "
+                                                     "(default: local Ray on 127.0.0.1)")
+    g.add_argument("--cpus-per-trial", type=positive_float, metavar="N",
+                   help="CPUs (and torch threads) per trial (default: 1)")
+    g.add_argument("--gpus-per-trial", type=non_negative_float, metavar="N", help="default: 0")
+    g.add_argument("--max-concurrent", type=positive_int, metavar="N",
+                   help="trials at once (default: as resources allow)")
+    p.add_argument("--out", type=output_dir, metavar="DIR", help="output folder (default: runs/tune/<study>)")
+    p.set_defaults(func=cmd_tune)
+
+
+def _add_dashboard(sub) -> None:
+    p = sub.add_parser("dashboard", help="serve optuna-dashboard for a tune's storage (on 127.0.0.1)")
+    p.add_argument("--storage", required=True, metavar="URL",
+                   help="the tune's storage, e.g. sqlite:///runs/tune/kd/optuna.db")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8080)
+    p.set_defaults(func=cmd_dashboard)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="autoskd", description="Distil a team of teacher language models into a small student. "
+                           "One experiment = one file: `autoskd run experiment.yaml`.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run an experiment file (distill, stages, search, tune or chain)",
+                       description="Run an experiment file; see the format below.", epilog=RUN_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("file", metavar="FILE", help="experiment YAML, e.g. runs/x/experiment.yaml")
+    p.add_argument("--out", type=output_dir, metavar="DIR", help="output folder (overrides the file's out)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="hide progress bars")
+    add_experiment_args(p)
+    p.set_defaults(func=cmd_run)
+
+    _add_distill(sub)
+    _add_search(sub)
+
+    _add_tune(sub)
+
+    from . import cli_methods  # chain, analyse
+
+    p = sub.add_parser("chain", help="teacher -> assistant(s) -> student (TAKD; DGKD: every earlier model teaches)",
+                       description="A teacher-assistant chain. Flags override keys of the experiment (kind: chain; "
+                                   "chain.*); see `autoskd run --help`.")
+    add_common_args(p)
+    cli_methods.add_chain_args(p)
+
+    p = sub.add_parser("analyse", help="feature-distance analysis: per-layer distances vs loss and dev accuracy")
+    add_team_args(p)
+    add_data_args(p)
+    cli_methods.add_analyse_args(p)
 
     team = sub.add_parser("team", help="teacher teams").add_subparsers(dest="team_command", required=True,
                                                                         parser_class=OneLineParser)
     p = team.add_parser("build", help="fine-tune (or reuse cached) teachers of a team and print their dev accuracy")
     p.add_argument("team", help="teacher-team YAML, e.g. teams/minilm-ladder.yaml")
-    p.add_argument("--cache-dir", type=output_dir, default=".cache/autoskd", help="where fine-tuned teachers are cached")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    _add_data_args(p)
+    add_cache_args(p)
+    add_data_args(p)
     p.set_defaults(func=cmd_team_build)
 
-    p = sub.add_parser("distill", help="distil the team's student with one method")
-    _add_team_args(p)
-    _add_data_args(p)
-    p.add_argument("--method", default="kd", help="method name (see `autoskd methods`), a combination "
-                   "'tinybert+minilmv2', a YAML file listing methods with weights, or a YAML 'stages:' plan")
-    p.add_argument("--teachers", help="comma list of members for multi-teacher methods (default: all)")
-    p.add_argument("--option", action="append", metavar="KEY=VALUE", help="method option, e.g. temperature=2 (repeatable)")
-    p.add_argument("--teacher", help="team member to distil from (default: best on dev)")
-    p.add_argument("--policy", default="single", choices=["single", "average"], help="one teacher, or AvgKD over the team")
-    p.add_argument("--epochs", type=positive_float, default=3.0, help="epochs per method stage")
-    p.add_argument("--pretrain-epochs", type=non_negative_float, default=0.0, help="epochs of a pre-training-style stage on unlabelled text")
-    p.add_argument("--lr", type=positive_float, default=1e-4)
-    p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--max-length", type=int_at_least(2), help="token limit (default: the team's max_length)")
-    p.add_argument("--out", type=output_dir, default="runs/distill", help="output folder (student/, metrics.jsonl, training.png, result.json)")
-    add_parallel_args(p)
-    g = p.add_argument_group("language models (--task lm:<corpus>)")
-    g.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
-                   help="autocast precision of the forwards (bf16 works on CPU; fp16 needs CUDA)")
-    g.add_argument("--top-k", type=non_negative_int, default=64,
-                   help="teacher tokens cached per position (0: run the teacher live every step)")
-    g.add_argument("--layout", default="packed", choices=["packed", "padded"],
-                   help="packed blocks of --max-length tokens, or one padded row per document")
-    g.add_argument("--prompt-column", help="prompt column of prompt/completion data (loss on completions only)")
-    g.add_argument("--completion-column", help="completion column of prompt/completion data")
-    g.add_argument("--max-steps", type=positive_int, help="cap on training steps per stage")
-    p.set_defaults(func=cmd_distill, default_team=DEFAULT_TEAM)
-
-    p = sub.add_parser("search", help="AutoSKD: learn which teachers to sample, evaluate candidates and baselines")
-    _add_team_args(p)
-    _add_data_args(p)
-    p.add_argument("--preset", default="quick", choices=["quick", "medium", "paper"],
-                   help="settings bundle (default: quick; medium: the benchmark's; paper: AutoSKDBERT's)")
-    p.add_argument("--out", type=output_dir, default="runs/search", help="output folder; rerunning resumes it")
-    p.add_argument("--strategy", choices=["sswo", "cr", "expected"],
-                   help="theta update strategy (default: sswo; expected: SSWO's step averaged over the draw, "
-                        "every entry each step, not in the paper)")
-    p.add_argument("--order", choices=["first", "second"], help="unrolled-gradient order (default: second)")
-    p.add_argument("--theta-lr", type=positive_float, help="Adam learning rate on theta (paper: 3e-4 to 1e-3)")
-    p.add_argument("--theta-lrs", type=positive_float, nargs="+", metavar="LR",
-                   help="a grid of theta learning rates: one search per rate, K candidates each (paper: 8 rates)")
-    p.add_argument("--xi", help="virtual-step size: theta_lr (paper, default), student_lr, or a number")
-    p.add_argument("--theta-scaling", choices=["theta", "max", "n"],
-                   help="SSWO's logit scale for the sampled teacher: theta_i (paper), theta_i/max theta, n*theta_i")
-    p.add_argument("--theta-warmup", type=fraction, help="fraction of phase 1 with theta held fixed (paper: 0)")
-    p.add_argument("--theta-center", action="store_true", default=None,
-                   help="centre theta's gradient on the team's mean (not in the paper; see the README's search results)")
-    p.add_argument("--val-objective", choices=["distill", "task"],
-                   help="theta's validation loss (default: distill; task needs --order second)")
-    p.add_argument("--m", type=non_negative_int, help="teachers dropped at selection (default: those smaller than the student)")
-    p.add_argument("--candidates", type=positive_int, help="K candidate distributions from phase 2")
-    p.add_argument("--search-epochs", type=positive_float, help="epochs of the bilevel search")
-    p.add_argument("--theta-only", action="store_true",
-                   help="stop after the theta search (search.json and its plot): see what theta learns before "
-                        "paying for the candidate and baseline trainings")
-    p.add_argument("--eval-epochs", type=positive_float, help="epochs of each candidate/baseline training")
-    p.add_argument("--baselines", type=baseline_list, default="all", help="all, none, or a comma list of single,avgkd,uniform,random")
-    p.add_argument("--random", type=non_negative_int, help="number of random Dirichlet(1) distributions")
-    p.add_argument("--executor", default="ray", choices=["ray", "local"], help="run trials on Ray Tune or in-process")
-    p.add_argument("--address", help="existing Ray cluster, e.g. ray://head:10001 (default: local Ray on 127.0.0.1)")
-    p.add_argument("--cpus-per-trial", type=positive_float, default=1.0)
-    p.add_argument("--gpus-per-trial", type=non_negative_float, default=0.0)
-    p.add_argument("--max-concurrent", type=positive_int, help="trials at once (default: as resources allow)")
-    p.add_argument("--scheduler", choices=["none", "asha"], help="asha: stop clearly losing candidates/baselines early")
-    add_parallel_args(p, trials=True)
-    p.set_defaults(func=cmd_search)
+    p = sub.add_parser("methods", help="list the distillation methods")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_methods)
 
     from .plan_cli import add_plan_parser
+
     add_plan_parser(sub)
-
-    from .fanout.cli import add_commands as add_fanout_commands  # tune, dashboard
-
-    add_fanout_commands(sub, _add_team_args, _add_data_args)
-
-    from .cli_methods import add_commands as add_method_commands
-
-    add_method_commands(sub)  # chain, analyse
+    _add_dashboard(sub)
 
     p = sub.add_parser("demo", help="run the main job on the built-in default team and task")
     p.set_defaults(func=cmd_demo)

@@ -1,10 +1,14 @@
-"""argparse ``type=`` validators for every command's numeric flags and paths.
+"""Value validators shared by every command's flags and by experiment files: numbers, ranges,
+paths, encodings.
 
-A bad value is refused while the command line is parsed, before any data is read or any model
-trained, so it costs the user nothing; argparse (``OneLineParser`` in :mod:`autoskd.cli`)
-turns the :class:`argparse.ArgumentTypeError` into one line naming the flag::
+A bad value is refused before any data is read or any model trained, so it costs the user
+nothing. On the command line argparse (``OneLineParser`` in :mod:`autoskd.cli`) turns the
+:class:`argparse.ArgumentTypeError` into one line naming the flag::
 
     autoskd: error: autoskd distill: argument --batch-size: must be a whole number >= 1, got '0' (...)
+
+and an experiment file's check (:mod:`autoskd.experiment.schema`) names the key instead. The
+validators take the text of a flag or the value YAML read (``3``, ``3.0``, ``"1e-4"``).
 
 New subcommands should reuse these instead of ``type=int``/``type=float``::
 
@@ -22,13 +26,15 @@ from pathlib import Path
 from typing import Callable
 
 __all__ = ["int_at_least", "positive_int", "non_negative_int", "positive_float", "non_negative_float",
-           "fraction", "output_dir", "existing_file", "encoding_name", "baseline_list"]
+           "fraction", "float_range", "output_dir", "existing_file", "encoding_name", "baseline_list"]
 
 
 def int_at_least(minimum: int) -> Callable[[str], int]:
     """A validator for whole numbers >= ``minimum``."""
 
     def parse(text: str) -> int:
+        if isinstance(text, float) and text.is_integer():  # YAML's 3.0
+            text = int(text)
         try:
             value = int(str(text).strip())
         except ValueError:
@@ -79,6 +85,23 @@ def fraction(text: str) -> float:
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"must be a number between 0 and 1, got {text!r}")
     return value
+
+
+def float_range(above: float | None = None, at_least: float | None = None, below: float | None = None,
+                at_most: float | None = None) -> Callable[[str], float]:
+    """A validator for finite numbers within the given bounds (``above``/``below`` exclusive)."""
+    rules = [f"> {above:g}" if above is not None else "", f">= {at_least:g}" if at_least is not None else "",
+             f"< {below:g}" if below is not None else "", f"<= {at_most:g}" if at_most is not None else ""]
+    rule = " and ".join(r for r in rules if r)
+
+    def parse(text: str) -> float:
+        value = _finite_float(text, rule)
+        if ((above is not None and not value > above) or (at_least is not None and not value >= at_least)
+                or (below is not None and not value < below) or (at_most is not None and not value <= at_most)):
+            raise argparse.ArgumentTypeError(f"must be a number {rule}, got {text!r}")
+        return value
+
+    return parse
 
 
 def output_dir(text: str) -> str:

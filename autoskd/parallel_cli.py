@@ -1,6 +1,7 @@
-"""Command-line options for DeepSpeed and tensor parallelism, shared by ``distill``, ``search``
-and (on the fan-out branch) ``tune``: ``add_parallel_args(parser)`` then
-``parallel_config(args)`` -> DistillConfig/SearchConfig keywords.
+"""Command-line flags for DeepSpeed and tensor parallelism, shared by ``distill`` and ``search``:
+they set the experiment's ``scale:`` section (``scale.deepspeed``, ``scale.tensor_parallel``,
+``scale.processes_per_trial``; :mod:`autoskd.experiment`), which the run hands to
+``DistillConfig``/``SearchConfig``.
 
 A run under N processes is started by a launcher, e.g.
 ``deepspeed --num_gpus 2 -m autoskd.cli distill --deepspeed ds.json`` or
@@ -11,36 +12,16 @@ from __future__ import annotations
 
 import argparse
 
-from .errors import AutoSKDError
+from .cli_types import positive_int
 
 
 def add_parallel_args(p: argparse.ArgumentParser, trials: bool = False) -> None:
-    g = p.add_argument_group("scale (DeepSpeed / tensor parallelism)")
+    g = p.add_argument_group("scale: DeepSpeed / tensor parallelism (experiment keys scale.*)")
     g.add_argument("--deepspeed", metavar="CONFIG",
                    help="DeepSpeed config (JSON, or YAML with a `deepspeed:` block): ZeRO 0-3, offload, "
                         "gradient accumulation, bf16/fp16; \"auto\" values come from the run")
-    g.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
-                   help="split the teacher's layers over N ranks (needs N processes from a launcher)")
+    g.add_argument("--tensor-parallel", type=positive_int, metavar="N",
+                   help="split the teacher's layers over N ranks (needs N processes from a launcher; default: 1)")
     if trials:
-        g.add_argument("--processes-per-trial", type=int, default=1, metavar="N",
+        g.add_argument("--processes-per-trial", type=positive_int, metavar="N",
                        help="run each trial (and a search's θ phase) as one N-process job (Ray Train worker group)")
-
-
-def parallel_config(args) -> dict:
-    """``deepspeed`` (the loaded config dict), ``tensor_parallel`` and, for trials, ``processes``."""
-    out: dict = {}
-    if getattr(args, "deepspeed", None):
-        from .engine.deepspeed_backend import load_deepspeed_config
-
-        out["deepspeed"] = load_deepspeed_config(args.deepspeed)
-    tp = getattr(args, "tensor_parallel", 1) or 1
-    if tp < 1:
-        raise AutoSKDError(f"--tensor-parallel must be at least 1 (got {tp})")
-    if tp > 1:
-        out["tensor_parallel"] = tp
-    procs = getattr(args, "processes_per_trial", 1) or 1
-    if procs < 1:
-        raise AutoSKDError(f"--processes-per-trial must be at least 1 (got {procs})")
-    if procs > 1:
-        out["processes"] = procs
-    return out

@@ -7,7 +7,6 @@ baselines call :func:`distill` too, with a different teacher policy.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,12 +17,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .atomic import write_json
 from .data.collate import make_loader, tokenize_split, unlabelled_split
 from .data.tasks import TaskData, load_task
-from .engine.methods import Method, get_method
+from .defaults import DEFAULT_BATCH_SIZE, DEFAULT_LR, DEFAULT_WARMUP_RATIO, DEFAULT_WEIGHT_DECAY
+from .engine.methods import Method
 from .engine.teachers import AverageTeachers, SampledTeacher, SingleTeacher, TeacherPolicy
 from .engine.trainer import Distiller, Stage, TrainResult, evaluate
 from .errors import AutoSKDError
+from .methods import get_method
 from .models.lazy import model_entry
 
 DEFAULT_CACHE = Path(".cache/autoskd")
@@ -50,10 +52,10 @@ class DistillConfig:
     theta: list[float] | None = None
     theta_scaling: str = "theta"
     epochs: float = 3.0
-    lr: float = 1e-4
-    batch_size: int = 32
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.01
+    lr: float = DEFAULT_LR
+    batch_size: int = DEFAULT_BATCH_SIZE
+    warmup_ratio: float = DEFAULT_WARMUP_RATIO
+    weight_decay: float = DEFAULT_WEIGHT_DECAY
     train_split: str = "train_full"
     seed: int = 0
     pretrain_epochs: float = 0.0
@@ -177,7 +179,7 @@ def method_stages(method: Method, config: DistillConfig, loaders: Loaders,
     return stages
 
 
-def _mlm_loaders(method: Method, config: DistillConfig, task: TaskData, tokenizer, max_length: int) -> dict:
+def mlm_loaders(method: Method, config: DistillConfig, task: TaskData, tokenizer, max_length: int) -> dict:
     """MLM-masked loaders for the stages that need them (unlabelled pre-training, task texts)."""
     from .engine.mlm import mlm_loader
 
@@ -228,7 +230,7 @@ def distill(team, task: TaskData | str, config: DistillConfig | None = None, *, 
     if config.pretrain_epochs > 0:
         texts = tokenize_split(unlabelled_split(task.split(config.train_split)), team.tokenizer, max_length)
         unlabelled = make_loader(texts, team.tokenizer, config.batch_size, shuffle=True, seed=config.seed)
-    masked = _mlm_loaders(method, config, task, team.tokenizer, max_length)
+    masked = mlm_loaders(method, config, task, team.tokenizer, max_length)
     student = student if student is not None else team.build_student(task, seed=config.seed)
     policy = build_policy(team, config, method)
     out_dir = Path(out_dir) if out_dir else None
@@ -287,12 +289,10 @@ def save_run(outcome: DistillOutcome, config: DistillConfig, team, task: TaskDat
     save_student(outcome.student, outcome.tokenizer, out / "student", label_names=task.label_names)
     if head is not None:
         outcome.student.add_module("mlm_head", head)
-    (out / "result.json").write_text(json.dumps({"task": task.name, **outcome.summary(),
-                                                 "history": outcome.result.history}, indent=2))
+    write_json(out / "result.json", {"task": task.name, **outcome.summary(), "history": outcome.result.history})
     if outcome.test_predictions is not None:  # for paired tests between runs on the same test rows
-        (out / "predictions.json").write_text(json.dumps({"test": outcome.test_predictions}))
-    (out / "config.json").write_text(json.dumps({"task": task.name, "team": getattr(team, "name", None),
-                                                 **config.to_dict()}, indent=2))
+        write_json(out / "predictions.json", {"test": outcome.test_predictions}, indent=None)
+    write_json(out / "config.json", {"task": task.name, "team": getattr(team, "name", None), **config.to_dict()})
     ckpt = out / "checkpoint.pt"
     if ckpt.exists():  # the run finished: the saved student supersedes the resume point
         ckpt.unlink()

@@ -1,9 +1,9 @@
 """The Ray runtime every fan-out path shares: the environment Ray needs on this machine, the
-environment of a worker process, and a session that starts a local Ray on 127.0.0.1 or joins a
-cluster.
+environment of a worker process, a session that starts a local Ray on 127.0.0.1 or joins a
+cluster, and what a Ray Tune run shows (a progress bar, no INFO chatter).
 
 AutoSKD's arms (:mod:`autoskd.search.trials`), ``autoskd tune``'s trials (:mod:`autoskd.fanout.tune`)
-and the multi-process θ search (:mod:`autoskd.engine.ray_parallel`) all start Ray through
+and the multi-process θ search (:mod:`autoskd.search.ray_parallel`) all start Ray through
 :func:`ray_session`, so a worker sees the same checkout, thread count and settings whichever path
 launched it.
 """
@@ -11,11 +11,14 @@ launched it.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
-__all__ = ["ensure_ray_env", "module_root", "worker_env", "ray_session", "REPO_ROOT"]
+__all__ = ["ensure_ray_env", "module_root", "worker_env", "ray_session", "REPO_ROOT", "progress_callback",
+           "quiet_tune_logs"]
 
 #: the folder that holds the ``autoskd`` package (put on workers' PYTHONPATH)
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -27,6 +30,10 @@ def ensure_ray_env() -> None:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # verbose=0 then means quiet (no config box)
+    # Ray 2.5x+ turns token authentication on for every new local cluster (a token in
+    # ~/.ray/auth_token) and says so at WARNING on each start. That is the setting we want, so the
+    # notice is noise on every local run; an auth failure is still raised as an error.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
 
 
 def module_root(module_name: str) -> str | None:
@@ -85,3 +92,55 @@ def ray_session(env: dict[str, str], address: str | None = None, num_cpus: int |
         if started:
             ray.shutdown()
 
+
+def progress_callback(total: int, desc: str, unit: str, postfix: Callable[[object, str], str | None] | None = None):
+    """A Ray Tune callback drawing one tqdm bar over ``total`` finished or failed trials (Tune's
+    own output is off); ``postfix(trial, status)`` (status ``done`` or ``failed``) labels the bar
+    after each."""
+    from ray import tune
+    from tqdm.auto import tqdm
+
+    class _Bar(tune.Callback):
+        def __init__(self):
+            self._bar = None
+
+        def __getstate__(self):  # Tune may pickle callbacks with the experiment state
+            return {"_bar": None}
+
+        def setup(self, **info):
+            self._bar = tqdm(total=total, desc=desc, unit=unit)
+
+        def _tick(self, trial, status):
+            if self._bar is not None:
+                self._bar.update(1)
+                label = postfix(trial, status) if postfix is not None else None
+                if label is not None:
+                    self._bar.set_postfix_str(label)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._tick(trial, "done")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._tick(trial, "failed")
+
+        def on_experiment_end(self, trials, **info):
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
+
+    return _Bar()
+
+
+@contextlib.contextmanager
+def quiet_tune_logs():
+    """Ray Tune/Train's INFO chatter off for the block (a failed trial's traceback is still logged
+    as an ERROR, and kept in its folder)."""
+    quiet = [logging.getLogger(n) for n in ("ray.tune", "ray.train", "ray.air")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(max(q.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)

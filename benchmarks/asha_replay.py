@@ -3,7 +3,7 @@
 A ``--scheduler none`` tune (every trial to the end) keeps each trial's per-epoch dev history.
 Training is deterministic per trial, so what ASHA *would* have done is fixed by those histories and
 the order results arrive in. This script feeds them, epoch by epoch, to the very scheduler
-``autoskd tune`` builds (:func:`autoskd.fanout.early_stop.make_scheduler`, Ray's
+``autoskd tune`` builds (:func:`autoskd.search.early_stop.make_scheduler`, Ray's
 ``ASHAScheduler``), with ``--workers`` trials running at once in trial order and each epoch taking
 its trial's measured time, and reports ``best_ratio`` and ``compute_ratio`` as ``asha.py`` defines
 them. It decides an ASHA setting in seconds instead of a re-run; ``asha.py`` then measures it.
@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _common import write_result  # noqa: E402
-from autoskd.fanout.early_stop import SCORE, dev_score, make_scheduler  # noqa: E402
+from autoskd.search.early_stop import SCORE, dev_score, make_scheduler  # noqa: E402
 
 
 def load_histories(run: Path) -> list[dict]:

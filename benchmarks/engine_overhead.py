@@ -30,6 +30,7 @@ from autoskd.data.tasks import load_task
 from autoskd.engine.batches import model_inputs
 from autoskd.engine.backends import adamw as _optimizer
 from autoskd.engine.trainer import Distiller, Stage
+import autoskd.methods  # noqa: F401  (registers the built-in methods the runs name)
 from autoskd.models.loading import load_classifier, load_tokenizer
 
 TEMPERATURE = 2.0

@@ -48,7 +48,16 @@ ARMS = {
     "glmd": ("glmd", {}),
     "kd_hidden": ("distilbert", {"stages": "pretrain"}),
     "seqkd": ("seqkd", {"prompt_tokens": 32, "max_new_tokens": 96}),
+    # Added after seed 0's forward_kl lost to ce (labelled post hoc in the result): is the
+    # top-k tail bucket the cause (dense: the live teacher's exact distribution), and does mixing
+    # the LM loss back in (alpha 0.5) fix it?
+    "forward_kl_dense": ("kd", {"loss": "forward_kl"}),
+    "kd_ce": ("kd", {"loss": "forward_kl", "alpha": 0.5}),
 }
+MAIN_ARMS = ["ce", "forward_kl", "reverse_kl", "jsd", "glmd", "kd_hidden", "seqkd"]
+POST_HOC = ["forward_kl_dense", "kd_ce"]
+#: Per-arm settings that differ from the run's (the dense arm runs the teacher live: no cache).
+ARM_SETTINGS = {"forward_kl_dense": {"top_k": 0}}
 
 
 def make_team(block: int) -> LMTeam:
@@ -66,9 +75,10 @@ def run_arm(arm: str, seed: int, args, out_dir: Path) -> dict:
         return json.loads(path.read_text())
     method, options = ARMS[arm]
     stages = len(decoder_method(method, **options).spec.stages)
+    settings = {"top_k": args.top_k, **ARM_SETTINGS.get(arm, {})}
     config = LMDistillConfig(method=method, method_options=options, epochs=args.epochs / stages,
                              max_steps=args.steps // stages, lr=args.lr, batch_size=args.batch_size, seed=seed,
-                             top_k=args.top_k, samples=2, agreement=False)
+                             samples=2, agreement=False, **settings)
     start = time.perf_counter()
     outcome = distill_lm(make_team(args.block), corpus_for(seed, args), config, cache_dir=args.cache_dir,
                          progress=not args.quiet)
@@ -170,7 +180,7 @@ def summarise(records: list[dict], seeds: list[int], arms: list[str]) -> dict:
         out["paired_vs_ce"][arm] = {"test_ppl_diff_mean": diff["mean"], "test_ppl_diff_ci": [diff["lo"], diff["hi"]],
                                     "test_log_ppl_diff_ci": [log["lo"], log["hi"]], "verdict": verdict(diff),
                                     "seeds": paired}
-    kd_arms = [a for a in out["paired_vs_ce"]]
+    kd_arms = [a for a in out["paired_vs_ce"] if a not in POST_HOC]  # the target is judged on the planned arms
     if kd_arms:
         best = min(kd_arms, key=lambda a: out["arms"][a]["test_ppl_mean"])
         out["best_kd_arm"] = best
@@ -204,7 +214,7 @@ def plot(summary: dict, path: Path) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--arms", nargs="+", default=MAIN_ARMS, choices=list(ARMS))
     p.add_argument("--steps", type=int, default=44, help="student steps per arm (split over a method's stages)")
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--block", type=int, default=128)
@@ -227,7 +237,7 @@ def main(argv=None) -> int:
         cost_path.write_text(json.dumps(measure_cost(args), indent=2))
     cost = json.loads(cost_path.read_text()) if cost_path.exists() else {}
     summary = summarise(records, args.seeds, args.arms)
-    result = {"seeds": args.seeds, "teacher": "smollm2-135m (SmolLM2-135M-Instruct, 30 layers)",
+    result = {"seeds": args.seeds, "post_hoc_arms": [a for a in args.arms if a in POST_HOC], "teacher": "smollm2-135m (SmolLM2-135M-Instruct, 30 layers)",
               "student": f"smollm2-135m layers {STUDENT_LAYERS}", "corpus": "rotten_tomatoes review texts",
               "settings": {k: getattr(args, k) for k in ("steps", "block", "batch_size", "lr", "top_k",
                                                           "max_train_docs", "max_eval_docs")},

@@ -90,8 +90,8 @@ def run_one(args, team, task) -> dict:
     import gc
 
     from autoskd.chain import run_chain
-    from autoskd.engine.methods import get_method
     from autoskd.engine.multi_teacher import MultiTeacherMethod
+    from autoskd.methods import get_method
     from autoskd.pipeline import DistillConfig, distill
 
     gc.collect()

@@ -37,7 +37,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from _common import RESULTS_DIR, write_result  # noqa: E402
 from autoskd.engine.batches import model_inputs, output_logits  # noqa: E402
 from autoskd.search.stats import mean_ci  # noqa: E402
-from autoskd.search.theta_step import soft_cross_entropy, sswo_direct_grads  # noqa: E402
+from autoskd.engine.losses import ce  # noqa: E402
+from autoskd.search.theta_step import sswo_direct_grads  # noqa: E402
 
 
 def _flat_grad(loss: torch.Tensor, params, retain: bool = False) -> torch.Tensor:
@@ -54,7 +55,7 @@ def task_alignment(student, val_batch: dict, train_batch: dict, train_logits: li
     g_val = _flat_grad(F.cross_entropy(output_logits(student(**model_inputs(val_batch))), val_batch["labels"]),
                        params)
     s_logits = output_logits(student(**model_inputs(train_batch)))
-    return torch.stack([g_val @ _flat_grad(soft_cross_entropy(s_logits, z, temperature), params, retain=True)
+    return torch.stack([g_val @ _flat_grad(ce(s_logits, z, temperature=temperature), params, retain=True)
                         for z in train_logits])
 
 

@@ -40,6 +40,7 @@ from autoskd.engine.batches import model_inputs
 from autoskd.engine.teacher_cache import TeacherOutputCache
 from autoskd.engine.teachers import SingleTeacher, Teacher
 from autoskd.engine.trainer import Distiller, Stage
+import autoskd.methods  # noqa: F401  (registers the built-in methods the runs name)
 from autoskd.models.loading import load_classifier, load_tokenizer
 
 BATCH, MAX_LEN, LR = 32, 64, 5e-4

@@ -25,6 +25,7 @@ from autoskd.data.collate import make_loader, tokenize_split
 from autoskd.data.tasks import load_task
 from autoskd.engine.callbacks import Callback
 from autoskd.engine.trainer import Distiller, Stage
+import autoskd.methods  # noqa: F401  (registers the built-in methods the runs name)
 from autoskd.models.loading import load_classifier, load_tokenizer
 
 EPOCHS = 3

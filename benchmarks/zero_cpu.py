@@ -98,6 +98,7 @@ def worker(args) -> None:
 
     from autoskd.engine.deepspeed_backend import init_distributed
     from autoskd.engine.trainer import Distiller, Stage
+    import autoskd.methods  # noqa: F401  (registers the built-in methods the runs name)
 
     torch.set_num_threads(1)
     init_distributed()
@@ -121,6 +122,7 @@ def one_layout(args, layout: str, rank: int, world: int) -> dict:
     from torch.utils.data import DataLoader
 
     from autoskd.engine.trainer import Distiller, Stage
+    import autoskd.methods  # noqa: F401  (registers the built-in methods the runs name)
 
     cuda = args.device == "cuda"
     dist.barrier()

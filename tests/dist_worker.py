@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from autoskd.engine.callbacks import Callback  # noqa: E402
 from autoskd.engine.trainer import Distiller, Stage  # noqa: E402
+import autoskd.methods  # noqa: E402,F401  (registers the built-in methods the runs name)
 
 VOCAB = 100
 ZERO = {

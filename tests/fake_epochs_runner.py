@@ -1,5 +1,5 @@
 """A stand-in trial runner that "trains" epoch by epoch: it hands made-up dev accuracies to the
-engine callbacks a real arm gets (:func:`autoskd.fanout.early_stop.epoch_reporters`), so the
+engine callbacks a real arm gets (:func:`autoskd.search.early_stop.epoch_reporters`), so the
 scheduler sees the same reports as from :func:`autoskd.search.trials.distill_arm`. The arm named
 ``uniform`` improves every epoch; every other arm stays at 0.5."""
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def run(spec, arm, out_dir: Path) -> dict:
-    from autoskd.fanout.early_stop import epoch_reporters
+    from autoskd.search.early_stop import epoch_reporters
 
     config = arm.distill_config(spec.distill_config())
     callbacks = epoch_reporters(config)

@@ -110,7 +110,7 @@ def test_finished_distill_is_not_overwritten(capsys, tmp_path, team):
 
 def test_unknown_teacher_fails_before_any_teacher_is_built(capsys, tmp_path, team):
     assert_one_error(capsys, ["distill", "--team", team, "--teacher", "tt", "--cache-dir", tmp_path / "cache",
-                              "--out", tmp_path / "run", "--no-progress"], "--teacher 'tt'", "choose one of: t")
+                              "--out", tmp_path / "run", "--no-progress"], "distill.teacher 'tt'", "choose one of: t")
     assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
 
 

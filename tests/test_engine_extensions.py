@@ -15,7 +15,6 @@ from autoskd.engine.auxiliary import AuxiliaryModel
 from autoskd.engine.callbacks import Callback
 from autoskd.engine.layer_maps import map_layers
 from autoskd.engine.losses import DISTANCES
-from autoskd.engine.methods import get_method
 from autoskd.engine.mlm import adapt_teacher_mlm, attach_mlm_head
 from autoskd.engine.multi_teacher import AllTeachers, combine
 from autoskd.engine.relations import get_transform
@@ -24,6 +23,7 @@ from autoskd.engine.spec import FeatureLoss, MethodSpec
 from autoskd.engine.teachers import SingleTeacher, Teacher
 from autoskd.engine.trainer import Distiller, Stage
 from autoskd.errors import AutoSKDError
+from autoskd.methods import get_method
 from autoskd.models.adapters import Geometry
 from helpers import tiny_bert
 from test_methods_all import loader

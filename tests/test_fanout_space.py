@@ -8,13 +8,13 @@ import textwrap
 import pytest
 
 from autoskd.cli import main
-from autoskd.engine.methods import METHODS
 from autoskd.errors import AutoSKDError
-from autoskd.fanout.early_stop import EpochReporter, compute_report, evaluated_epochs, make_scheduler
 from autoskd.fanout.space import SPACES_DIR, SearchSpace, load_space
 from autoskd.fanout.study import make_sampler
 from autoskd.fanout.trial import distill_values
+from autoskd.methods import METHODS
 from autoskd.pipeline import DistillConfig
+from autoskd.search.early_stop import EpochReporter, compute_report, evaluated_epochs, make_scheduler
 
 
 def test_shipped_spaces_load():
@@ -181,7 +181,7 @@ def test_epoch_reporter_reports_best_so_far_except_last():
 def test_dev_score_breaks_accuracy_ties_by_loss_and_never_reorders_accuracies():
     """Trials stuck at one accuracy (the majority class) are ranked by dev loss, so ASHA can stop
     some of them; a better accuracy always outranks a worse one, whatever the losses."""
-    from autoskd.fanout.early_stop import dev_score
+    from autoskd.search.early_stop import dev_score
 
     tied_good, tied_bad = dev_score([{"dev_acc": 0.65, "dev_loss": 0.61}]), dev_score([{"dev_acc": 0.65, "dev_loss": 0.69}])
     assert tied_good > tied_bad

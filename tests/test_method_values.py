@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from autoskd.engine.methods import get_method
 from autoskd.engine.schedules import schedule_value
+from autoskd.methods import get_method
 from autoskd.models.adapters import Geometry
 
 B, T, H, HEADS, C, V = 3, 4, 8, 2, 2, 12

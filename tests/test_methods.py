@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from autoskd.engine.methods import METHODS, Method, describe_methods, get_method
 from autoskd.engine.spec import map_layers
 from autoskd.errors import AutoSKDError
+from autoskd.methods import METHODS, Method, describe_methods, get_method
 from autoskd.models.adapters import ArchitectureAdapter, Geometry
 
 NEG = torch.finfo(torch.float32).min

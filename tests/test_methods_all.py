@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from autoskd.data.collate import DynamicPaddingCollator
-from autoskd.engine.methods import METHODS, get_method
 from autoskd.engine.mlm import MaskingCollator, adapt_teacher_mlm
 from autoskd.engine.multi_teacher import AllTeachers, MultiTeacherMethod
 from autoskd.engine.teachers import SingleTeacher, Teacher
 from autoskd.engine.trainer import Distiller, Stage
+from autoskd.methods import METHODS, get_method
 from helpers import tiny_bert
 
 GKD_TABLE_1 = ["kd", "pd", "pkd", "distilbert", "theseus", "tinybert", "mobilebert", "sid", "minilm", "minilmv2",

@@ -7,7 +7,8 @@ import torch
 from torch.nn import functional as F
 
 from autoskd.engine.batches import model_inputs, output_logits
-from autoskd.search.theta_step import distillation_loss, soft_cross_entropy, sswo_direct_grads
+from autoskd.engine.losses import ce
+from autoskd.search.theta_step import distillation_loss, sswo_direct_grads
 
 from helpers import load_benchmark, tiny_bert
 
@@ -37,7 +38,7 @@ def test_task_alignment_is_the_val_loss_drop_per_unit_step(oss, tok):
 
     eps = 1e-4
     for i, z in enumerate(teachers):
-        grads = torch.autograd.grad(soft_cross_entropy(output_logits(student(**model_inputs(train))), z, 1.0), params)
+        grads = torch.autograd.grad(ce(output_logits(student(**model_inputs(train))), z, temperature=1.0), params)
 
         def val_loss_after(step):
             with torch.no_grad():

@@ -20,7 +20,7 @@ def test_trial_runs_as_a_two_process_deepspeed_job(tmp_path):
     base = DistillConfig(method="kd", epochs=1, batch_size=16, deepspeed={"zero_optimization": {"stage": 2}},
                          processes=2)
     spec = TrialSpec(team_path="teams/tiny-test.yaml", task=task, root=str(tmp_path), cache_dir=str(tmp_path / "cache"),
-                     base_config=base, runner="autoskd.engine.ray_parallel:distill_arm_parallel")
+                     base_config=base, runner="autoskd.search.ray_parallel:distill_arm_parallel")
     spec.build_team(spec.load_task())  # fine-tune the teachers once, here, so both workers read the cache
     [record] = run_arms(spec, [Arm("uniform", "uniform", theta=[0.5, 0.5])], executor="ray", cpus_per_trial=0.5,
                         num_cpus=2, progress=False)

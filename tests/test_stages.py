@@ -96,7 +96,7 @@ def team_and_task(work, data_csv):
 
 def test_two_stage_plan_freezes_what_it_says_and_runs_each_methods_loss(work, team_and_task):
     from autoskd.pipeline import DistillConfig
-    from autoskd.staged import distill_stages
+    from autoskd.stage_plans import distill_stages
 
     team, task = team_and_task
     spy = Spy()
@@ -174,7 +174,7 @@ def test_unlabelled_stage_on_another_data_file(work, team_and_task, data_csv, tm
     """TinyBERT's general distillation as a stage: its pretrain terms on another file's text
     without labels (no hard-label term, no dev evaluation), then its task stages."""
     from autoskd.pipeline import DistillConfig
-    from autoskd.staged import distill_stages
+    from autoskd.stage_plans import distill_stages
 
     team, task = team_and_task
     plan = [{"method": "tinybert", "method_stages": ["pretrain"], "data": str(data_csv), "labels": False,

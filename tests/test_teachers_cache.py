@@ -21,6 +21,7 @@ from autoskd.engine.teacher_cache import (
 from autoskd.engine.teachers import AverageTeachers, SampledTeacher, SingleTeacher, Teacher, as_policy
 from autoskd.engine.trainer import Distiller, Stage
 from autoskd.errors import AutoSKDError
+import autoskd.methods  # noqa: F401  (registers the built-in methods these runs name)
 
 MAX_LENGTH = 32
 

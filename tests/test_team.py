@@ -14,6 +14,7 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, BertConfig
 
 from autoskd.data.tasks import TaskData
+from autoskd.defaults import DEFAULT_LR
 from autoskd.errors import AutoSKDError
 from autoskd.models import count_layers
 from autoskd.team import FinetuneSettings, ModelSpec, TeacherTeam, TeamSpec, bundled_teams
@@ -85,12 +86,12 @@ def test_yaml_values_and_defaults(tmp_path):
         student: {source: minilm-l6, layers: 1, init: truncated-teacher, teacher: big}
         finetune: {epochs: 2, batch_size: 16}
         teachers:
-          - {name: big, source: minilm-l6, finetune: {lr: 1e-4}}
+          - {name: big, source: minilm-l6, finetune: {lr: 3e-4}}
           - {source: minilm-l6, layers: 3}
     """))
     big, second = spec.teachers
-    assert big.finetune == FinetuneSettings(epochs=2, lr=1e-4, batch_size=16)  # "1e-4" is a YAML string
-    assert second.name == "minilm-l6-L3" and second.finetune.lr == 5e-5 and second.finetune.batch_size == 16
+    assert big.finetune == FinetuneSettings(epochs=2, lr=3e-4, batch_size=16)  # "3e-4" is a YAML string
+    assert second.name == "minilm-l6-L3" and second.finetune.lr == DEFAULT_LR and second.finetune.batch_size == 16
     assert spec.student.teacher == "big" and spec.max_length == 128
 
 
@@ -166,7 +167,7 @@ def test_errors_are_one_line(tmp_path):
 def test_spec_hash_is_canonical_and_local():
     a = ModelSpec(source="minilm-l6", layers=2, name="a")
     assert a.spec_hash() == ModelSpec(source="minilm-l6", layers=2, name="a").spec_hash()
-    assert a.spec_hash() != replace(a, finetune=FinetuneSettings(lr=1e-4)).spec_hash()
+    assert a.spec_hash() != replace(a, finetune=FinetuneSettings(lr=3e-4)).spec_hash()
 
 
 def test_cache_key_changes_only_for_the_changed_teacher(tiny_dir):

@@ -19,6 +19,7 @@ from autoskd.engine.callbacks import Callback
 from autoskd.engine.metrics_log import read_jsonl
 from autoskd.engine.trainer import Distiller, Stage, TrainResult, evaluate
 from autoskd.errors import AutoSKDError
+import autoskd.methods  # noqa: F401  (registers the built-in methods these runs name)
 
 MAX_LENGTH = 32
 

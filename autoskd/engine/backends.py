@@ -31,6 +31,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import get_linear_schedule_with_warmup
 
+from ..atomic import atomic_path
+
 
 def adamw(params: list[tuple[str, nn.Parameter]], lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """AdamW without weight decay on biases and LayerNorm weights (BERT's recipe).
@@ -199,10 +201,8 @@ def clip_mixed_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.T
 
 
 def write_atomic(path: Path, state: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def scheduler_steps(total_steps: int, accumulation: int) -> int:

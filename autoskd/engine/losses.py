@@ -162,26 +162,36 @@ def cosine(student: Tensor, teacher: Tensor, *, temperature: float = 1.0, mask: 
     return _masked_mean(per_row, _row_weights(broadcast_mask(s, mask)))
 
 
+def _softmax_distance(name: str, student: Tensor, teacher: Tensor, temperature: float, mask: Tensor | None,
+                      per_row: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """``tau^2`` times the mean over real rows of ``per_row(log softmax(s/tau), t/tau)``, the row
+    reduced over the last dim (``kl`` and ``ce``)."""
+    _check_shapes(student, teacher, name)
+    _check_temperature(temperature)
+    log_p_s = F.log_softmax(_scaled_logits(student, temperature), dim=-1)
+    rows = per_row(log_p_s, _scaled_logits(teacher, temperature))
+    return _masked_mean(rows, _row_weights(broadcast_mask(log_p_s, mask))) * temperature**2
+
+
+def _kl_rows(log_p_s: Tensor, teacher: Tensor) -> Tensor:
+    log_p_t = F.log_softmax(teacher, dim=-1)
+    return (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
+
+
+def _ce_rows(log_p_s: Tensor, teacher: Tensor) -> Tensor:
+    return -(F.softmax(teacher, dim=-1) * log_p_s).sum(-1)
+
+
 @DISTANCES.register("kl")
 def kl(student: Tensor, teacher: Tensor, *, temperature: float = 1.0, mask: Tensor | None = None) -> Tensor:
     """tau^2 * KL(softmax(t/tau) || softmax(s/tau)), summed over the last dim, mean elsewhere."""
-    _check_shapes(student, teacher, "kl")
-    _check_temperature(temperature)
-    log_p_s = F.log_softmax(_scaled_logits(student, temperature), dim=-1)
-    log_p_t = F.log_softmax(_scaled_logits(teacher, temperature), dim=-1)
-    per_row = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
-    return _masked_mean(per_row, _row_weights(broadcast_mask(log_p_s, mask))) * temperature**2
+    return _softmax_distance("kl", student, teacher, temperature, mask, _kl_rows)
 
 
 @DISTANCES.register("ce")
 def ce(student: Tensor, teacher: Tensor, *, temperature: float = 1.0, mask: Tensor | None = None) -> Tensor:
     """Soft cross-entropy tau^2 * -sum softmax(t/tau) log softmax(s/tau); reduction as ``kl``."""
-    _check_shapes(student, teacher, "ce")
-    _check_temperature(temperature)
-    log_p_s = F.log_softmax(_scaled_logits(student, temperature), dim=-1)
-    p_t = F.softmax(_scaled_logits(teacher, temperature), dim=-1)
-    per_row = -(p_t * log_p_s).sum(-1)
-    return _masked_mean(per_row, _row_weights(broadcast_mask(log_p_s, mask))) * temperature**2
+    return _softmax_distance("ce", student, teacher, temperature, mask, _ce_rows)
 
 
 # Distances that read their inputs as logits (softmax inside): the auxiliary model keeps

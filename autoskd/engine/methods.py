@@ -2,7 +2,9 @@
 
 A method is data -- a :class:`~autoskd.engine.spec.MethodSpec` -- plus behaviour only where
 it changes over training (``on_step`` schedules, operation hooks in ``student_forward``).
-Built-in methods live in :mod:`autoskd.methods` and register themselves::
+Built-in methods live in :mod:`autoskd.methods`, the layer above the engine, and register
+themselves when that package is imported (the engine never imports it: it trains whatever
+method it is handed, and looks names up in the registry as filled)::
 
     @METHODS.register("kd")
     class KD(Method):
@@ -24,6 +26,7 @@ plus these, shared by every method:
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
@@ -207,7 +210,8 @@ class Method:
                teacher_name: str | None, batch: dict) -> dict[str, Tensor]:
         """Weighted loss terms of this step; the trainer sums them."""
         return ctx.auxiliary.compute(ctx.stage, student_feats, teacher_feats, batch, teacher_name,
-                                     progress=_progress(ctx), hard_weight=getattr(ctx, "hard_label_weight", None))
+                                     progress=training_progress(ctx),
+                                     hard_weight=getattr(ctx, "hard_label_weight", None))
 
     # ------------------------------------------------------------------ description
     @classmethod
@@ -241,13 +245,21 @@ class Method:
         return f"{type(self).__name__}({args})"
 
 
-def _progress(ctx) -> float:
+def training_progress(ctx) -> float:
+    """How far the stage is, in [0, 1): the step ``ctx`` is at over the stage's total steps (what
+    schedules read)."""
     return float(getattr(ctx, "step", 0)) / max(1, int(getattr(ctx, "total_steps", 1) or 1))
 
 
-def _load_builtin() -> None:
-    from .. import methods  # noqa: F401  (each module registers itself)
-    from . import mlm  # noqa: F401  (the ``mlm`` method)
+#: the package whose import registers the built-in methods (named in errors, never imported here)
+BUILTIN_METHODS_PACKAGE = "autoskd.methods"
+
+
+def _registered(name: str) -> type[Method]:
+    if name not in METHODS and BUILTIN_METHODS_PACKAGE not in sys.modules:
+        raise AutoSKDError(f"unknown method {name!r}: the built-in methods are registered by importing "
+                           f"{BUILTIN_METHODS_PACKAGE} (look methods up with {BUILTIN_METHODS_PACKAGE}.get_method)")
+    return METHODS.get(name)
 
 
 def get_method(name_or_method: str | Method | type[Method], **options: Any) -> Method:
@@ -258,20 +270,19 @@ def get_method(name_or_method: str | Method | type[Method], **options: Any) -> M
         return name_or_method
     if isinstance(name_or_method, type) and issubclass(name_or_method, Method):
         return name_or_method(**options)
-    _load_builtin()
     if isinstance(name_or_method, (list, tuple)) or "+" in str(name_or_method) \
             or str(name_or_method).endswith((".yaml", ".yml")):
         from .combine import combine_methods  # GKD's MixBaseline: "tinybert+minilmv2" or a YAML list
 
         return combine_methods(name_or_method, **options)
-    return METHODS.get(str(name_or_method))(**options)
+    return _registered(str(name_or_method))(**options)
 
 
 def describe_methods() -> list[dict[str, Any]]:
     """One dict per registered method: name, description, stages, features, reference,
     losses, options (what ``autoskd methods`` prints)."""
-    _load_builtin()
     return [METHODS.get(name).describe() for name in METHODS.names()]
 
 
-__all__ = ["METHODS", "GENERIC_OPTIONS", "Method", "get_method", "describe_methods", "FeatureLoss", "MethodSpec"]
+__all__ = ["METHODS", "GENERIC_OPTIONS", "Method", "get_method", "describe_methods", "training_progress", "FeatureLoss",
+           "MethodSpec", "BUILTIN_METHODS_PACKAGE"]

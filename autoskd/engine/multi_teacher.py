@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..errors import AutoSKDError
 from ..registry import Registry
-from .methods import Method, _progress
+from .methods import Method, training_progress
 from .teachers import AverageTeachers, TeacherPolicy
 
 Combiner = Callable[..., dict[str, Tensor]]
@@ -102,7 +102,7 @@ class MultiTeacherMethod(Method):
         return {name: (policy.features(name, batch, req) if req else {}) for name, req in requests.items()}
 
     def losses(self, ctx, student_feats, teacher_feats, teacher_name, batch) -> dict[str, Tensor]:
-        progress = _progress(ctx)
+        progress = training_progress(ctx)
         per = {name: ctx.auxiliary.compute(ctx.stage, student_feats, feats, batch, name, include_hard=False,
                                            progress=progress)
                for name, feats in teacher_feats.items()}

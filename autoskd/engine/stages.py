@@ -33,6 +33,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from ..atomic import write_json
+from ..defaults import DEFAULT_LR, DEFAULT_WARMUP_RATIO, DEFAULT_WEIGHT_DECAY
 from ..errors import AutoSKDError
 from .methods import Method, get_method
 from .trainer import Distiller, Stage, TrainResult
@@ -54,9 +56,9 @@ class StageSpec:
     data: str = "task"
     labels: bool = True
     epochs: float = 1.0
-    lr: float = 1e-4
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.01
+    lr: float = DEFAULT_LR
+    warmup_ratio: float = DEFAULT_WARMUP_RATIO
+    weight_decay: float = DEFAULT_WEIGHT_DECAY
     hard_label_weight: float | None = None
 
     def build_method(self) -> Method:
@@ -117,9 +119,9 @@ def parse_stage(entry: Any, index: int, where: str) -> StageSpec:
         teacher=entry.get("teacher"), teachers=list(_names(entry.get("teachers"), f"{here}.teachers") or []) or None,
         trainable=_names(entry.get("trainable"), f"{here}.trainable"), data=str(entry.get("data", "task")),
         labels=labels, epochs=_number(entry.get("epochs", 1.0), f"{here}.epochs", positive=True),
-        lr=_number(entry.get("lr", 1e-4), f"{here}.lr", positive=True),
-        warmup_ratio=_number(entry.get("warmup_ratio", 0.1), f"{here}.warmup_ratio"),
-        weight_decay=_number(entry.get("weight_decay", 0.01), f"{here}.weight_decay"),
+        lr=_number(entry.get("lr", DEFAULT_LR), f"{here}.lr", positive=True),
+        warmup_ratio=_number(entry.get("warmup_ratio", DEFAULT_WARMUP_RATIO), f"{here}.warmup_ratio"),
+        weight_decay=_number(entry.get("weight_decay", DEFAULT_WEIGHT_DECAY), f"{here}.weight_decay"),
         hard_label_weight=_number(entry.get("hard_label_weight"), f"{here}.hard_label_weight", optional=True))
     spec.build_method()  # an unknown method, option or stage name fails now, before any training
     return spec
@@ -267,7 +269,7 @@ def run_stages(student: nn.Module, plan: Sequence[StageSpec], prepare: Prepare, 
         outcomes.append(StageOutcome(spec.name, method.spec.name, result, count))
         if folders[i] is not None and distiller.backend.is_main:
             torch.save(student.state_dict(), folders[i] / "student.pt")
-            (folders[i] / "done.json").write_text(json.dumps(outcomes[-1].summary(), indent=2))
+            write_json(folders[i] / "done.json", outcomes[-1].summary())
             (folders[i] / "checkpoint.pt").unlink(missing_ok=True)
             for earlier in folders[:i]:  # only the latest finished stage's weights are needed to resume
                 (earlier / "student.pt").unlink(missing_ok=True)

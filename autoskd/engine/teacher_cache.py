@@ -10,8 +10,6 @@ Writes are atomic (temp file + rename), so concurrent processes can share one ca
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -20,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_path
 from .batches import model_inputs, output_logits, to_device
 
 
@@ -79,11 +78,8 @@ class TeacherOutputCache:
 
     def store(self, teacher_fp: str, data_id: str, logits: torch.Tensor) -> Path:
         path = self.path(teacher_fp, data_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        save_file({"logits": logits.contiguous()}, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file({"logits": logits.contiguous()}, str(tmp))
         return path
 
     def get_or_compute(self, teacher_fp: str, data_id: str, model: nn.Module, loader: DataLoader,

@@ -17,14 +17,8 @@ from torch.utils.data import DataLoader
 
 from ..errors import AutoSKDError
 from ..models.lazy import LazyModel, LazyModels
+from ..models.loading import freeze
 from .teacher_cache import TeacherOutputCache, compute_logits_table, model_fingerprint
-
-
-def _frozen(model: nn.Module) -> nn.Module:
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
 
 
 class Teacher:
@@ -35,7 +29,7 @@ class Teacher:
         # A LazyModel is loaded on first use of ``model``: a run that reads every logit from the
         # cache never loads the weights (see autoskd.models.lazy).
         self._lazy = model if isinstance(model, LazyModel) else None
-        self._model = None if self._lazy is not None else _frozen(model)
+        self._model = None if self._lazy is not None else freeze(model)
         self._device: torch.device | str | None = None
         self._fingerprint = fingerprint
         self.logits_table: torch.Tensor | None = None
@@ -44,7 +38,7 @@ class Teacher:
     @property
     def model(self) -> nn.Module:
         if self._model is None:
-            model = _frozen(self._lazy.get())
+            model = freeze(self._lazy.get())
             self._model = model.to(self._device) if self._device is not None else model
         return self._model
 
@@ -180,6 +174,20 @@ class AverageTeachers(TeacherPolicy):
 THETA_SCALINGS = ("theta", "max", "n", "none")
 
 
+def draw_categorical(weights: torch.Tensor, generator: torch.Generator | None = None,
+                     support: torch.Tensor | None = None) -> int:
+    """One index ``i ~ Cat(weights)`` (negative weights count as 0), the one Cat(θ) sampler of the
+    package. ``support`` (a bool mask) limits the draw to its indices; when the weights there have
+    no finite positive mass the draw is uniform over it. The draw runs in ``weights``' dtype, which
+    fixes the random stream a seeded ``generator`` gives."""
+    w = weights.detach().clamp(min=0)
+    if support is not None:
+        w = torch.where(support, w, torch.zeros_like(w))
+        if not torch.isfinite(w).all() or float(w.sum()) <= 0:
+            w = support.to(w.dtype)
+    return int(torch.multinomial(w, 1, generator=generator))
+
+
 def theta_logit_scale(theta: torch.Tensor, i: int, scaling: str = "theta") -> torch.Tensor:
     """The factor SSWO multiplies teacher ``i``'s logits by (differentiable in θ_i).
 
@@ -237,8 +245,7 @@ class SampledTeacher(TeacherPolicy):
 
     def draw(self) -> int:
         """Sample a teacher index from the current theta (and count it)."""
-        probs = self.theta.detach().float().clamp_min(0)
-        i = int(torch.multinomial(probs, 1, generator=self.generator))
+        i = draw_categorical(self.theta.detach().float(), self.generator)
         self.last_index = i
         self.counts[self.names[i]] += 1
         return i

@@ -39,10 +39,10 @@ from ..errors import AutoSKDError
 from .losses import _LOGIT_FLOOR, DISTANCES
 
 #: log of the smallest normal fp32: the floor for a bucket's log-probability (no ``-inf``).
-_LOG_TINY = math.log(torch.finfo(torch.float32).tiny)
+LOG_TINY = math.log(torch.finfo(torch.float32).tiny)
 #: Fill for the top-k ids when summing the student's remaining mass: finite, so a tail with
 #: no entries left (k = V) gives a finite log-sum-exp and gradients without NaN.
-_FILL = -1e30
+FILL_LOGIT = -1e30
 
 PerRow = Callable[[Tensor, Tensor], Tensor]
 
@@ -76,15 +76,15 @@ class TopK:
 
 
 # --------------------------------------------------------------------------- buckets
-def _scaled(x: Tensor, temperature: float) -> Tensor:
+def scaled_logits(x: Tensor, temperature: float) -> Tensor:
     """fp32 logits / tau, floored so ``-inf``/``finfo.min`` masks never give NaN."""
     return (x.float() / temperature).clamp_min(_LOGIT_FLOOR)
 
 
 def _dense_logprobs(s: Tensor, t: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
     """(log p_T, log p_S) over the student's vocabulary; extra teacher rows are dropped."""
-    log_s = torch.log_softmax(_scaled(s, temperature), dim=-1)
-    log_t = torch.log_softmax(_scaled(t[:, : s.shape[-1]], temperature), dim=-1)
+    log_s = torch.log_softmax(scaled_logits(s, temperature), dim=-1)
+    log_t = torch.log_softmax(scaled_logits(t[:, : s.shape[-1]], temperature), dim=-1)
     return log_t, log_s
 
 
@@ -96,10 +96,10 @@ def _topk_logprobs(s: Tensor, ids: Tensor, logprobs: Tensor, temperature: float)
     ``1 - 0.99999``, and floored at ``tiny``. A teacher whose stored (fp16) probabilities sum
     to slightly more than 1 is renormalised, so its tail is 0 rather than negative.
     """
-    z = _scaled(s, temperature)
+    z = scaled_logits(s, temperature)
     lse = z.logsumexp(-1, keepdim=True)
     log_s_ids = z.gather(-1, ids) - lse
-    log_s_rest = (z.scatter(-1, ids, _FILL).logsumexp(-1, keepdim=True) - lse).clamp_min(_LOG_TINY)
+    log_s_rest = (z.scatter(-1, ids, FILL_LOGIT).logsumexp(-1, keepdim=True) - lse).clamp_min(LOG_TINY)
     lp = logprobs.float()
     mass = lp.exp().sum(-1, keepdim=True)
     log_t_ids = lp - mass.clamp_min(1.0).log()
@@ -212,7 +212,7 @@ def _topk_divergence(rows: PerRow, student: Tensor, teacher: TopK, temperature: 
     lse = torch.logsumexp(z, dim=-1, keepdim=True)
     log_s_ids = z.gather(-1, ids) - lse
     s_mass = log_s_ids.exp().sum(-1, keepdim=True)
-    log_s_rest = torch.log1p(-s_mass.clamp_max(1.0 - 1e-7)).clamp_min(_LOG_TINY)
+    log_s_rest = torch.log1p(-s_mass.clamp_max(1.0 - 1e-7)).clamp_min(LOG_TINY)
     lp = teacher.logprobs.reshape(ids.shape).to(z.device).float()
     mass = lp.exp().sum(-1, keepdim=True)
     log_t = torch.cat([lp - mass.clamp_min(1.0).log(), (1.0 - mass).clamp_min(torch.finfo(torch.float32).tiny).log()], -1)

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..defaults import DEFAULT_LR, DEFAULT_WARMUP_RATIO, DEFAULT_WEIGHT_DECAY
 from ..errors import AutoSKDError
 from .backends import make_backend
 from .batches import model_inputs, output_logits, to_device
@@ -48,9 +49,9 @@ class Stage:
     name: str
     train: DataLoader
     epochs: float = 3.0
-    lr: float = 5e-5
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.01
+    lr: float = DEFAULT_LR
+    warmup_ratio: float = DEFAULT_WARMUP_RATIO
+    weight_decay: float = DEFAULT_WEIGHT_DECAY
     max_grad_norm: float = 1.0
     data_id: str | None = None
     evaluate: bool = True
@@ -349,7 +350,8 @@ class Distiller:
                 cb.on_stage_start(self, ctx)
             step = first_epoch * steps_per_epoch
             self.student.train()
-            bar = tqdm(total=total_steps, initial=step, desc=f"{self.method.spec.name}:{stage.name}",
+            label = self.method.spec.name  # a teacher's "finetune" stage of method finetune: said once
+            bar = tqdm(total=total_steps, initial=step, desc=label if stage.name == label else f"{label}:{stage.name}",
                        disable=not self.progress, leave=False, dynamic_ncols=True)
             for epoch in range(first_epoch, epochs):
                 ctx.epoch = epoch

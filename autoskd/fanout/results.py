@@ -8,7 +8,6 @@ objectives, ``pareto.png`` (the Pareto front of dev accuracy against student siz
 
 from __future__ import annotations
 
-import json
 import shutil
 import warnings
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from ..atomic import write_json
 from .study import DONE
 
 __all__ = ["trial_rows", "results_table", "best_trials", "write_results", "plot_study"]
@@ -125,7 +125,7 @@ def write_results(study: optuna.Study, out_dir: Path, objectives: list[str]) -> 
     rows = trial_rows(study, objectives)
     best = best_trials(study)
     table = results_table(rows, objectives, {t.number for t in best})
-    (out_dir / "results.json").write_text(json.dumps(rows, indent=2, default=str))
+    write_json(out_dir / "results.json", rows, default=str)
     (out_dir / "results.txt").write_text(table + "\n")
     summary: dict = {"study": study.study_name, "objectives": objectives, "trials": len(rows),
                      "finished": sum(r["state"] in ("complete", "pruned") for r in rows),
@@ -147,9 +147,9 @@ def write_results(study: optuna.Study, out_dir: Path, objectives: list[str]) -> 
                 shutil.rmtree(dst)
             shutil.copytree(src, dst)
             summary["best_student"] = str(dst)
-        (out_dir / "best_config.json").write_text(json.dumps(summary["best"], indent=2, default=str))
+        write_json(out_dir / "best_config.json", summary["best"], default=str)
     summary["plots"] = [str(p) for p in plot_study(study, out_dir, objectives)]
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    write_json(out_dir / "summary.json", summary, default=str)
     print(table)
     if best:
         print(f"\nbest: trial {summary['best']['number']}  {summary['best']['values']}  {summary['best']['params']}")

@@ -72,9 +72,8 @@ def _autoskd_keys() -> tuple[set[str], set[str]]:
 
 def check_method_name(value: Any, key: str) -> str:
     """A registered method name, or a combination ``a+b`` of registered names."""
-    from ..engine.methods import METHODS, _load_builtin
+    from ..methods import METHODS
 
-    _load_builtin()
     if not isinstance(value, str) or not value.strip():
         raise AutoSKDError(f"search space key '{key}': method {value!r} must be a method name (see `autoskd methods`)")
     parts = [p.strip() for p in value.split("+")]
@@ -87,9 +86,8 @@ def check_method_name(value: Any, key: str) -> str:
 
 def all_methods() -> list[str]:
     """``all``: every registered distillation method (``finetune`` uses no teacher and is left out)."""
-    from ..engine.methods import METHODS, _load_builtin
+    from ..methods import METHODS
 
-    _load_builtin()
     return [n for n in METHODS.names() if n != "finetune"]
 
 

@@ -19,9 +19,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from ..atomic import write_json
 from ..errors import AutoSKDError
-from ..search.trials import TrialSpec, _write_json, prepare_worker
-from .early_stop import EpochReporter, dev_score, evaluated_epochs, record_score
+from ..search.early_stop import EpochReporter, dev_score, evaluated_epochs, record_score
+from ..search.trials import TrialSpec, prepare_worker
 from .space import SearchSpace
 
 __all__ = ["distill_values", "run_distill_trial", "run_autoskd_trial", "tune_trainable", "trial_name",
@@ -147,6 +148,6 @@ def tune_trainable(config: dict, spec: dict | None = None, space: dict | None = 
     else:
         record = run_distill_trial(spec, values, out, report=tune.report if report_epochs else None, latency=latency)
     record = {"trial": name, "values": values, **record, "seconds": round(time.perf_counter() - start, 3)}
-    _write_json(out / "trial.json", record)
+    write_json(out / "trial.json", record)
     tune.report({k: record[k] for k in ("dev_acc", "test_acc", "student_params_m", "latency_ms", "epochs")
                  if record.get(k) is not None} | {"dev_score": record_score(record), "record_json": json.dumps(record)})

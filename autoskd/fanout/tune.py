@@ -13,16 +13,15 @@ locally on 127.0.0.1, or on the cluster at ``address`` (``auto`` inside ``ray jo
 
 from __future__ import annotations
 
-import json
-import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..atomic import write_json
 from ..errors import AutoSKDError
-from ..ray_runtime import ray_session
-from ..search.trials import TrialSpec, _worker_env
-from .early_stop import SCHEDULERS, evaluated_epochs, make_scheduler
+from ..ray_runtime import progress_callback, quiet_tune_logs, ray_session
+from ..search.early_stop import SCHEDULERS, evaluated_epochs, make_scheduler
+from ..search.trials import TrialSpec, trial_worker_env
 from .results import write_results
 from .space import SearchSpace
 from .study import SAMPLERS, fail_stale_trials, finished_trials, make_sampler, open_storage, open_study, storage_url
@@ -131,9 +130,9 @@ def run_tune(space: SearchSpace, team_path: str, task_args: dict, settings: Tune
     todo = max(0, wanted - done)
     spec = TrialSpec(team_path=team_path, task=task_args, root=str(out_dir), cache_dir=str(cache_dir),
                      base_config=settings.base)
-    (out_dir / "tune.json").write_text(json.dumps({"space": space.to_dict(), "storage": url, "study": study_name,
-                                                   "settings": asdict(settings), "team": spec.team_path,
-                                                   "task": spec.task}, indent=2, default=str))
+    write_json(out_dir / "tune.json", {"space": space.to_dict(), "storage": url, "study": study_name,
+                                       "settings": asdict(settings), "team": spec.team_path, "task": spec.task},
+               default=str)
     if done or stale:
         print(f"study {study_name!r}: {done} finished trial(s) kept" + (f", {stale} unfinished marked failed" if stale
                                                                            else "") + f"; {todo} to run")
@@ -143,39 +142,13 @@ def run_tune(space: SearchSpace, team_path: str, task_args: dict, settings: Tune
     study = optuna.load_study(study_name=study_name, storage=storage)
     summary = write_results(study, out_dir, settings.objectives)
     summary.update(storage=url, sampler=settings.sampler, scheduler=settings.scheduler)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    write_json(out_dir / "summary.json", summary, default=str)
     return summary
 
 
-def _progress(total: int):
-    from ray import tune
-    from tqdm.auto import tqdm
-
-    class _Bar(tune.Callback):
-        def __init__(self):
-            self._bar = None
-
-        def __getstate__(self):
-            return {"_bar": None}
-
-        def setup(self, **info):
-            self._bar = tqdm(total=total, desc="trials (ray)", unit="trial")
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            if self._bar is not None:
-                self._bar.update(1)
-                self._bar.set_postfix_str(f"dev_acc {trial.last_result.get('dev_acc', float('nan')):.4f}")
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            if self._bar is not None:
-                self._bar.update(1)
-
-        def on_experiment_end(self, trials, **info):
-            if self._bar is not None:
-                self._bar.close()
-                self._bar = None
-
-    return _Bar()
+def _trial_dev_acc(trial, status: str) -> str | None:
+    """The progress bar's label after a trial: its dev accuracy (none after a failure)."""
+    return f"dev_acc {trial.last_result.get('dev_acc', float('nan')):.4f}" if status == "done" else None
 
 
 def _run_trials(space: SearchSpace, spec: TrialSpec, settings: TuneSettings, study_name: str, storage, sampler,
@@ -191,7 +164,7 @@ def _run_trials(space: SearchSpace, spec: TrialSpec, settings: TuneSettings, stu
                         storage=storage)
     scheduler = make_scheduler(settings.scheduler, _max_epochs(space, settings.base), settings.grace_period,
                                settings.reduction_factor)
-    env = _worker_env(spec, settings.cpus_per_trial)
+    env = trial_worker_env(spec, settings.cpus_per_trial)
     trainable = tune.with_parameters(tune_trainable_ref(), spec=spec.to_dict(), space=space.to_dict(), env=env,
                                      report_epochs=scheduler is not None, latency=settings.objective2 == "latency")
     trainable = tune.with_resources(trainable, {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial})
@@ -204,17 +177,11 @@ def _run_trials(space: SearchSpace, spec: TrialSpec, settings: TuneSettings, stu
                                         trial_dirname_creator=lambda t: t.trial_id),
             run_config=tune.RunConfig(storage_path=str(Path(spec.root) / "ray"), name=f"tune-{stamp}", verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-                                      callbacks=[_progress(todo)] if progress else None),
+                                      callbacks=[progress_callback(todo, "trials (ray)", "trial", _trial_dev_acc)]
+                                      if progress else None),
         )
-        quiet = [logging.getLogger(n) for n in ("ray.tune", "ray.train", "ray.air")]
-        levels = [q.level for q in quiet]
-        for q in quiet:
-            q.setLevel(max(q.getEffectiveLevel(), logging.WARNING))
-        try:
+        with quiet_tune_logs():
             tuner.fit()
-        finally:
-            for q, level in zip(quiet, levels):
-                q.setLevel(level)
 
 
 def tune_trainable_ref():

@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from ..engine.losses import DISTANCES
-from ..engine.token_losses import _FILL, _LOG_TINY, TopK, _scaled, forward_kl
+from ..engine.token_losses import FILL_LOGIT, LOG_TINY, TopK, scaled_logits, forward_kl
 from ..errors import AutoSKDError
 
 _TINY = torch.finfo(torch.float32).tiny
@@ -123,7 +123,7 @@ def sorted_l1(p: Tensor, q: Tensor) -> Tensor:
 def _chunk_parts(temperature: float, uld_k: int, s: Tensor, t_lp: Tensor, t_sid: Tensor,
                  shared: Tensor) -> tuple[Tensor, Tensor]:
     """(sum of KL over the shared buckets + rest, sum of the ULD term) over one chunk of rows."""
-    z = _scaled(s, temperature)                                   # [n, V_s] fp32
+    z = scaled_logits(s, temperature)                                   # [n, V_s] fp32
     lse = z.logsumexp(-1, keepdim=True)
     is_sh = t_sid >= 0
     ids = t_sid.clamp_min(0)
@@ -139,8 +139,8 @@ def _chunk_parts(temperature: float, uld_k: int, s: Tensor, t_lp: Tensor, t_sid:
     taken = torch.zeros_like(z).scatter_add_(-1, ids, is_sh.to(z.dtype)) > 0
     # floored at 1e-7 as forward_kl's top-k path is: a rest both sides lack (all tokens shared and
     # in the top k) then costs ~0 instead of the teacher's rounding noise times log(noise / tiny)
-    log_s_rest = (z.masked_fill(taken, _FILL).logsumexp(-1, keepdim=True) - lse).clamp_min(_LOG_REST).squeeze(-1)
-    kl = (p_t_sh * (lp.clamp_min(_LOG_TINY) - log_s_ids)).sum(-1) + t_rest * (t_rest.log() - log_s_rest)
+    log_s_rest = (z.masked_fill(taken, FILL_LOGIT).logsumexp(-1, keepdim=True) - lse).clamp_min(_LOG_REST).squeeze(-1)
+    kl = (p_t_sh * (lp.clamp_min(LOG_TINY) - log_s_ids)).sum(-1) + t_rest * (t_rest.log() - log_s_rest)
     # ULD on what the exact matches leave: the teacher's unshared top-k vs the student's unshared top uld_k
     t_un = torch.where(is_sh, 0.0, p_t)
     p_s_un = (z - lse).exp().masked_fill(shared, 0.0)

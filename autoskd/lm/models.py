@@ -18,7 +18,6 @@ Students are saved with :func:`save_lm` and reload with plain ``AutoModelForCaus
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import json
@@ -26,13 +25,13 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import AutoSKDError
-from ..models.loading import _quiet_transformers, save_student
+from ..models.loading import quiet_transformers, save_student, seeded_rng
 
 #: Where converted GGUF models are kept (one safetensors folder per GGUF file and size).
 DEFAULT_MODEL_CACHE = Path(".cache/autoskd/models")
@@ -101,7 +100,7 @@ def convert_gguf(path: str | Path, cache_dir: str | Path = DEFAULT_MODEL_CACHE) 
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with _quiet_transformers():
+    with quiet_transformers():
         loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         config = loaded.config
@@ -117,7 +116,7 @@ def convert_gguf(path: str | Path, cache_dir: str | Path = DEFAULT_MODEL_CACHE) 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             fresh.save_pretrained(str(tmp))
             tokenizer.save_pretrained(str(tmp))
         os.replace(tmp, out)
@@ -133,7 +132,7 @@ def load_lm_config(source: str, **overrides: Any):
 
     resolved = resolve_lm_source(source)
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             return AutoConfig.from_pretrained(resolved, **overrides)
     except (OSError, ValueError) as err:
         raise AutoSKDError(f"could not load the config of '{source}' ({str(err).splitlines()[0][:160]}); "
@@ -149,20 +148,13 @@ def load_lm_tokenizer(source: Any):
 
     resolved = resolve_lm_source(source)
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(resolved)
     except (OSError, ValueError) as err:
         raise AutoSKDError(f"could not load the tokenizer of '{source}'; pass a folder with tokenizer files") from err
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-@contextlib.contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
 
 
 def load_causal_lm(source: str | os.PathLike | nn.Module, *, layers: int | Sequence[int] | None = None,
@@ -186,11 +178,11 @@ def load_causal_lm(source: str | os.PathLike | nn.Module, *, layers: int | Seque
     resolved = resolve_lm_source(source)
     if init == "random":
         cfg = load_lm_config(str(source), **(config or {}))
-        with _seeded(seed), _quiet_transformers():
+        with seeded_rng(seed), quiet_transformers():
             model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     else:
         try:
-            with _quiet_transformers():
+            with quiet_transformers():
                 model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype)
         except (OSError, ValueError) as err:
             raise AutoSKDError(f"could not load causal LM '{source}' ({str(err).splitlines()[0][:160]}); "

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..defaults import DEFAULT_LR
 from ..engine.teachers import SampledTeacher, SingleTeacher, TeacherPolicy
 from ..engine.trainer import Distiller, Stage, TrainResult
 from ..errors import AutoSKDError
@@ -51,7 +52,7 @@ class LMDistillConfig:
     theta: list[float] | None = None
     epochs: float = 1.0
     max_steps: int | None = None
-    lr: float = 1e-4
+    lr: float = DEFAULT_LR
     batch_size: int = 8
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01

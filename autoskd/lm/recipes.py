@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from ..engine.methods import GENERIC_OPTIONS, Method, get_method
+from ..methods import GENERIC_OPTIONS, Method, get_method  # the built-in methods, registered
 from ..engine.spec import FeatureLoss, MethodSpec
 from ..errors import AutoSKDError
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..engine.teacher_cache import model_fingerprint
 from ..errors import AutoSKDError
-from ..team.cache import freeze
+from ..models.loading import freeze
 from .models import load_causal_lm, load_lm_tokenizer, weights_id
 
 TEAMS_DIR = Path(__file__).resolve().parents[2] / "teams"

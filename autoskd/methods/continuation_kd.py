@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..engine.methods import METHODS, Method, _progress
+from ..engine.methods import METHODS, Method, training_progress
 from ..engine.losses import hard_label_ce
 from ..engine.schedules import schedule_value
 from ..engine.spec import FeatureLoss, MethodSpec
@@ -30,7 +30,7 @@ class ContinuationKD(Method):
     )
 
     def losses(self, ctx, student_feats, teacher_feats, teacher_name, batch) -> dict[str, Tensor]:
-        progress = _progress(ctx)
+        progress = training_progress(ctx)
         phi, psi = schedule_value("annealing", progress), schedule_value("continuation", progress)
         z_s, z_t = student_feats["logits"].float(), teacher_feats["logits"].float()
         per_sample = F.mse_loss(z_s, phi * z_t, reduction="none").mean(-1)

@@ -106,7 +106,7 @@ def resolve_source(source: str | os.PathLike) -> str:
 
 
 @contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
+def quiet_transformers() -> Iterator[None]:
     """Silence transformers' load reports and progress bars (expected missing heads etc.)."""
     from transformers.utils import logging as hf_logging
 
@@ -143,7 +143,7 @@ def load_tokenizer(source: Any):
 
     resolved = resolve_source(source)
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             return AutoTokenizer.from_pretrained(resolved)
     except (OSError, ValueError) as err:
         raise _not_found(str(source), resolved, err) from err
@@ -155,7 +155,7 @@ def load_config(source: str, **overrides):
 
     resolved = resolve_source(source)
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             return AutoConfig.from_pretrained(resolved, **overrides)
     except (OSError, ValueError) as err:
         raise _not_found(str(source), resolved, err) from err
@@ -196,23 +196,23 @@ def load_classifier(source: str | os.PathLike | nn.Module, *, num_labels: int, l
     resolved = resolve_source(source)
     config = load_config(str(source))
     if layers is not None:
-        _check_layers(config_num_layers(config), layers)
+        check_layers(config_num_layers(config), layers)
     old_labels = getattr(config, "num_labels", None)
     config.num_labels = num_labels
     if getattr(config, "id2label", None) is None or len(config.id2label) != num_labels:
         config.id2label = {i: f"LABEL_{i}" for i in range(num_labels)}
         config.label2id = {v: k for k, v in config.id2label.items()}
 
-    with _fork_rng(seed):
+    with seeded_rng(seed):
         if init == "pretrained":
             try:
-                with _quiet_transformers():
+                with quiet_transformers():
                     model = AutoModelForSequenceClassification.from_pretrained(
                         resolved, config=config, ignore_mismatched_sizes=old_labels != num_labels)
             except OSError as err:
                 raise _not_found(str(source), resolved, err) from err
         else:
-            with _quiet_transformers():
+            with quiet_transformers():
                 model = AutoModelForSequenceClassification.from_config(config)
     if layers is not None:
         truncate_layers(model, layers)
@@ -222,11 +222,20 @@ def load_classifier(source: str | os.PathLike | nn.Module, *, num_labels: int, l
 
 
 @contextlib.contextmanager
-def _fork_rng(seed: int) -> Iterator[None]:
+def seeded_rng(seed: int) -> Iterator[None]:
     """Seed torch for model construction without disturbing the caller's RNG stream."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """``model`` in eval mode with no parameter requiring a gradient (a teacher is read, never
+    trained); returns it."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,7 +269,8 @@ def count_layers(model: nn.Module) -> int:
     return len(find_layer_list(model)[2])
 
 
-def _check_layers(available: int | None, k: Any) -> None:
+def check_layers(available: int | None, k: Any) -> None:
+    """A team YAML's ``layers: k`` is a whole number in ``[1, available]`` (``available`` None: any)."""
     if isinstance(k, bool) or not isinstance(k, int):
         raise AutoSKDError(f"'layers: {k}' must be a whole number of encoder layers")
     if available is not None and not 1 <= k <= available:
@@ -271,7 +281,7 @@ def truncate_layers(model: nn.Module, k: int) -> nn.Module:
     """Keep the first ``k`` encoder layers (in place; returns the model). The config's layer
     count is updated so ``save_pretrained`` output reloads with plain transformers."""
     parent, attr, layers = find_layer_list(model)
-    _check_layers(len(layers), k)
+    check_layers(len(layers), k)
     if k < len(layers):
         setattr(parent, attr, nn.ModuleList(list(layers)[:k]))
     for config in _configs(model):
@@ -391,7 +401,7 @@ def save_student(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike,
         config.id2label = dict(enumerate(label_names))
         config.label2id = {n: i for i, n in enumerate(label_names)}
     if callable(getattr(model, "save_pretrained", None)):
-        with _quiet_transformers():
+        with quiet_transformers():
             model.save_pretrained(str(out))
     else:
         from safetensors.torch import save_model

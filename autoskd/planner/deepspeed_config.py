@@ -12,10 +12,11 @@ import json
 import shlex
 from pathlib import Path
 
+from ..defaults import DEFAULT_LR
 from .memory import Layout
 
 
-def deepspeed_config(layout: Layout, *, gradient_accumulation: int = 1, lr: float = 1e-4,
+def deepspeed_config(layout: Layout, *, gradient_accumulation: int = 1, lr: float = DEFAULT_LR,
                      gradient_clipping: float = 1.0) -> dict:
     """DeepSpeed config dict for ``layout`` (ZeRO stage, offload, precision, batch sizes)."""
     lo = layout

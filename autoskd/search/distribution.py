@@ -13,8 +13,9 @@ teacher ``i`` at a step is ``θ_i``. This module holds
 * :class:`ThetaOptimizer`: Adam on θ (paper: weight decay 1e-3, lr 3e-4 ... 1e-3) with the two
   update strategies of section 2.4.1, SSWO (only the sampled weight moves) and CR (all move).
 
-Nothing here knows about the training engine; the gradient fed to :meth:`ThetaOptimizer.step`
-comes from :mod:`autoskd.search.bilevel`.
+Nothing here knows about the training loop; the gradient fed to :meth:`ThetaOptimizer.step`
+comes from :mod:`autoskd.search.bilevel`. Draws use the engine's one Cat(θ) sampler
+(:func:`~autoskd.engine.teachers.draw_categorical`), the one the student's teacher policy draws with.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..engine.teachers import draw_categorical
 from ..errors import AutoSKDError
 
 __all__ = [
@@ -33,11 +35,17 @@ __all__ = [
     "ineffective_teacher_count",
     "ThetaOptimizer",
     "STRATEGIES",
+    "DEFAULT_THETA_LR",
+    "DEFAULT_THETA_WEIGHT_DECAY",
 ]
 
 #: update strategies understood by :class:`ThetaOptimizer`: SSWO updates only the sampled entry,
 #: CR and ``expected`` (SSWO's step in expectation over the draw, see ``ThetaConfig``) every entry
 STRATEGIES = ("sswo", "cr", "expected")
+
+#: Adam's learning rate and weight decay on θ: AutoSKDBERT's App. E (its grid spans lr 3e-4 to 1e-3)
+DEFAULT_THETA_LR = 5e-4
+DEFAULT_THETA_WEIGHT_DECAY = 1e-3
 
 
 def _as_1d_float(values: Tensor | Sequence[float], what: str, dtype: torch.dtype | None = None) -> Tensor:
@@ -140,12 +148,8 @@ class TeacherDistribution(nn.Module):
 
         ``generator`` (a ``torch.Generator`` on θ's device) makes the draw reproducible.
         """
-        w = torch.where(self.active, self.theta.detach(), torch.zeros_like(self.theta.detach()))
-        w = w.clamp(min=0)
-        if not torch.isfinite(w).all() or float(w.sum()) <= 0:
-            # cannot happen after project_(); be robust anyway: uniform over the active teachers
-            w = self.active.to(w.dtype)
-        return int(torch.multinomial(w, 1, generator=generator).item())
+        # no positive mass cannot happen after project_(); the draw is then uniform over the active teachers
+        return draw_categorical(self.theta, generator, support=self.active)
 
     # ----------------------------------------------------------------- updates
     @torch.no_grad()
@@ -290,8 +294,8 @@ class ThetaOptimizer:
         self,
         dist: TeacherDistribution,
         strategy: str = "sswo",
-        lr: float = 5e-4,
-        weight_decay: float = 1e-3,
+        lr: float = DEFAULT_THETA_LR,
+        weight_decay: float = DEFAULT_THETA_WEIGHT_DECAY,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
     ):

@@ -1,10 +1,13 @@
 """Named settings for ``autoskd search``.
 
 ``quick`` fits a cold ``make demo`` (team build included) in about 15 minutes on a 2-core
-CPU: subsampled data, short training, a few candidates (measured: 11.4 minutes of compute). ``paper`` follows AutoSKDBERT
+CPU: subsampled data, short training, a few candidates. ``medium`` is sized for
+``benchmarks/search_vs_random.py``. ``paper`` follows AutoSKDBERT
 (section 3, table 13 and App. E): full splits, 25 candidates, 200 random distributions,
 5 epochs of candidate evaluation on SST-2-sized tasks, Adam on theta with lr 5e-4 and
 weight decay 1e-3, second-order unrolled gradient, SSWO.
+
+The measurements behind each choice are in ``benchmarks/README.md``.
 """
 
 from __future__ import annotations
@@ -12,34 +15,31 @@ from __future__ import annotations
 from ..errors import AutoSKDError
 
 PRESETS: dict[str, dict] = {
-    # Measured on this 2-core CPU: at 1,000 training rows the briefly fine-tuned teachers have
-    # small logit margins, so theta_i-scaled soft targets alone teach the student nothing (it
-    # stays at the majority class); hard labels (alpha 0.5) keep it learning, and theta only
-    # moves after a warm-up, with a larger lr and the cheaper first-order gradient.
+    # At 1,000 training rows the briefly fine-tuned teachers have small logit margins, so
+    # theta_i-scaled soft targets alone teach the student nothing (it stays at the majority
+    # class): hard labels (alpha 0.5) keep it learning, and theta only moves after a warm-up,
+    # with a larger lr and the cheaper first-order gradient.
     "quick": {
         "max_train": 500, "max_eval": 400,
         "search_epochs": 4.0, "batch_size": 32, "lr": 5e-4,
         "theta": {"lr": 1e-2, "num_candidates": 4, "order": "first", "every": 1, "warmup": 0.25},
         "eval_epochs": 2.0, "n_random": 3, "method_options": {"temperature": 1.0, "alpha": 0.5},
-        # length-grouped batches: 0.62x the epoch time of random batches on these short reviews
-        # (benchmarks/results/student_step.json), what brings a cold `make demo` under 15 minutes
+        # length-grouped batches: far less padding on these short reviews, what brings a cold
+        # `make demo` under 15 minutes
         "group_by_length": True,
     },
     # Sized for benchmarks/search_vs_random.py --preset medium (5 seeds, every arm) on a 2-core
     # CPU with the team cached: teachers fine-tuned on the whole training split (good teachers),
     # dev and test whole (1,281 rows each), students on 500 + 500 rows; the search runs 8
     # epochs of the train half, so phase 2 is 4 epochs and each of the 4 candidates comes from
-    # the end of one of them (App. B.3). Pure distillation (alpha 1, the paper's setting) with the
-    # paper's theta_i scaling: the medium ablation's largest effect (cell alpha-1: +0.024 test over
-    # hard labels mixed in at 0.5, on both seeds; benchmarks/results/search_ablation.json). These
-    # teachers saw the whole training split, so their soft targets carry more than 500 gold labels.
-    # Plain first-order θ-gradient (order first, xi 0: one val forward per θ step): on seeds 0-1
-    # it ends at the same θ as the paper's second order (every entry within 0.001) at 153 s of
-    # search instead of 318 s, 1.7 student trainings instead of 3.6, and the random arm of
-    # search_vs_random gets as many more trainings as the search costs. n*theta_i scaling
-    # (--set theta.scaling=n, 10 seeds) removed every collapse of a theta-scaled student (9 of
-    # 130 with theta_i) but moved no mean by more than the noise and missed the issue's target
-    # too, so the preset keeps the paper's theta_i (search_vs_random_medium_scaling_n.json).
+    # the end of one of them (App. B.3). Pure distillation (alpha 1, the paper's setting): these
+    # teachers saw the whole training split, so their soft targets carry more than 500 gold
+    # labels, and it was the medium ablation's largest effect. Plain first-order θ-gradient (order
+    # first, xi 0: one val forward per θ step): it ends at the θ of the paper's second order at
+    # about half the search's cost, and the random arm of search_vs_random gets as many more
+    # trainings as the search costs. The paper's theta_i scaling stays: n*theta_i
+    # (--set theta.scaling=n) removed the collapses of theta-scaled students but moved no mean
+    # beyond the noise.
     "medium": {
         "max_train": 500, "max_eval": None, "teachers_full_data": True,
         "search_epochs": 8.0, "batch_size": 32, "lr": 5e-4,

@@ -7,10 +7,10 @@ Records are the dicts returned by :func:`autoskd.search.trials.run_arms` (``name
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Iterable
+
+from ..atomic import write_json
 
 __all__ = ["write_theta_history", "plot_theta_history", "results_table", "plot_arms", "best_arm", "finished"]
 
@@ -36,13 +36,8 @@ def best_arm(records: Iterable[dict], group: str | None = "autoskd") -> dict | N
 # ------------------------------------------------------------------------------------------ theta
 def write_theta_history(path_json: str | Path, history: list[dict]) -> Path:
     """``history``: ``[{"step": int, "phase": int|str, "theta": [...]}, ...]`` as JSON (atomic write)."""
-    path = Path(path_json)
-    path.parent.mkdir(parents=True, exist_ok=True)
     rows = [{"step": int(h["step"]), "phase": h.get("phase"), "theta": [float(t) for t in h["theta"]]} for h in history]
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(rows, indent=1))
-    os.replace(tmp, path)
-    return path
+    return write_json(path_json, rows, indent=1)
 
 
 def _pyplot():

@@ -20,7 +20,9 @@ import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from ..atomic import write_json
 from ..data.collate import make_loader, tokenize_split
+from ..defaults import DEFAULT_BATCH_SIZE, DEFAULT_LR
 from ..engine.teacher_cache import TeacherOutputCache
 from ..engine.own_tokenizer import team_teacher
 from ..engine.teachers import SampledTeacher
@@ -50,8 +52,8 @@ class SearchConfig:
     preset: str = "quick"
     search_epochs: float = 2.0
     eval_epochs: float = 2.0
-    batch_size: int = 32
-    lr: float = 1e-4
+    batch_size: int = DEFAULT_BATCH_SIZE
+    lr: float = DEFAULT_LR
     seed: int = 0
     m: int | None = None
     theta: ThetaConfig = field(default_factory=ThetaConfig)
@@ -122,12 +124,6 @@ def _read(path: Path):
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _write(path: Path, data) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
-
-
 def _shape(entry):
     """A model, or a lazy one's weightless skeleton (counting parameters reads no weights)."""
     return entry.shape_model() if isinstance(entry, LazyModel) else entry
@@ -196,7 +192,7 @@ def bilevel_search(team, task, config: SearchConfig, m: int, out_dir: Path, cach
               "search_dev_acc": result.final_dev_acc, "search_seconds": result.seconds, "steps": result.steps,
               "processes": distiller.backend.world_size}
     if distiller.backend.is_main:
-        _write(path, record)
+        write_json(path, record)
     return record
 
 
@@ -227,8 +223,8 @@ def run_search(team_path: str | Path, task_args: dict, config: SearchConfig, out
     task_args = {**task_args, "seed": task_args.get("seed", config.seed)}
     data_seed = task_args["seed"]
     team_ref = str(Path(team_path).resolve()) if Path(team_path).exists() else str(team_path)
-    _write(out_dir / "config.json", {"team": team_ref, "task": task_args,
-                                     "cache_dir": str(cache_dir), **config.to_dict()})
+    write_json(out_dir / "config.json", {"team": team_ref, "task": task_args,
+                                         "cache_dir": str(cache_dir), **config.to_dict()})
 
     task, team_task = load_search_task(task_args, config)
     team = TeacherTeam.from_yaml(team_path).build(team_task, cache_dir=cache_dir / "teachers", seed=data_seed,
@@ -243,7 +239,7 @@ def run_search(team_path: str | Path, task_args: dict, config: SearchConfig, out
     print(f"[search] {why}", flush=True)
 
     if config.processes > 1:  # the θ search as one parallel job too (a Ray Train worker group)
-        from ..engine.ray_parallel import bilevel_search_parallel
+        from .ray_parallel import bilevel_search_parallel
 
         searches = [bilevel_search_parallel(team_ref, task_args, config, m, out_dir, cache_dir,
                                             lr if config.theta_lrs else None) for lr in config.grid]
@@ -285,7 +281,7 @@ def arm_spec(config: SearchConfig, task_args: dict, team_ref: str, cache_dir: st
 
 def parallel_runner(config: SearchConfig) -> dict:
     """Trials of more than one process run as a Ray Train worker group (one trial = one parallel job)."""
-    return {"runner": "autoskd.engine.ray_parallel:distill_arm_parallel"} if config.processes > 1 else {}
+    return {"runner": "autoskd.search.ray_parallel:distill_arm_parallel"} if config.processes > 1 else {}
 
 
 def _keep_student(out_dir: Path, arm: dict, dst_name: str) -> None:
@@ -295,8 +291,8 @@ def _keep_student(out_dir: Path, arm: dict, dst_name: str) -> None:
         if dst.exists():
             shutil.rmtree(dst)
         shutil.copytree(src, dst)
-        (dst / "autoskd_arm.json").write_text(json.dumps(
-            {k: arm.get(k) for k in ("name", "group", "kind", "theta", "teacher", "dev_acc", "test_acc")}, indent=2))
+        write_json(dst / "autoskd_arm.json",
+                   {k: arm.get(k) for k in ("name", "group", "kind", "theta", "teacher", "dev_acc", "test_acc")})
 
 
 def summarise(records: list[dict], searches: list[dict], team, m: int, why: str, out_dir: Path) -> dict:
@@ -306,7 +302,7 @@ def summarise(records: list[dict], searches: list[dict], team, m: int, why: str,
     arm (``autoskd_arm.json``), so a search never hands back a worse student than a baseline it
     ran; ``best_candidate_student/`` is the best learned distribution's.
     """
-    _write(out_dir / "results.json", records)
+    write_json(out_dir / "results.json", records)
     plot_arms(records, out_dir / "arms.png")
     table = results_table(records)
     (out_dir / "results.txt").write_text(table + "\n")
@@ -325,8 +321,8 @@ def summarise(records: list[dict], searches: list[dict], team, m: int, why: str,
                "dropped": {str(s["theta_lr"]): s["dropped"] for s in searches},
                "final_theta": {str(s["theta_lr"]): s["final_theta"] for s in searches},
                "best": brief(best), "best_candidate": brief(best_candidate)}
-    _write(out_dir / "best_distribution.json", summary["best_candidate"])
-    _write(out_dir / "summary.json", summary)
+    write_json(out_dir / "best_distribution.json", summary["best_candidate"])
+    write_json(out_dir / "summary.json", summary)
     print(table)
     print(f"\nbest candidate: {best_candidate['name']}  dev {best_candidate['dev_acc']:.4f}  "
           f"test {best_candidate['test_acc']:.4f}  theta {[round(t, 3) for t in best_candidate.get('theta') or []]}")

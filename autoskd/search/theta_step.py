@@ -18,15 +18,15 @@ from typing import Iterator
 
 import torch
 from torch.func import functional_call
-from torch.nn import functional as F
 
 from ..engine.batches import model_inputs, output_logits, to_device
 from ..engine.callbacks import Callback
+from ..engine.losses import ce, hard_label_ce
 from ..engine.teacher_cache import TeacherOutputCache
 from ..engine.teachers import THETA_SCALINGS, SampledTeacher, theta_logit_scale
 from ..errors import AutoSKDError
 from .bilevel import cr_teacher_logits, sswo_teacher_logits, unrolled_theta_grad
-from .distribution import STRATEGIES, TeacherDistribution, ThetaOptimizer
+from .distribution import DEFAULT_THETA_LR, DEFAULT_THETA_WEIGHT_DECAY, STRATEGIES, TeacherDistribution, ThetaOptimizer
 
 #: where the virtual step's size comes from (``ThetaConfig.xi``), besides a fixed number
 XI_SOURCES = ("theta_lr", "student_lr")
@@ -57,27 +57,24 @@ class ThetaConfig:
     differentiates SSWO's student loss in expectation over the draw, ``Σ_j θ_j L_j``
     (:func:`expected_distillation_loss`), and moves every entry. Why: with the task objective its
     second-order gradient is, per teacher, how much a step on that teacher alone lowers the val
-    loss. On the ladder team that ranks the teachers the way full trainings do for a fresh
-    student (Spearman +0.9), where the distill objective's direct gradient ranks them in reverse
-    (−0.7 for every trained student; ``benchmarks/results/one_step_signal.json``). In a search it
-    still ends on the most confident teacher, not the best one
-    (``benchmarks/results/search_expected_pilot.json``), so it is an option, not the default.
+    loss, which ranks the teachers the way full trainings do where the distill objective's direct
+    gradient ranks them in reverse. In a search it still ends on the most confident teacher, not
+    the best one, so it is an option, not the default (both measured: ``benchmarks/README.md``).
 
     ``center`` (not in the paper) subtracts from the θ-gradient the mean over the active teachers
     of each teacher's own direct gradient on the same val batch (one student forward; for CR, the
     gradient's own mean). Why: the distill objective's gradient has the same sign for every
-    teacher the student mostly agrees with, and differs mainly in size (measured on
-    ``teams/minilm-mixed.yaml``: -1.5 for the best teacher, -0.035 for one that predicts the
-    majority class). Adam normalises each entry, so every sampled entry moves by about ``lr``
-    whatever its gradient's size, and the projection to the simplex cancels the common move:
-    θ then tracks how often each teacher was drawn. Centred, the sign says whether a teacher
-    helps more or less than the team's average, which is what Adam keeps.
+    teacher the student mostly agrees with, and differs mainly in size (a good teacher's can be
+    forty times a useless one's). Adam normalises each entry, so every sampled entry moves by
+    about ``lr`` whatever its gradient's size, and the projection to the simplex cancels the
+    common move: θ then tracks how often each teacher was drawn. Centred, the sign says whether
+    a teacher helps more or less than the team's average, which is what Adam keeps.
     """
 
     strategy: str = "sswo"
     order: str = "second"
-    lr: float = 5e-4
-    weight_decay: float = 1e-3
+    lr: float = DEFAULT_THETA_LR
+    weight_decay: float = DEFAULT_THETA_WEIGHT_DECAY
     xi: float | str = "theta_lr"
     val_objective: str = "distill"
     scaling: str = "theta"
@@ -121,33 +118,24 @@ class ThetaConfig:
         return asdict(self)
 
 
-def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """-sum softmax(z_T/T) log softmax(z_S/T) * T^2: TinyBERT's prediction-layer loss, the L_d
-    AutoSKDBERT distils with.
-
-    For the student it has the same gradient as KL (so the same virtual step and the same mixed
-    second derivative); for theta it does not, and the difference matters: KL = CE - H(p_T) adds
-    an entropy term that penalises sharpening *every* teacher, while CE's theta-gradient rewards
-    exactly the teachers whose predictions the student, after the virtual step, agrees with on
-    held-out data.
-    """
-    t = temperature
-    return -(F.softmax(teacher_logits / t, -1) * F.log_softmax(student_logits / t, -1)).sum(-1).mean() * t * t
-
-
 def distillation_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labels: torch.Tensor | None,
                       alpha: float, temperature: float) -> torch.Tensor:
     """The student's training loss as the ``kd`` method computes it, in soft-CE form:
-    ``alpha · T² · CE_T(target, student) + (1 − alpha) · CE(student, labels)``.
+    ``alpha · T² · CE_T(target, student) + (1 − alpha) · CE(student, labels)``, from the engine's
+    own distances (:func:`~autoskd.engine.losses.ce`, :func:`~autoskd.engine.losses.hard_label_ce`).
 
     Its gradient in the student's weights equals the engine's ``kd`` loss (KL form) exactly, so
-    the virtual step ``w − ξ ∇_w L_train`` is the step the student really takes.
+    the virtual step ``w − ξ ∇_w L_train`` is the step the student really takes. For θ the two
+    forms differ, and soft CE (TinyBERT's prediction-layer loss, the L_d AutoSKDBERT distils with)
+    is the right one: KL = CE − H(p_T) adds an entropy term that penalises sharpening *every*
+    teacher, while CE's θ-gradient rewards exactly the teachers whose predictions the student,
+    after the virtual step, agrees with on held-out data.
     """
-    loss = alpha * soft_cross_entropy(student_logits, target_logits, temperature)
+    loss = alpha * ce(student_logits, target_logits, temperature=temperature)
     if alpha < 1.0:
         if labels is None:
             raise AutoSKDError("a distillation loss with hard labels (alpha < 1) needs labelled batches")
-        loss = loss + (1.0 - alpha) * F.cross_entropy(student_logits, labels)
+        loss = loss + (1.0 - alpha) * hard_label_ce(student_logits, labels)
     return loss
 
 
@@ -304,7 +292,7 @@ class ThetaStep(Callback):
         def val_loss(params, theta):
             logits = logits_of(params, val_batch)
             if self.config.val_objective == "task":
-                return F.cross_entropy(logits, val_batch["labels"])
+                return hard_label_ce(logits, val_batch["labels"])
             return student_loss(logits, val_t, theta, val_batch.get("labels"))
 
         return train_loss, val_loss

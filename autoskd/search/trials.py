@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
-import logging
 import os
 import time
 import traceback
@@ -34,12 +33,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from ..atomic import write_json
 from ..errors import AutoSKDError
-from ..ray_runtime import module_root, ray_session, worker_env
+from ..ray_runtime import module_root, progress_callback, quiet_tune_logs, ray_session, worker_env
 from .arms import Arm
 
-__all__ = ["TrialSpec", "run_arm", "run_arms", "distill_arm", "load_record", "arm_dir",
-           "DEFAULT_RUNNER"]
+__all__ = ["TrialSpec", "run_arm", "run_arms", "distill_arm", "load_record", "arm_dir", "prepare_worker",
+           "trial_worker_env", "teacher_task", "DEFAULT_RUNNER"]
 
 DEFAULT_RUNNER = "autoskd.search.trials:distill_arm"
 
@@ -164,7 +164,7 @@ def distill_arm(spec: TrialSpec, arm: Arm, out_dir: Path) -> dict:
     """The real runner: rebuild task and team, distil a student with the arm's teacher policy."""
     from ..pipeline import distill
 
-    from ..fanout.early_stop import dev_score, epoch_reporters
+    from .early_stop import dev_score, epoch_reporters
 
     task = spec.load_task()
     team = spec.build_team(task)
@@ -175,13 +175,6 @@ def distill_arm(spec: TrialSpec, arm: Arm, out_dir: Path) -> dict:
             "dev_score": dev_score(outcome.result.history),  # what a scheduler ranks by
             "steps": int(outcome.result.steps), "train_seconds": round(float(outcome.result.seconds), 2),
             "teacher_counts": outcome.teacher_counts}
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 def load_record(root: str | Path, arm: Arm | str) -> dict | None:
@@ -214,7 +207,7 @@ def run_arm(spec: TrialSpec, arm: Arm) -> dict:
     record = {**arm.to_dict(), "dev_acc": float(result.pop("dev_acc")), "test_acc": float(result.pop("test_acc")),
               "seconds": round(time.perf_counter() - start, 2), "steps": result.pop("steps", None),
               "student_trainings": 1, "teacher_counts": result.pop("teacher_counts", None), **result}
-    _write_json(out / "arm.json", record)
+    write_json(out / "arm.json", record)
     (out / "error.txt").unlink(missing_ok=True)
     return record
 
@@ -237,7 +230,9 @@ def _failed(arm: Arm, error: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- Ray
-def _worker_env(spec: TrialSpec, cpus_per_trial: float) -> dict[str, str]:
+def trial_worker_env(spec: TrialSpec, cpus_per_trial: float) -> dict[str, str]:
+    """The environment of a trial process running ``spec`` (the runner's package importable too);
+    checks, in the driver, that ``spec.runner`` imports."""
     _resolve_runner(spec.runner)  # fail early, in the driver, on a bad runner path
     return worker_env(cpus_per_trial, (module_root(spec.runner.partition(":")[0]),))
 
@@ -260,7 +255,7 @@ def _ray_trainable(config: dict, spec: dict | None = None, env: dict | None = No
     """One Ray Tune trial: run the arm, report its record (as JSON, so nothing gets flattened)."""
     from ray import tune
 
-    from ..fanout.early_stop import record_score
+    from .early_stop import record_score
 
     spec = prepare_worker(spec, env)
     record = run_arm(spec, Arm.from_dict(config["arm"]))
@@ -272,39 +267,8 @@ def _trial_name(trial) -> str:
     return str(trial.config["arm"]["name"])
 
 
-def _progress_callback(total: int):
-    from ray import tune
-    from tqdm.auto import tqdm
-
-    class _Bar(tune.Callback):
-        """A tqdm bar over finished/failed trials (Tune's own output is off)."""
-
-        def __init__(self):
-            self._bar = None
-
-        def __getstate__(self):  # Tune may pickle callbacks with the experiment state
-            return {"_bar": None}
-
-        def setup(self, **info):
-            self._bar = tqdm(total=total, desc="arms (ray)", unit="arm")
-
-        def _tick(self, trial, status):
-            if self._bar is not None:
-                self._bar.update(1)
-                self._bar.set_postfix_str(f"{_trial_name(trial)} {status}")
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            self._tick(trial, "done")
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            self._tick(trial, "failed")
-
-        def on_experiment_end(self, trials, **info):
-            if self._bar is not None:
-                self._bar.close()
-                self._bar = None
-
-    return _Bar()
+def _arm_status(trial, status: str) -> str:
+    return f"{_trial_name(trial)} {status}"
 
 
 def _run_ray(spec: TrialSpec, arms: list[Arm], *, address: str | None, cpus_per_trial: float, gpus_per_trial: float,
@@ -312,10 +276,10 @@ def _run_ray(spec: TrialSpec, arms: list[Arm], *, address: str | None, cpus_per_
              scheduler: str | None = None) -> dict[str, dict]:
     from ray import tune
 
-    env = _worker_env(spec, cpus_per_trial)
+    env = trial_worker_env(spec, cpus_per_trial)
     tune_scheduler = None
     if scheduler not in (None, "none"):
-        from ..fanout.early_stop import REPORT_ENV, evaluated_epochs, make_scheduler
+        from .early_stop import REPORT_ENV, evaluated_epochs, make_scheduler
 
         env[REPORT_ENV] = "1"  # trials report dev accuracy per epoch, so the scheduler can stop them
         tune_scheduler = make_scheduler(scheduler, evaluated_epochs(spec.distill_config()))
@@ -330,17 +294,11 @@ def _run_ray(spec: TrialSpec, arms: list[Arm], *, address: str | None, cpus_per_
                                         scheduler=tune_scheduler),
             run_config=tune.RunConfig(storage_path=str(Path(spec.root) / "ray"), name="trials", verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-                                      callbacks=[_progress_callback(len(arms))] if progress else None),
+                                      callbacks=[progress_callback(len(arms), "arms (ray)", "arm", _arm_status)]
+                                      if progress else None),
         )
-        quiet = [logging.getLogger(n) for n in ("ray.tune", "ray.train", "ray.air")]
-        levels = [q.level for q in quiet]
-        for q in quiet:  # INFO chatter; a failed trial's traceback is in its error.txt and still logged as ERROR
-            q.setLevel(max(q.getEffectiveLevel(), logging.WARNING))
-        try:
+        with quiet_tune_logs():  # a failed trial's traceback is in its error.txt and still logged as ERROR
             grid = tuner.fit()
-        finally:
-            for q, level in zip(quiet, levels):
-                q.setLevel(level)
         out: dict[str, dict] = {}
         for result in grid:
             name = (result.config or {}).get("arm", {}).get("name")
@@ -413,21 +371,21 @@ def run_arms(spec: TrialSpec, arms: Iterable[Arm], executor: str = "ray", addres
             if got is None:
                 records[arm.name] = _failed(arm, "the trial did not run (Ray returned no result)")
             elif "stopped" in got:
-                from ..fanout.early_stop import evaluated_epochs, stopped_record
+                from .early_stop import evaluated_epochs, stopped_record
 
                 planned = evaluated_epochs(arm.distill_config(spec.distill_config()))
                 record = stopped_record({**arm.to_dict(), "seconds": None, "steps": None, "student_trainings": 1,
                                          "teacher_counts": None}, got["stopped"], planned)
-                _write_json(arm_dir(spec.root, arm) / "arm.json", record)  # finished work: not re-run on resume
+                write_json(arm_dir(spec.root, arm) / "arm.json", record)  # finished work: not re-run on resume
                 records[arm.name] = {**record, "status": "stopped"}
             elif "error" in got and "dev_acc" not in got:
                 records[arm.name] = _failed(arm, got["error"])
             else:
                 if load_record(spec.root, arm) is None:  # remote cluster without shared storage
-                    _write_json(arm_dir(spec.root, arm) / "arm.json", got)
+                    write_json(arm_dir(spec.root, arm) / "arm.json", got)
                 records[arm.name] = {**got, "status": "finished"}
         if scheduler not in (None, "none"):
-            from ..fanout.early_stop import compute_report, evaluated_epochs
+            from .early_stop import compute_report, evaluated_epochs
 
             saved = compute_report([records[a.name] for a in todo], evaluated_epochs(spec.distill_config()))
             print(f"{scheduler}: stopped {saved['stopped_early']} of {len(todo)} arms early; "

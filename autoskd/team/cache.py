@@ -14,7 +14,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ..models.loading import load_classifier
+from ..models.loading import freeze, load_classifier
 from .probe import tokenizer_fingerprint
 from .spec import ModelSpec, _sha256
 
@@ -47,13 +47,6 @@ def read_meta(entry: Path, key: str) -> dict | None:
     except (OSError, json.JSONDecodeError):
         return None
     return meta if meta.get("hash") == key and "weights_id" in meta else None
-
-
-def freeze(model: nn.Module) -> nn.Module:
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
 
 
 def load_frozen(path: str, num_labels: int) -> nn.Module:

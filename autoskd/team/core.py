@@ -19,8 +19,8 @@ from torch import nn
 
 from ..errors import AutoSKDError
 from ..models.lazy import LazyModel, LazyModels, meta_skeleton
-from ..models.loading import count_layers, count_parameters, load_tokenizer, save_student
-from .cache import DEFAULT_CACHE_DIR, entry_dir, freeze, load_frozen, read_meta, teacher_cache_key
+from ..models.loading import count_layers, count_parameters, freeze, load_tokenizer, save_student
+from .cache import DEFAULT_CACHE_DIR, entry_dir, load_frozen, read_meta, teacher_cache_key
 from .evaluation import dev_accuracy
 from .finetune import finetune_teacher
 from .probe import tokenizer_difference, tokenizer_fingerprint

@@ -34,6 +34,7 @@ def finetune_teacher(name: str, spec: ModelSpec, key: str, entry: Path, task, tr
     tokenizer into ``entry`` and return ``(model, meta)``."""
     from ..data.collate import TokenizedSplit, make_loader
     from ..engine.trainer import Distiller, Stage, evaluate
+    from ..methods import get_method
 
     s = spec.finetune
     partial = entry.with_name(entry.name + ".partial")
@@ -50,7 +51,7 @@ def finetune_teacher(name: str, spec: ModelSpec, key: str, entry: Path, task, tr
     model = load_classifier(spec.source, num_labels=task.num_labels, layers=spec.layers, init=spec.init, seed=seed)
     set_label_names(model, list(task.label_names))
     start = time.time()
-    result = Distiller(student=model, method="finetune", teachers=None, out_dir=partial / "run", seed=seed,
+    result = Distiller(student=model, method=get_method("finetune"), teachers=None, out_dir=partial / "run", seed=seed,
                        progress=progress).fit(
         stages=[Stage(name="finetune", train=train_loader, epochs=s.epochs, lr=s.lr,
                       warmup_ratio=s.warmup_ratio, weight_decay=s.weight_decay)],

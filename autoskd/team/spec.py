@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..defaults import DEFAULT_BATCH_SIZE, DEFAULT_LR, DEFAULT_WARMUP_RATIO, DEFAULT_WEIGHT_DECAY
 from ..errors import AutoSKDError
 from ..models.loading import INIT_CHOICES
 
@@ -34,10 +35,10 @@ class FinetuneSettings:
     """How a teacher is fine-tuned on the task (one engine stage, method ``finetune``)."""
 
     epochs: float = 3
-    lr: float = 5e-5
-    batch_size: int = 32
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.01
+    lr: float = DEFAULT_LR
+    batch_size: int = DEFAULT_BATCH_SIZE
+    warmup_ratio: float = DEFAULT_WARMUP_RATIO
+    weight_decay: float = DEFAULT_WEIGHT_DECAY
     max_train_examples: int | None = None
 
     @classmethod

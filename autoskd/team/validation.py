@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import AutoSKDError
-from ..models.loading import (_check_layers, config_num_layers, count_layers, hidden_size, load_config,
+from ..models.loading import (check_layers, config_num_layers, count_layers, hidden_size, load_config,
                               load_tokenizer, num_labels_of, resolve_source)
 from .probe import probe_num_labels, tokenizer_difference
 from .spec import ModelSpec
@@ -61,7 +61,7 @@ def validate_team(team, task) -> None:
         if member.layers is not None:
             available = config_num_layers(config_of(member.source))
             try:
-                _check_layers(available, member.layers)
+                check_layers(available, member.layers)
             except AutoSKDError as err:
                 raise AutoSKDError(f"{label}: {err}") from None
     student = team.student_spec

@@ -5,13 +5,15 @@ candidate/baseline trial start a :class:`ray.train.torch.TorchTrainer` with N wo
 CPU, nccl on GPUs). Ray Train sets up the process group; every worker runs the same
 :func:`autoskd.search.trials.distill_arm`, so the one training loop runs under DeepSpeed across
 the group exactly as under ``torchrun``; rank 0 writes the student and reports the record.
+It lives in the search layer, beside the runner and the search it spreads over a group: the
+engine underneath only sees a process group, whoever started it.
 
 With ``--processes-per-trial N`` the search's own θ phase runs the same way
 (:func:`bilevel_search_parallel`): N ranks train the student under DeepSpeed and update Cat(θ)
 identically (each θ step averages its unrolled gradient over the ranks).
 
 Other fan-out code (``autoskd tune``) uses it the same way: put
-``"runner": "autoskd.engine.ray_parallel:distill_arm_parallel"`` in the TrialSpec and
+``"runner": "autoskd.search.ray_parallel:distill_arm_parallel"`` in the TrialSpec and
 ``processes`` (plus ``deepspeed``) in its ``base_config``.
 """
 
@@ -22,6 +24,8 @@ import os
 from pathlib import Path
 
 import torch
+
+from ..atomic import write_json
 
 CPUS_PER_WORKER_ENV = "AUTOSKD_CPUS_PER_WORKER"
 RECORD_FILE = "parallel_record.json"
@@ -51,7 +55,7 @@ def run_group(worker, loop_config: dict, n: int, storage: Path, record: Path) ->
 
 def distill_arm_parallel(spec, arm, out_dir: Path) -> dict:
     """Trial runner: ``distill_arm`` on ``processes`` Ray Train workers (in-process when 1)."""
-    from ..search.trials import distill_arm
+    from .trials import distill_arm
 
     n = int(spec.base_config.get("processes", 1) or 1)
     if n <= 1:
@@ -65,7 +69,7 @@ def bilevel_search_parallel(team_path: str, task_args: dict, config, m: int, out
     """AutoSKD's θ search (phase 1, selection, phase 2) on ``config.processes`` Ray Train workers
     under ``config.deepspeed``: each rank trains on its slice of every batch and θ is updated
     identically on every rank (:mod:`autoskd.engine.functional_forward`); rank 0 writes the record."""
-    from ..search.run import search_record_path
+    from .run import search_record_path
 
     record = search_record_path(config, Path(out_dir), theta_lr if theta_lr is not None else config.theta.lr)
     if record.exists():
@@ -86,7 +90,7 @@ def _rank_setup() -> None:
 
 def _search_worker(loop: dict) -> None:
     """One rank of the θ search's group: rebuild the task and the (cached) team, then search."""
-    from ..search.run import SearchConfig, bilevel_search, load_search_task
+    from .run import SearchConfig, bilevel_search, load_search_task
     from ..team import TeacherTeam
 
     _rank_setup()
@@ -104,8 +108,8 @@ def _worker(config: dict) -> None:
     """One rank of the group: the ordinary single-trial runner, inside the group's process group."""
     import ray.train
 
-    from ..search.arms import Arm
-    from ..search.trials import TrialSpec, distill_arm
+    from .arms import Arm
+    from .trials import TrialSpec, distill_arm
 
     _rank_setup()
     spec = TrialSpec.from_dict(config["spec"])
@@ -116,5 +120,5 @@ def _worker(config: dict) -> None:
 
     record["processes"] = dist.get_world_size() if dist.is_initialized() else 1
     if not dist.is_initialized() or dist.get_rank() == 0:
-        (Path(config["out"]) / RECORD_FILE).write_text(json.dumps(record))
+        write_json(Path(config["out"]) / RECORD_FILE, record, indent=None)
     ray.train.report({"dev_acc": record["dev_acc"]})

@@ -1,4 +1,5 @@
-"""``autoskd distill --method plan.yaml``: a stage plan (:mod:`autoskd.engine.stages`) on a team.
+"""A stage plan (:mod:`autoskd.engine.stages`) on a team: ``kind: stages`` in an experiment file,
+or ``autoskd distill --method plan.yaml``.
 
 This module only wires a plan to the team and the task: each stage's teacher policy comes from
 :func:`autoskd.pipeline.build_policy` (its own method, teacher or teachers), its data from the
@@ -13,13 +14,14 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Callable
 
 from .data.collate import make_loader, tokenize_split, unlabelled_split
 from .data.tasks import TaskData, load_task
 from .engine.stages import StageOutcome, StageSpec, check_plan, load_stage_plan, run_stages
 from .engine.trainer import TrainResult, evaluate
 from .errors import AutoSKDError
-from .pipeline import (DEFAULT_CACHE, DistillConfig, DistillOutcome, Loaders, _mlm_loaders, build_policy,
+from .pipeline import (DEFAULT_CACHE, DistillConfig, DistillOutcome, Loaders, mlm_loaders, build_policy,
                        make_loaders, method_stages, parallel_options, prepare_mlm_teachers, save_run)
 
 
@@ -56,11 +58,14 @@ class _StageData:
 
 def distill_stages(team, task: TaskData | str, plan, config: DistillConfig | None = None, *,
                    out_dir: str | Path | None = None, cache_dir: str | Path = DEFAULT_CACHE, progress: bool = True,
-                   callbacks=()) -> tuple[DistillOutcome, list[StageOutcome]]:
+                   callbacks=(), before_training: Callable[[], None] | None = None
+                   ) -> tuple[DistillOutcome, list[StageOutcome]]:
     """Train the team's student through ``plan`` (a YAML path, dict or list of stage entries).
 
     ``config`` gives what the plan leaves out: batch size, seed, ``max_length``, the default
-    teacher; each stage's epochs, lr, method and teacher come from its entry."""
+    teacher; each stage's epochs, lr, method and teacher come from its entry.
+    ``before_training`` is called once the whole plan is checked against the student and the
+    team, before the first stage trains (a refused plan leaves no output folder behind)."""
     config = config or DistillConfig()
     specs = load_stage_plan(plan)
     task = load_task(task, seed=config.seed) if isinstance(task, str) else task
@@ -69,6 +74,8 @@ def distill_stages(team, task: TaskData | str, plan, config: DistillConfig | Non
     data = _StageData(task, team.tokenizer, max_length, config, loaders)
     student = team.build_student(task, seed=config.seed)
     check_plan(student, specs, list(team.teachers))
+    if before_training is not None:
+        before_training()
 
     def prepare(spec: StageSpec, method):
         cfg = dataclasses.replace(config, method=spec.method, method_options=dict(spec.options), epochs=spec.epochs,
@@ -76,7 +83,7 @@ def distill_stages(team, task: TaskData | str, plan, config: DistillConfig | Non
                                   pretrain_epochs=0.0, teacher=spec.teacher or config.teacher,
                                   teachers=spec.teachers or config.teachers)
         stage_loaders, stage_task = data.get(spec)
-        masked = _mlm_loaders(method, dataclasses.replace(cfg, pretrain_epochs=1.0), stage_task, team.tokenizer,
+        masked = mlm_loaders(method, dataclasses.replace(cfg, pretrain_epochs=1.0), stage_task, team.tokenizer,
                               max_length)
         wanted = spec.method_stages or method.spec.stages
         names = [s for s in wanted if s != "pretrain"]
@@ -110,28 +117,3 @@ def distill_stages(team, task: TaskData | str, plan, config: DistillConfig | Non
         save_run(outcome, dataclasses.replace(config, method="stages"), team, task)
         (Path(out_dir) / "stages.json").write_text(json.dumps([o.summary() for o in outcomes], indent=2))
     return outcome, outcomes
-
-
-def cmd_distill_stages(args, options: dict) -> int:
-    """The ``distill`` command when ``--method`` is a stage plan (registered from :mod:`autoskd.cli`)."""
-    from .cli import _build_team, _load_task, print_table
-    from .parallel_cli import parallel_config
-
-    if options:
-        raise AutoSKDError("--option does not apply to a stage plan; give each stage its options: in the YAML")
-    if (Path(args.out) / "result.json").exists():
-        raise AutoSKDError(f"--out {args.out} already holds a finished run (result.json); pass a new --out folder")
-    load_stage_plan(args.method)  # a bad plan fails before any teacher is built
-    parallel = parallel_config(args)
-    task = _load_task(args)
-    team = _build_team(args, task)
-    config = DistillConfig(teacher=args.teacher, batch_size=args.batch_size, seed=args.seed,
-                           max_length=args.max_length, teachers=args.teachers.split(",") if args.teachers else None,
-                           **parallel)
-    outcome, stages = distill_stages(team, task, args.method, config, out_dir=args.out, cache_dir=args.cache_dir,
-                                     progress=not args.no_progress)
-    print_table([{"model": f"teacher {n}", "dev_acc": a, "test_acc": None} for n, a in team.dev_accuracy.items()]
-                + [{"model": f"student ({' -> '.join(s.method for s in stages)})", "dev_acc": outcome.dev_acc,
-                    "test_acc": outcome.test_acc}])
-    print(f"student saved to {Path(args.out) / 'student'}")
-    return 0

@@ -13,8 +13,10 @@ ASHA stopped can never end above one it promoted at the same rung.
 The scheduler ranks by ``dev_score``: that accuracy with ties broken by the same epoch's lower dev
 loss (:func:`dev_score`). On a small dev set many trials share one accuracy (all at the majority
 class, say), and ASHA stops a trial only when it is *below* a rung's cutoff, so without the
-tie-break a crowd of equal scores is promoted whole (the ASHA benchmark's first run: 35 of 52
-trials at one accuracy, 10 of 54 stopped).
+tie-break a crowd of equal scores is promoted whole (as in the ASHA benchmark's first run).
+
+It lives in the search layer because AutoSKD's own arms report and stop this way too;
+``autoskd tune`` (:mod:`autoskd.fanout`, the layer above) uses it for its trials.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def record_score(record: dict) -> float:
 
 def evaluated_epochs(config) -> int:
     """How many dev evaluations a :func:`~autoskd.pipeline.distill` run with ``config`` makes."""
-    from ..engine.methods import get_method
+    from ..methods import get_method
 
     method = get_method(config.method, **dict(config.method_options or {}))
     stages = [s for s in method.spec.stages if s != "pretrain"]
