@@ -349,3 +349,59 @@ def test_team_members_are_healed_or_adapted_once_and_cached(tok, corpus, tmp_pat
                        f"  - {{name: later, source: {src}}}\n")
         LMTeam.from_yaml(bad).build(corpus=corpus, cache_dir=tmp_path / "cache2", progress=False)
     assert teacher_prep.TrainSettings.from_value({"steps": 2}, "t").method == "finetune"
+
+
+# ---------------------------------------------------------------------------------------- another tokenizer
+def test_a_teacher_with_its_own_tokenizer_teaches_through_uld_hybrid(tok, corpus, tmp_path):
+    """A team file whose teacher reads the text with another tokenizer: kd becomes uld_hybrid at
+    aligned positions; methods on hidden states are refused in one line."""
+    other = bpe_tokenizer(vocab_size=290)
+    teacher = tiny_llama(len(other), layers=2, seed=13)
+    teacher.save_pretrained(tmp_path / "teacher")
+    other.save_pretrained(tmp_path / "teacher")
+    student = tiny_llama(len(tok), layers=1, seed=14)
+    student.save_pretrained(tmp_path / "student")
+    tok.save_pretrained(tmp_path / "student")
+    team_yaml = tmp_path / "team.yaml"
+    team_yaml.write_text(f"kind: lm\nmax_length: 16\nstudent: {{source: {tmp_path / 'student'}}}\nteachers:\n"
+                         f"  - {{name: other, source: {tmp_path / 'teacher'}, tokenizer: own}}\n")
+    out = distill_lm(LMTeam.from_yaml(team_yaml), corpus, LMDistillConfig(method="kd", epochs=1, samples=0),
+                     cache_dir=tmp_path / "cache", progress=False)
+    assert math.isfinite(out.scores["test_ppl"]) and "test_top1_agreement" not in out.scores
+    assert list((tmp_path / "cache" / "lm_topk").glob("*.safetensors"))  # cached on the teacher's own tokenisation
+    with pytest.raises(AutoSKDError, match="has its own tokenizer, so only next-token methods"):
+        distill_lm(LMTeam.from_yaml(team_yaml), corpus, LMDistillConfig(method="distilbert"), progress=False)
+
+
+def test_avgkd_averages_next_token_distributions_not_logits(tok, corpus, trained_teacher, tmp_path):
+    from autoskd.engine.token_losses import TopK
+    from autoskd.lm.teachers import average_topk
+
+    torch.manual_seed(0)
+    a, b = torch.randn(2, 3, len(tok)), 3 * torch.randn(2, 3, len(tok))
+    pa, pb = a.softmax(-1), b.softmax(-1)
+    exact = (pa + pb) / 2
+
+    def topk(p, k):
+        values, ids = p.topk(k, -1)
+        return TopK(ids, values.log())
+
+    mean = average_topk([topk(pa, len(tok)), topk(pb, len(tok))], len(tok))  # k = V: exact
+    dense = torch.zeros_like(exact).scatter_(-1, mean.ids, mean.logprobs.exp())
+    assert torch.allclose(dense, exact, atol=1e-6)
+    small = average_topk([topk(pa, 5), topk(pb, 5)], len(tok))
+    mass = small.logprobs.exp().sum(-1)
+    assert torch.allclose(mass, (pa.topk(5, -1).values.sum(-1) + pb.topk(5, -1).values.sum(-1)) / 2, atol=1e-5)
+    team = LMTeam(student=tiny_llama(len(tok), layers=1, seed=15),
+                  teachers={"a": trained_teacher, "b": tiny_llama(len(tok), layers=2, hidden=48, seed=16)},
+                  tokenizer=tok, max_length=16)
+    out = distill_lm(team, corpus, LMDistillConfig(method="kd", policy="average", epochs=1, samples=0,
+                                                   agreement=False), cache_dir=tmp_path, progress=False)
+    assert math.isfinite(out.scores["test_ppl"])
+
+
+def test_padded_rows_are_served_from_the_cache_at_their_batch_length(tok, corpus, trained_teacher, tmp_path):
+    out = distill_lm(team_of(tok, teacher=trained_teacher), corpus,
+                     LMDistillConfig(method="kd", layout="padded", epochs=1, samples=0, agreement=False),
+                     cache_dir=tmp_path, progress=False)
+    assert math.isfinite(out.scores["test_ppl"]) and out.result.steps > 0

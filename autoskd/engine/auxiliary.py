@@ -173,6 +173,8 @@ class AuxiliaryModel(nn.Module):
         wt = _width(t_ref.kind, self.teacher_geoms[teacher])
         if loss.projection is None:
             transform = get_transform(loss.transform)
+            if getattr(DISTANCES.get(loss.distance), "cross_vocab", False):
+                return None  # the distance maps two vocabularies itself (a teacher with its own tokenizer)
             if ws and wt and ws != wt and not getattr(transform, "pairwise", False):
                 raise AutoSKDError(
                     f"method {self.spec.name!r}: {key!r} compares a student feature of width {ws} with "

@@ -75,16 +75,6 @@ __all__ = ["ALIGN_RULES", "AlignedRows", "AlignedSet", "AlignedTeacher", "CrossT
            "CrossTokenizerTeacher", "SharedVocab", "shared_vocab", "token_bytes", "uld_hybrid"]
 
 
-class _OwnVocabulary(nn.Module):
-    """The teacher as the engine's geometry sees it: a module no architecture adapter knows, so
-    the auxiliary model compares no widths with the student's (the two vocabularies differ by
-    design; ``uld_hybrid`` maps them) and builds no projection. Parameters are still counted."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.wrapped = model
-
-
 class CrossTokenizerTeacher(LMTeacher):
     """An LM teacher with its own tokenizer; ``features(batch, ["lm_logits"])`` gives an
     :class:`AlignedSet` (one :class:`AlignedTeacher` per temperature) for the ``uld_hybrid``
@@ -106,10 +96,6 @@ class CrossTokenizerTeacher(LMTeacher):
         self.micro_batch = max(1, int(micro_batch))
         self.vocab = shared_vocab(student_tokenizer, tokenizer, teacher_size=self.vocab_size())
         self.stats: dict = {"vocab": self.vocab.share()}
-
-    @property
-    def shape_model(self) -> nn.Module:
-        return _OwnVocabulary(Teacher.shape_model.fget(self))
 
     def vocab_size(self) -> int:
         model = Teacher.shape_model.fget(self)

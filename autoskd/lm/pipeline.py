@@ -25,9 +25,9 @@ from ..errors import AutoSKDError
 from .data import LMCorpus, load_corpus, lm_data_id, make_lm_loader, tokenize_lm_split
 from .evaluate import evaluate_lm, greedy_samples, perplexity_metric, top1_agreement
 from .models import save_lm
-from .recipes import decoder_method, lm_temperatures
+from .recipes import cross_tokenizer_method, decoder_method, lm_temperatures
 from .team import LMTeam
-from .teachers import LMTeacher
+from .teachers import AverageLMTeachers, LMTeacher
 from .topk_cache import TopKCache
 from .vocab import RemappedLoader, build_lm_vocab_map, compress_causal_lm, save_vocab_map
 
@@ -72,8 +72,8 @@ class LMDistillConfig:
             raise AutoSKDError(f"--precision {self.precision!r} unknown; choose one of: {', '.join(PRECISIONS)}")
         if self.top_k < 0:
             raise AutoSKDError(f"top_k must be >= 0 (0 runs the teacher live); got {self.top_k}")
-        if self.policy not in ("single", "sampled"):
-            raise AutoSKDError(f"policy {self.policy!r} is not available for LM teams yet; use single or sampled")
+        if self.policy not in ("single", "average", "sampled"):
+            raise AutoSKDError(f"policy {self.policy!r} unknown; use single, average (AvgKD) or sampled")
 
 
 @dataclass
@@ -125,9 +125,22 @@ def lm_policy(team: LMTeam, config: LMDistillConfig, method, cache_dir: Path) ->
         raise AutoSKDError(f"method {method.spec.name!r} needs a teacher, but the team has none")
     temps = lm_temperatures(method)
     cache = TopKCache(Path(cache_dir) / "lm_topk")
-    teachers = {name: LMTeacher(name, model, team.fingerprints.get(name), top_k=config.top_k,
-                                temperatures=temps, cache=cache)
-                for name, model in team.teachers.items()}
+    teachers = {}
+    for name, model in team.teachers.items():
+        own = team.own_tokenizers.get(name)
+        if own is not None:  # reads the same text with its own tokenizer (aligned positions, uld_hybrid)
+            from .cross_tokenizer import CrossTokenizerTeacher
+
+            teachers[name] = CrossTokenizerTeacher(name, model, own, team.tokenizer, team.fingerprints.get(name),
+                                                   top_k=config.top_k, temperatures=temps, cache=cache)
+        else:
+            teachers[name] = LMTeacher(name, model, team.fingerprints.get(name), top_k=config.top_k,
+                                       temperatures=temps, cache=cache)
+    if config.policy == "average":
+        if team.own_tokenizers:
+            raise AutoSKDError("AvgKD averages distributions over one vocabulary; teachers with their own "
+                               "tokenizer cannot be averaged (use policy single or sampled)")
+        return AverageLMTeachers(teachers)
     if config.policy == "sampled":
         theta = torch.tensor(config.theta or [1.0] * len(teachers), dtype=torch.float64)
         if len(theta) != len(teachers) or (theta < 0).any() or float(theta.sum()) <= 0:
@@ -154,6 +167,11 @@ def distill_lm(team: LMTeam, corpus: LMCorpus | str, config: LMDistillConfig | N
     config = config or LMDistillConfig()
     config.check()
     method = decoder_method(config.method, **config.method_options)  # refuses encoder-only methods now
+    used = list(team.teacher_specs) if config.policy != "single" else \
+        [config.teacher or next(iter(team.teacher_specs), None)]
+    own = next((n for n in used if getattr(team.teacher_specs.get(n), "tokenizer", None)), None)
+    if own is not None and method.spec.needs_teacher:
+        method = cross_tokenizer_method(method, own)
     corpus = load_corpus(corpus, seed=config.seed) if isinstance(corpus, str) else corpus
     team.build(seed=config.seed, corpus=corpus, cache_dir=cache_dir, progress=progress)
     tokenizer = team.tokenizer
@@ -213,9 +231,9 @@ def score_student(student, loaders: LMLoaders, policy, device, result: TrainResu
     scores = {"val_ppl": evaluate_lm(student, loaders.val, device)["perplexity"],
               "test_ppl": evaluate_lm(student, loaders.test, device)["perplexity"],
               "dev_ppl": result.student_score}
-    if policy is not None:
-        teacher = next(iter(policy.teachers.values())).model
-        scores["test_top1_agreement"] = top1_agreement(student, teacher, loaders.test, device)
+    teacher = next(iter(policy.teachers.values())) if policy is not None else None
+    if teacher is not None and not getattr(teacher, "own_tokenizer", False):  # same token ids only
+        scores["test_top1_agreement"] = top1_agreement(student, teacher.model, loaders.test, device)
     scores["eval_seconds"] = round(time.perf_counter() - start, 2)
     return scores
 

@@ -17,6 +17,7 @@ from typing import Any, Callable
 from ..methods import GENERIC_OPTIONS, Method, get_method  # the built-in methods, registered
 from ..engine.spec import FeatureLoss, MethodSpec
 from ..errors import AutoSKDError
+from . import cross_tokenizer_loss  # noqa: F401  (registers uld_hybrid)
 
 Recipe = Callable[[MethodSpec, dict], MethodSpec]
 
@@ -121,6 +122,21 @@ def decoder_method(name: str | Method, **options: Any) -> Method:
                or (k.endswith("_weight") and k not in method.OPTIONS)}
     method.spec = method._apply_generic(spec, generic)
     method._decoder = True
+    return method
+
+
+def cross_tokenizer_method(method: Method, teacher: str) -> Method:
+    """The method for a teacher with its own tokenizer: every next-token term becomes
+    ``uld_hybrid`` (KL on the tokens both vocabularies share, ULD on the rest; see
+    :mod:`.cross_tokenizer_loss`), at aligned positions only. Terms on hidden states or attention
+    and text the teacher writes cannot cross tokenizers: refused in one line."""
+    name = method.spec.name
+    if any(l.teacher != "lm_logits" for l in method.spec.losses) or name == "seqkd" \
+            or float(method.options.get("vocab_alpha", 1.0)) < 1.0:
+        raise AutoSKDError(f"teacher {teacher!r} has its own tokenizer, so only next-token methods can use it "
+                           f"(kd, glmd without vocab_alpha, on_policy, finetune); {name!r} reads more")
+    losses = tuple(dataclasses.replace(l, distance="uld_hybrid", params=()) for l in method.spec.losses)
+    method.spec = dataclasses.replace(method.spec, losses=losses)
     return method
 
 

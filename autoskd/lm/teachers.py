@@ -11,12 +11,13 @@ features other than the logits) run the teacher live.
 
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import torch
 from torch.utils.data import DataLoader
 
-from ..engine.teachers import Teacher
+from ..engine.teachers import AverageTeachers, Teacher
 from ..errors import AutoSKDError
 from .topk_cache import TopKCache, TopKTable, check_dense_size, compute_topk_table
 
@@ -88,6 +89,43 @@ class LMTeacher(Teacher):
         names = list(names)
         if self.tables and set(names) <= {"lm_logits"} and "idx" in batch and not batch.get("on_policy"):
             idx = batch["idx"]
-            return {"lm_logits": TopKSet({tau: table.rows(idx).to(batch["input_ids"].device)
+            length = batch["input_ids"].shape[1]  # a padded batch is trimmed to its longest row
+            return {"lm_logits": TopKSet({tau: table.rows(idx, length).to(batch["input_ids"].device)
                                           for tau, table in self.tables.items()})}
         return super().features(batch, names)
+
+
+def average_topk(parts: list, vocab_size: int):
+    """The probability-space mean of sparse teacher distributions: each id of the union gets the
+    mean of its probabilities (0 where a teacher's top-k lacks it), so the tail of the mean is the
+    mean of the tails and the result is again a proper (k'+1)-bucket distribution."""
+    from ..engine.token_losses import TopK
+
+    n = len(parts)
+    lead = parts[0].ids.shape[:-1]
+    ids = torch.cat([p.ids.reshape(-1, p.k) for p in parts], -1)
+    probs = torch.cat([p.logprobs.reshape(-1, p.k).float().exp() / n for p in parts], -1)
+    dense = torch.zeros(ids.shape[0], vocab_size, dtype=torch.float32, device=ids.device)
+    dense.scatter_add_(1, ids, probs)
+    values, union = dense.topk(min(ids.shape[-1], vocab_size), dim=-1)  # the whole union (zeros past its size)
+    logprobs = values.clamp_min(torch.finfo(torch.float32).tiny).log()
+    return TopK(union.reshape(*lead, -1), logprobs.reshape(*lead, -1), parts[0].temperature)
+
+
+class AverageLMTeachers(AverageTeachers):
+    """AvgKD for language models: the student learns the mean of the teachers' next-token
+    *distributions* (averaging logits, as for a classifier, would weight a confident teacher more)."""
+
+    def features(self, name: str, batch: dict, names: Iterable[str]) -> dict:
+        if set(names) - {"lm_logits"}:
+            raise AutoSKDError("AvgKD averages next-token distributions only; use a next-token method such as kd")
+        parts = [t.features(batch, ["lm_logits"])["lm_logits"] for t in self.teachers.values()]
+        if all(isinstance(p, TopKSet) for p in parts):
+            vocab = max(t.vocab_size() for t in self.teachers.values())
+            return {"lm_logits": TopKSet({tau: average_topk([p.at(tau) for p in parts], vocab)
+                                          for tau in parts[0].by_temperature})}
+        if any(isinstance(p, TopKSet) for p in parts):
+            raise AutoSKDError("AvgKD needs every teacher cached or every teacher live; set top_k for all")
+        vocab = min(p.shape[-1] for p in parts)  # padding rows past the vocabulary are dropped
+        logp = torch.stack([torch.log_softmax(p[..., :vocab].float(), -1) for p in parts])
+        return {"lm_logits": torch.logsumexp(logp, 0) - math.log(len(parts))}  # log of the mean distribution

@@ -34,7 +34,7 @@ from .models import load_causal_lm, load_lm_tokenizer, weights_id
 
 TEAMS_DIR = Path(__file__).resolve().parents[2] / "teams"
 _TEAM_KEYS = ("name", "kind", "max_length", "tokenizer", "student", "teachers")
-_MEMBER_KEYS = ("name", "source", "layers", "init", "config", "train")
+_MEMBER_KEYS = ("name", "source", "layers", "init", "config", "train", "tokenizer")
 
 
 def _unknown(keys, allowed, where: str) -> None:
@@ -56,6 +56,9 @@ class LMMember:
     name: str = ""
     #: Teachers only: train this member on the corpus before it teaches (:mod:`.teacher_prep`).
     train: Any = None
+    #: Teachers only: ``own`` (the tokenizer beside the member's weights) or a tokenizer source, for a
+    #: teacher whose vocabulary differs from the student's (:mod:`.cross_tokenizer`).
+    tokenizer: str | None = None
 
     @classmethod
     def from_value(cls, value: Any, where: str) -> "LMMember":
@@ -81,8 +84,11 @@ class LMMember:
             from .teacher_prep import TrainSettings
 
             train = TrainSettings.from_value(value["train"], where)
+        tokenizer = value.get("tokenizer")
+        if tokenizer is not None and not isinstance(tokenizer, str):
+            raise AutoSKDError(f"{where}.tokenizer must be 'own' or a tokenizer source")
         return cls(source=str(value["source"]), layers=layers, init=init, config=dict(config),
-                   name=str(value.get("name", "")), train=train)
+                   name=str(value.get("name", "")), train=train, tokenizer=tokenizer)
 
     def load(self, seed: int = 0) -> nn.Module:
         return load_causal_lm(self.source, layers=self.layers, init=self.init, seed=seed, config=self.config or None)
@@ -92,7 +98,8 @@ class LMMember:
 
     def to_dict(self) -> dict:
         return {"name": self.name, "source": self.source, "layers": self.layers, "init": self.init,
-                "config": self.config, "train": self.train.to_dict() if self.train is not None else None}
+                "config": self.config, "train": self.train.to_dict() if self.train is not None else None,
+                "tokenizer": self.tokenizer}
 
 
 class LMTeam:
@@ -117,6 +124,8 @@ class LMTeam:
         self._tokenizer = None
         self.teachers: dict[str, nn.Module] = {}
         self.fingerprints: dict[str, str] = {}
+        #: name -> tokenizer, for teachers that read the text with their own tokenizer
+        self.own_tokenizers: dict[str, Any] = {}
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "LMTeam":
@@ -181,13 +190,27 @@ class LMTeam:
             else:
                 model = member if isinstance(member, nn.Module) else member.load(seed)
             rows = model.get_output_embeddings().weight.shape[0] if hasattr(model, "get_output_embeddings") else None
-            if rows is not None and rows < vocab:
+            own = self._own_tokenizer(name, member)
+            if own is not None:  # it reads the text with its own tokenizer: check against that one
+                if rows is not None and rows < len(own):
+                    raise AutoSKDError(f"teacher '{name}' predicts {rows} tokens but its tokenizer has {len(own)}; "
+                                       "name the tokenizer it was trained with ('tokenizer:')")
+                self.own_tokenizers[name] = own
+            elif rows is not None and rows < vocab:
                 raise AutoSKDError(f"teacher '{name}' predicts {rows} tokens but the tokenizer has {vocab}; "
                                    "use the tokenizer the teacher was trained with (team 'tokenizer:')")
             self.teachers[name] = freeze(model)
             self.fingerprints[name] = trained_key or (member.fingerprint(seed) if isinstance(member, LMMember)
                                                       else model_fingerprint(model))
         return self
+
+    def _own_tokenizer(self, name: str, member):
+        source = getattr(member, "tokenizer", None)
+        if source is None:
+            return None
+        from .data import ensure_pad_token
+
+        return ensure_pad_token(load_lm_tokenizer(member.source if source == "own" else source))
 
     def build_student(self, seed: int = 0) -> nn.Module:
         member = self.student_spec

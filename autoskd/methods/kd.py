@@ -29,7 +29,7 @@ class KD(Method):
     #: ``loss``: ``kl`` (Hinton), or a token-level divergence -- ``forward_kl``, ``reverse_kl``,
     #: ``jsd`` (generalised JSD with ``beta``, GKD) or ``tvd`` -- the choices for language models.
     OPTIONS = {"alpha": 1.0, "loss": "kl", "beta": 0.5}
-    LOSSES = ("kl", "forward_kl", "reverse_kl", "jsd", "tvd")
+    LOSSES = ("kl", "forward_kl", "reverse_kl", "jsd", "tvd", "uld_hybrid")
 
     def configure(self, spec: MethodSpec, options: dict[str, Any]) -> MethodSpec:
         alpha = options["alpha"]
