@@ -25,6 +25,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	# Debian's Chromium for the dashboard's browser test (skipped, with the reason, where it is missing)
 	command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || echo "chromium not installed: the dashboard browser test will skip"
+	# Debian's PostgreSQL server for the two-drivers-on-one-study test (it starts its own server on a loopback
+	# port in a temp folder; skipped, with the reason, where it is missing)
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) || echo "postgresql not installed: the PostgreSQL fault tests will skip"
 	$(BIN)/python -m pytest -q tests
 
 clean:

@@ -5,7 +5,9 @@ smaller one. DGKD (``method="dgkd"``): every earlier model of the chain (the tea
 each trained assistant) teaches each hop at once, with random teacher dropout. Every hop is
 one :func:`autoskd.pipeline.distill` run; assistants are the team's student spec with
 another layer count (same source and initialisation). A finished hop is reloaded from its
-folder, so rerunning the same command resumes the chain.
+folder, so rerunning the same command resumes the chain; its ``result.json`` carries what it was
+computed from (the chain's config, the team, the task, the hop and the hops before it: see
+:mod:`autoskd.rerun`), and a hop of another configuration stops the rerun in one line.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from torch import nn
 
 from .atomic import write_json
 from .errors import AutoSKDError
-from .pipeline import DEFAULT_CACHE, DistillConfig, distill
+from .pipeline import DEFAULT_CACHE, DistillConfig, distill, team_identity
+from .rerun import check_stamp, fingerprint
 
 
 @dataclass
@@ -79,22 +82,29 @@ def run_chain(team, task, config: DistillConfig, assistants: list[int], *, out_d
     dev = {first: team.dev_accuracy.get(first, 0.0)}
     outcome = ChainOutcome()
     hops = [(f"assistant-L{k}", int(k)) for k in assistants] + [("student", None)]
+    base = {"team": team_identity(team), "teacher": first,
+            "task": {split: task.fingerprint(split) for split in (config.train_split, "dev", "test")}}
+    done: dict[str, str] = {}  # hop name -> fingerprint of what it was computed from
     for i, (name, layers) in enumerate(hops):
         hop_dir = out / f"hop{i}-{name}"
         speakers = dict(earlier) if config.method == "dgkd" else {list(earlier)[-1]: list(earlier.values())[-1]}
+        cfg = dataclasses.replace(config, teacher=list(speakers)[-1], teachers=list(speakers))
+        identity = {**base, "config": cfg.to_dict(), "hop": name, "layers": layers,
+                    "earlier": {n: done[n] for n in speakers if n in done}}
         result_file = hop_dir / "result.json"
-        if result_file.exists():  # finished earlier: reload and go on
-            model = AutoModelForSequenceClassification.from_pretrained(hop_dir / "student")
+        if result_file.exists():  # finished earlier: reload and go on, if it is this chain's hop
             saved = json.loads(result_file.read_text())
+            check_stamp(saved, identity, f"finished hop {hop_dir}", out)
+            model = AutoModelForSequenceClassification.from_pretrained(hop_dir / "student")
             hop = Hop(name, layers, list(speakers), saved["dev_acc"], saved["test_acc"], saved["seconds"], True)
         else:
             student = team.build_student(task, seed=config.seed) if layers is None else \
                 _build_assistant(team, task, layers, config.seed)
-            cfg = dataclasses.replace(config, teacher=list(speakers)[-1], teachers=list(speakers))
             result = distill(_hop_team(team, speakers, dev), task, cfg, out_dir=hop_dir, cache_dir=cache_dir,
-                             progress=progress, student=student)
+                             progress=progress, student=student, identity=identity)
             model = result.student
             hop = Hop(name, layers, list(speakers), result.dev_acc, result.test_acc, round(result.result.seconds, 2))
+        done[name] = fingerprint(identity)
         outcome.hops.append(hop)
         earlier[name] = model.eval()
         dev[name] = hop.dev_acc

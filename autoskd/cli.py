@@ -18,7 +18,7 @@ import os
 import sys
 
 from .cli_types import (baseline_list, encoding_name, fraction, int_at_least, non_negative_float, non_negative_int,
-                        output_dir, positive_float, positive_int)
+                        output_dir, port_number, positive_float, positive_int, ray_address, storage_url)
 from .defaults import DEFAULT_BATCH_SIZE, DEFAULT_LR
 from .errors import AutoSKDError
 from .experiment.command import SCALE_FLAGS, experiment_from_flags, run_tree
@@ -57,6 +57,11 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"autoskd: error: {self.prog}: {message} (see '{self.prog} --help')\n")
+
+
+def one_line(err: BaseException) -> str:
+    """The error's message on one line, whatever a library put in it."""
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
 
 
 # ---------------------------------------------------------------------------------------------- shared flags
@@ -263,8 +268,9 @@ def _add_search(sub) -> None:
                    help="all (default), none, or a comma list of single,avgkd,uniform,random")
     g.add_argument("--random", type=non_negative_int, metavar="N", help="number of random Dirichlet(1) distributions")
     g.add_argument("--executor", choices=["ray", "local"], help="run trials on Ray Tune (default) or in-process")
-    g.add_argument("--address", metavar="URL",
-                   help="existing Ray cluster, e.g. ray://head:10001 (default: local Ray on 127.0.0.1)")
+    g.add_argument("--address", type=ray_address, metavar="URL",
+                   help="existing Ray cluster, e.g. ray://head:10001 (checked reachable at once; default: local Ray "
+                        "on 127.0.0.1)")
     g.add_argument("--cpus-per-trial", type=positive_float, metavar="N", help="default: 1")
     g.add_argument("--gpus-per-trial", type=non_negative_float, metavar="N", help="default: 0")
     g.add_argument("--max-concurrent", type=positive_int, metavar="N",
@@ -291,8 +297,9 @@ def _add_tune(sub) -> None:
     g.add_argument("--scheduler", choices=SCHEDULERS, help="asha stops hopeless trials early (default: none)")
     g.add_argument("--trials", type=positive_int, metavar="N",
                    help="trials in the study in all (default: the grid's size, else 10)")
-    g.add_argument("--storage", metavar="URL", help="Optuna storage: sqlite:///path.db or postgresql://... "
-                                                     "(default: sqlite:///<out>/optuna.db)")
+    g.add_argument("--storage", type=storage_url, metavar="URL",
+                   help="Optuna storage: sqlite:///path.db or postgresql://user@host/db, shared by several drivers "
+                        "(default: sqlite:///<out>/optuna.db)")
     g.add_argument("--study", metavar="NAME", help="study name in the storage (default: the space's name); rerun to resume")
     g.add_argument("--objective2", choices=sorted(OBJECTIVES),
                    help="second objective, minimised beside dev accuracy (nsga2 default: size)")
@@ -301,8 +308,9 @@ def _add_tune(sub) -> None:
     g.add_argument("--grace-period", type=positive_int, metavar="N", help="ASHA: epochs every trial runs (default: 1)")
     g.add_argument("--reduction-factor", type=positive_float, metavar="N",
                    help="ASHA: keep 1/N of trials at each rung (default: 2)")
-    g.add_argument("--address", metavar="URL", help="Ray cluster: auto (inside `ray job submit`), ray://head:10001 "
-                                                     "(default: local Ray on 127.0.0.1)")
+    g.add_argument("--address", type=ray_address, metavar="URL",
+                   help="Ray cluster: auto (inside `ray job submit`), ray://head:10001 (checked reachable at once; "
+                        "default: local Ray on 127.0.0.1)")
     g.add_argument("--cpus-per-trial", type=positive_float, metavar="N",
                    help="CPUs (and torch threads) per trial (default: 1)")
     g.add_argument("--gpus-per-trial", type=non_negative_float, metavar="N", help="default: 0")
@@ -314,10 +322,10 @@ def _add_tune(sub) -> None:
 
 def _add_dashboard(sub) -> None:
     p = sub.add_parser("dashboard", help="serve optuna-dashboard for a tune's storage (on 127.0.0.1)")
-    p.add_argument("--storage", required=True, metavar="URL",
+    p.add_argument("--storage", required=True, type=storage_url, metavar="URL",
                    help="the tune's storage, e.g. sqlite:///runs/tune/kd/optuna.db")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--port", type=port_number, default=8080, help="port to listen on, 1-65535 (default: 8080)")
     p.set_defaults(func=cmd_dashboard)
 
 
@@ -381,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except AutoSKDError as err:
-        print(f"autoskd: error: {err}", file=sys.stderr)
+        print(f"autoskd: error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("autoskd: interrupted; finished work is kept (rerun the same command to resume)", file=sys.stderr)

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Callable
 
 __all__ = ["int_at_least", "positive_int", "non_negative_int", "positive_float", "non_negative_float",
-           "fraction", "float_range", "output_dir", "existing_file", "encoding_name", "baseline_list"]
+           "fraction", "float_range", "output_dir", "output_file", "existing_file", "encoding_name", "baseline_list",
+           "port_number", "ray_address", "storage_url"]
 
 
 def int_at_least(minimum: int) -> Callable[[str], int]:
@@ -122,6 +123,110 @@ def output_dir(text: str) -> str:
         raise argparse.ArgumentTypeError(f"cannot write to {parent} (permission denied); pass a folder you can "
                                          "write to")
     return str(text)
+
+
+def output_file(text: str) -> str:
+    """A file to write (a plot, a config): not a folder, its folder creatable and writable."""
+    if not str(text).strip():
+        raise argparse.ArgumentTypeError("must name a file, got an empty string")
+    path = Path(text).expanduser()
+    if path.is_dir() or str(text).endswith(("/", os.sep)):
+        raise argparse.ArgumentTypeError(f"{text} is a folder; pass a file path, e.g. {Path(text) / 'plan.png'}")
+    try:
+        output_dir(str(path.parent))
+    except argparse.ArgumentTypeError as err:
+        raise argparse.ArgumentTypeError(f"cannot write {text}: {err}") from None
+    return str(text)
+
+
+def port_number(text: str) -> int:
+    """A TCP port to listen on: a whole number from 1 to 65535."""
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535, got {text!r}")
+    return value
+
+
+def ray_address(text: str) -> str:
+    """A Ray cluster: ``ray://head:10001``, ``head:6379``, ``auto`` or ``local``, reachable now (a
+    short connect, a few seconds at most), so an unreachable cluster is one line before any work
+    (:func:`autoskd.ray_runtime.check_ray_address`)."""
+    from .errors import AutoSKDError
+    from .ray_runtime import check_ray_address
+
+    try:
+        return check_ray_address(str(text).strip())
+    except AutoSKDError as err:
+        # "--address X: why": argparse names the flag itself ("auto (= what it found): why" is kept whole)
+        raise argparse.ArgumentTypeError(str(err).removeprefix(f"--address {str(text).strip()}: ")) from None
+
+
+#: Optuna's RDB storages (SQLAlchemy dialects) and the default port of their servers
+STORAGE_PORTS = {"sqlite": None, "postgresql": 5432, "mysql": 3306}
+
+
+def storage_url(text: str) -> str:
+    """An Optuna storage: a SQLite file (``sqlite:///path.db`` or a bare path) whose folder can be
+    written, or a ``postgresql://`` / ``mysql://`` URL whose driver is installed and whose server
+    accepts a connection now (a few seconds at most). Returns the text unchanged."""
+    from .ray_runtime import probe_tcp
+
+    value = str(text).strip()
+    if not value:
+        raise argparse.ArgumentTypeError("must be a storage URL such as sqlite:///runs/tune/optuna.db or "
+                                         "postgresql://user@host/db, got an empty string")
+    if "://" not in value:  # a bare path is a SQLite file
+        _sqlite_file(value, value)
+        return str(text)
+    from sqlalchemy.engine import make_url
+
+    try:
+        url = make_url(value)
+    except Exception:  # noqa: BLE001 - SQLAlchemy's parse errors vary
+        raise argparse.ArgumentTypeError(f"{value} is not a database URL; use sqlite:///path/optuna.db or "
+                                         "postgresql://user:password@host:5432/db") from None
+    backend = url.get_backend_name()
+    if backend not in STORAGE_PORTS:
+        raise argparse.ArgumentTypeError(f"{value}: unknown database {backend!r}; Optuna stores studies in "
+                                         f"{', '.join(STORAGE_PORTS)} (e.g. sqlite:///runs/tune/optuna.db)")
+    try:
+        dialect = url.get_dialect()
+        (dialect.import_dbapi if hasattr(dialect, "import_dbapi") else dialect.dbapi)()
+    except ImportError as err:
+        hint = {"postgresql": "pip install 'psycopg[binary]' (or psycopg2-binary with postgresql+psycopg2://)",
+                "mysql": "pip install mysqlclient (or PyMySQL with mysql+pymysql://)"}.get(backend, "install it")
+        raise argparse.ArgumentTypeError(f"{value}: the {backend} driver is not installed ({err}); {hint}") from None
+    except Exception as err:  # noqa: BLE001 - an unknown driver name after '+'
+        raise argparse.ArgumentTypeError(f"{value}: {str(err).splitlines()[0]}; use e.g. postgresql://user@host/db") \
+            from None
+    if backend == "sqlite":
+        if not url.database or url.database == ":memory:":
+            raise argparse.ArgumentTypeError(f"{value} is an in-memory database: a tune could neither resume nor be "
+                                             "shown; give a file, e.g. sqlite:///runs/tune/optuna.db")
+        _sqlite_file(url.database, value)
+        return str(text)
+    if not url.host:
+        return str(text)  # a local server's socket (postgresql:///db): the driver finds it
+    port = url.port or STORAGE_PORTS[backend]
+    why = probe_tcp(url.host, port)
+    if why is not None:
+        raise argparse.ArgumentTypeError(f"cannot reach the {backend} server at {url.host}:{port} ({why}); start it "
+                                         "or fix the host and port")
+    return str(text)
+
+
+def _sqlite_file(path: str, shown: str) -> None:
+    file = Path(path).expanduser()
+    if file.is_dir():
+        raise argparse.ArgumentTypeError(f"{shown}: {path} is a folder; name the database file, e.g. "
+                                         f"{Path(path) / 'optuna.db'}")
+    try:
+        output_dir(str(file.parent))
+    except argparse.ArgumentTypeError as err:
+        raise argparse.ArgumentTypeError(f"{shown}: {err}") from None
 
 
 def existing_file(text: str) -> str:

@@ -101,14 +101,24 @@ class Loaders:
     train_id: str
 
 
+def data_id(task: TaskData, split: str, tokenizer, max_length: int) -> str:
+    """What keys a split's cached teacher outputs: its rows (in order), the truncation length and
+    the tokenizer that cut them (vocabulary, probe ids, truncation and padding sides)."""
+    from .rerun import fingerprint
+    from .team.cache import tokenizer_identity
+
+    return f"{task.fingerprint(split)}-L{max_length}-tok{fingerprint(tokenizer_identity(tokenizer))[:16]}"
+
+
 def make_loaders(task: TaskData, tokenizer, max_length: int, batch_size: int, seed: int,
                  train_split: str = "train_full", group_by_length: bool = False) -> Loaders:
-    """Tokenised, dynamically padded loaders; ``train_id`` keys the teacher-output cache.
-    ``group_by_length`` batches training rows of similar length together (less padding)."""
+    """Tokenised, dynamically padded loaders; ``train_id`` keys the teacher-output cache
+    (:func:`data_id`). ``group_by_length`` batches training rows of similar length together
+    (less padding)."""
     def tok(split):
         return tokenize_split(task.split(split), tokenizer, max_length)
 
-    train_id = f"{task.fingerprint(train_split)}-L{max_length}"
+    train_id = data_id(task, train_split, tokenizer, max_length)
     return Loaders(train=make_loader(tok(train_split), tokenizer, batch_size, shuffle=True, seed=seed,
                                      group_by_length=group_by_length),
                    dev=make_loader(tok("dev"), tokenizer, batch_size * 2, shuffle=False),
@@ -210,15 +220,37 @@ def prepare_mlm_teachers(method: Method, policy: TeacherPolicy | None, loader: D
     return done
 
 
+def team_identity(team) -> dict:
+    """What a built team's outputs depend on (:meth:`autoskd.team.TeacherTeam.identity`), for a
+    finished run's stamp; a team-like object without it by its name and teachers."""
+    if callable(getattr(team, "identity", None)):
+        return team.identity()
+    return {"name": getattr(team, "name", None), "teachers": sorted(getattr(team, "teachers", {}) or {})}
+
+
+def run_identity(team, task: TaskData, config: DistillConfig, student: nn.Module | None = None) -> dict:
+    """What a distillation computes from: its config, the team, the task's rows and the student
+    it starts from (the team's spec, or the weights of one given as a module)."""
+    from .engine.teacher_cache import model_fingerprint
+
+    return {"config": config.to_dict(), "team": team_identity(team),
+            "task": {split: task.fingerprint(split) for split in (config.train_split, "dev", "test")},
+            "student": {"weights": model_fingerprint(student)} if student is not None else "team"}
+
+
 def distill(team, task: TaskData | str, config: DistillConfig | None = None, *, out_dir: str | Path | None = None,
             cache_dir: str | Path = DEFAULT_CACHE, progress: bool = True, callbacks=(), student: nn.Module | None = None,
-            loaders: Loaders | None = None) -> DistillOutcome:
+            loaders: Loaders | None = None, identity: dict | None = None) -> DistillOutcome:
     """Distil the team's student on ``task``; returns the trained student and its scores.
 
-    ``team`` is a built :class:`~autoskd.team.TeacherTeam` (``team.build(task)`` first).
+    ``team`` is a built :class:`~autoskd.team.TeacherTeam` (``team.build(task)`` first). With
+    ``out_dir``, ``result.json`` records what the run was computed from (``identity``, default
+    :func:`run_identity`) and its fingerprint (see :mod:`autoskd.rerun`).
     """
     config = config or DistillConfig()
     task = load_task(task, seed=config.seed) if isinstance(task, str) else task
+    if out_dir is not None and identity is None:  # before training changes a given student
+        identity = run_identity(team, task, config, student)
     method = get_method(config.method, **config.method_options)
     if method.spec.extra.get("decoder_only"):
         raise AutoSKDError(f"method {config.method!r} distils generative LMs; use an LM team and task "
@@ -260,7 +292,7 @@ def distill(team, task: TaskData | str, config: DistillConfig | None = None, *, 
     outcome = DistillOutcome(student, tokenizer, dev, scored["accuracy"], result, out_dir, counts,
                              scored["predictions"], eval_seconds=time.perf_counter() - start)
     if out_dir is not None and distiller.backend.is_main:  # one rank writes the student
-        save_run(outcome, config, team, task)
+        save_run(outcome, config, team, task, identity)
     distiller.backend.barrier()
     return outcome
 
@@ -277,9 +309,12 @@ def parallel_options(config: DistillConfig) -> dict:
     return options
 
 
-def save_run(outcome: DistillOutcome, config: DistillConfig, team, task: TaskData) -> None:
-    """The student (``save_pretrained``), its scores and the config that reproduces it."""
+def save_run(outcome: DistillOutcome, config: DistillConfig, team, task: TaskData,
+             identity: dict | None = None) -> None:
+    """The student (``save_pretrained``), its scores and the config that reproduces it;
+    ``result.json`` carries ``identity``'s stamp (what the run was computed from)."""
     from .models.loading import save_student
+    from .rerun import stamp
 
     from .engine.mlm import detach_mlm_head
 
@@ -289,7 +324,8 @@ def save_run(outcome: DistillOutcome, config: DistillConfig, team, task: TaskDat
     save_student(outcome.student, outcome.tokenizer, out / "student", label_names=task.label_names)
     if head is not None:
         outcome.student.add_module("mlm_head", head)
-    write_json(out / "result.json", {"task": task.name, **outcome.summary(), "history": outcome.result.history})
+    write_json(out / "result.json", {"task": task.name, **outcome.summary(), "history": outcome.result.history,
+                                     **(stamp(identity) if identity is not None else {})})
     if outcome.test_predictions is not None:  # for paired tests between runs on the same test rows
         write_json(out / "predictions.json", {"test": outcome.test_predictions}, indent=None)
     write_json(out / "config.json", {"task": task.name, "team": getattr(team, "name", None), **config.to_dict()})

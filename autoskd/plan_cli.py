@@ -9,6 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
+from .cli_types import float_range, output_dir, output_file, positive_int
 from .errors import AutoSKDError
 
 
@@ -36,9 +37,9 @@ def add_plan_parser(sub) -> None:
                    help="table-8 size (100B, 10B, 110M, ...), HF config (alias, folder, config.json, hub id) "
                         "or layers=L,hidden=H,vocab=V")
     p.add_argument("--student", required=True, help="same forms as --teacher")
-    p.add_argument("--teacher-layers", type=int, help="keep the first k layers of the teacher")
-    p.add_argument("--student-layers", type=int, help="keep the first k layers of the student")
-    p.add_argument("--gpus", type=int, default=1, help="devices (MP x DP); default 1")
+    p.add_argument("--teacher-layers", type=positive_int, metavar="K", help="keep the first k layers of the teacher")
+    p.add_argument("--student-layers", type=positive_int, metavar="K", help="keep the first k layers of the student")
+    p.add_argument("--gpus", type=positive_int, default=1, metavar="N", help="devices (MP x DP); default 1")
     p.add_argument("--gpu-memory", default="40GB", help="memory per device, e.g. 40GB, 80GB (GB = GiB)")
     p.add_argument("--host-memory", help="CPU memory of the node; offload layouts needing more are rejected")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cuda (default) or cpu ranks")
@@ -52,13 +53,14 @@ def add_plan_parser(sub) -> None:
                    help="student activation checkpointing (default: try both)")
     p.add_argument("--features", default="tinybert", choices=["classifier", "hidden", "tinybert", "lm-logits"],
                    help="what the loss reads from the teacher (default tinybert: hidden states + attention maps)")
-    p.add_argument("--fragmentation", type=float, default=0.10, help="allocator reserve above the peak (default 0.10)")
-    p.add_argument("--top", type=int, help="print at most N layouts per section (default: all)")
+    p.add_argument("--fragmentation", type=float_range(at_least=0, below=1), default=0.10, metavar="F",
+                   help="allocator reserve above the peak, in [0, 1) (default 0.10)")
+    p.add_argument("--top", type=positive_int, metavar="N", help="print at most N layouts per section (default: all)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p.add_argument("--out", help="folder for plan.json and plan.png")
-    p.add_argument("--plot", help="where to save the memory-per-component plot (PNG)")
-    p.add_argument("--emit-deepspeed", metavar="PATH", help="write the best layout's DeepSpeed config here "
-                   "and print the launch command")
+    p.add_argument("--out", type=output_dir, metavar="DIR", help="folder for plan.json and plan.png")
+    p.add_argument("--plot", type=output_file, metavar="PNG", help="where to save the memory-per-component plot (PNG)")
+    p.add_argument("--emit-deepspeed", type=output_file, metavar="PATH",
+                   help="write the best layout's DeepSpeed config here and print the launch command")
     p.add_argument("--team", default="TEAM.yaml", help="team YAML named in the printed launch command")
     p.set_defaults(func=cmd_plan)
 

@@ -13,12 +13,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable
 
+from .errors import AutoSKDError
+
 __all__ = ["ensure_ray_env", "module_root", "worker_env", "ray_session", "REPO_ROOT", "progress_callback",
-           "quiet_tune_logs"]
+           "quiet_tune_logs", "check_ray_address", "probe_tcp", "probe_grpc", "PROBE_TIMEOUT"]
+
+#: seconds a cluster address may take to accept a TCP connection before it is reported unreachable
+PROBE_TIMEOUT = 3.0
 
 #: the folder that holds the ``autoskd`` package (put on workers' PYTHONPATH)
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -61,6 +68,108 @@ def worker_env(threads: float = 1, extra_paths: tuple[str | None, ...] = ()) -> 
             "PYTHONPATH": os.pathsep.join(seen), "RAY_CHDIR_TO_TRIAL_DIR": "0"}
 
 
+def probe_tcp(host: str, port: int, timeout: float = PROBE_TIMEOUT) -> str | None:
+    """None when ``host:port`` accepts a TCP connection within ``timeout`` seconds, else why not."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except socket.timeout:
+        return f"no answer within {timeout:g} s"
+    except socket.gaierror as err:
+        return f"unknown host ({err.strerror or err})"
+    except OSError as err:
+        return err.strerror or str(err)
+
+
+#: an HTTP/2 client's connection preface and an empty SETTINGS frame: a gRPC server (Ray Client,
+#: the GCS) answers with a SETTINGS frame of its own
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
+def probe_grpc(host: str, port: int, timeout: float = PROBE_TIMEOUT) -> str | None:
+    """None when ``host:port`` speaks gRPC (answers an HTTP/2 preface with SETTINGS) within
+    ``timeout`` seconds, else why not. A cluster with TLS (``RAY_USE_TLS``) is only connected to."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as conn:
+            if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+                return None
+            conn.settimeout(timeout)
+            conn.sendall(_H2_PREFACE)
+            head = conn.recv(9)
+    except socket.timeout:
+        return f"no answer within {timeout:g} s"
+    except socket.gaierror as err:
+        return f"unknown host ({err.strerror or err})"
+    except OSError as err:
+        return err.strerror or str(err)
+    if len(head) >= 4 and head[3] == 4:  # a SETTINGS frame
+        return None
+    return "it answers, but not as a Ray (gRPC) server: another service on that port?"
+
+
+def _host_port(text: str, default_port: int | None) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port``) -> (host, port); ``ValueError`` when it is not one."""
+    host, sep, port = text.rpartition(":") if text.count(":") == 1 or text.startswith("[") else ("", "", "")
+    if not sep:
+        if default_port is None or not text or ":" in text:
+            raise ValueError(text)
+        host, port = text, str(default_port)
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(text)
+    return host, int(port)
+
+
+def _current_cluster() -> str | None:
+    """The address ``ray start`` left for ``address="auto"`` (RAY_ADDRESS first), if any."""
+    env = os.environ.get("RAY_ADDRESS", "").strip()
+    if env:
+        return env
+    base = Path(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    try:
+        return base.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def check_ray_address(address: str | None, timeout: float = PROBE_TIMEOUT) -> str | None:
+    """A Ray address as ``ray_session`` takes it, checked before Ray is started or any work is
+    done: None or ``local`` (a local Ray), ``auto`` (the cluster ``ray start`` or ``ray job submit``
+    set up here), ``ray://host:port`` (Ray Client, usually port 10001) or ``host:port`` (the head's
+    GCS, usually 6379). The cluster must answer as a gRPC server within ``timeout`` seconds, so an
+    unreachable one (or another service on that port) fails in seconds with one line instead of
+    Ray's own timeout. Returns the address as given."""
+    if address is None or address == "local":
+        return address
+    text = str(address).strip()
+    target = text
+    if text == "auto":
+        target = _current_cluster()
+        shown = f"auto (= {target})" if target else text
+        if target is None:
+            raise AutoSKDError("--address auto: no running Ray cluster found here (no RAY_ADDRESS, no `ray start`); "
+                               "start one with `ray start --head`, give ray://<head>:10001, or leave --address out "
+                               "for a local Ray")
+        if target in ("auto", "local"):
+            return text
+        text = shown
+    scheme, sep, rest = target.partition("://")
+    if sep and scheme != "ray":
+        raise AutoSKDError(f"--address {text}: not a Ray address; use ray://<head>:10001 (Ray Client), "
+                           "<head>:6379 (the head's GCS), auto or local")
+    try:
+        host, port = _host_port(rest if sep else target, None)
+    except ValueError:
+        raise AutoSKDError(f"--address {text}: expected ray://<host>:<port> (e.g. ray://head:10001), <host>:<port>, "
+                           "auto or local") from None
+    why = probe_grpc(host, port, timeout)
+    if why is not None:
+        raise AutoSKDError(f"--address {text}: no Ray cluster answers at {host}:{port} ({why}); check that its "
+                           "head is up and the port open (Ray Client: `ray start --head` serves ray://<head>:10001), "
+                           "or leave --address out for a local Ray")
+    return str(address).strip()
+
+
 @contextlib.contextmanager
 def ray_session(env: dict[str, str], address: str | None = None, num_cpus: int | None = None):
     """Ray for trials, with ``env`` in every worker: a local Ray on 127.0.0.1 (``num_cpus``, default
@@ -72,6 +181,7 @@ def ray_session(env: dict[str, str], address: str | None = None, num_cpus: int |
 
     started = False
     if not ray.is_initialized():
+        check_ray_address(address)  # an unreachable cluster: one line in seconds, not Ray's timeout
         env = dict(env)
         runtime_env: dict = {"env_vars": env}
         common = dict(ignore_reinit_error=True, log_to_driver=False, runtime_env=runtime_env)

@@ -22,7 +22,7 @@ from .engine.stages import StageOutcome, StageSpec, check_plan, load_stage_plan,
 from .engine.trainer import TrainResult, evaluate
 from .errors import AutoSKDError
 from .pipeline import (DEFAULT_CACHE, DistillConfig, DistillOutcome, Loaders, mlm_loaders, build_policy,
-                       make_loaders, method_stages, parallel_options, prepare_mlm_teachers, save_run)
+                       make_loaders, method_stages, parallel_options, prepare_mlm_teachers, run_identity, save_run)
 
 
 class _StageData:
@@ -74,6 +74,8 @@ def distill_stages(team, task: TaskData | str, plan, config: DistillConfig | Non
     data = _StageData(task, team.tokenizer, max_length, config, loaders)
     student = team.build_student(task, seed=config.seed)
     check_plan(student, specs, list(team.teachers))
+    # what the plan's finished stages and result.json were computed from (the plan is in each stage's stamp)
+    identity = run_identity(team, task, dataclasses.replace(config, method="stages")) if out_dir is not None else None
     if before_training is not None:
         before_training()
 
@@ -103,7 +105,7 @@ def distill_stages(team, task: TaskData | str, plan, config: DistillConfig | Non
 
     outcomes = run_stages(student, specs, prepare, dev=loaders.dev, out_dir=out_dir, seed=config.seed,
                           progress=progress, callbacks=callbacks, teacher_cache=Path(cache_dir) / "teacher_outputs",
-                          distiller_options=parallel_options(config))
+                          distiller_options=parallel_options(config), identity=identity)
     dev = evaluate(student, loaders.dev)["accuracy"]
     scored = evaluate(student, loaders.test, predictions=True)
     results = [o.result for o in outcomes if o.result is not None]
@@ -114,6 +116,7 @@ def distill_stages(team, task: TaskData | str, plan, config: DistillConfig | Non
     outcome = DistillOutcome(student, team.tokenizer, dev, scored["accuracy"], merged,
                              Path(out_dir) if out_dir else None, None, scored["predictions"])
     if out_dir is not None:
-        save_run(outcome, dataclasses.replace(config, method="stages"), team, task)
+        save_run(outcome, dataclasses.replace(config, method="stages"), team, task,
+                 {**identity, "plan": [dataclasses.asdict(s) for s in specs]})
         (Path(out_dir) / "stages.json").write_text(json.dumps([o.summary() for o in outcomes], indent=2))
     return outcome, outcomes

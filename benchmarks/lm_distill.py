@@ -178,7 +178,10 @@ def summarise(records: list[dict], seeds: list[int], arms: list[str]) -> dict:
         log = paired_ci([math.log(by[(arm, s)]["test_ppl"]) for s in paired],
                         [math.log(by[("ce", s)]["test_ppl"]) for s in paired])
         out["paired_vs_ce"][arm] = {"test_ppl_diff_mean": diff["mean"], "test_ppl_diff_ci": [diff["lo"], diff["hi"]],
-                                    "test_log_ppl_diff_ci": [log["lo"], log["hi"]], "verdict": verdict(diff),
+                                    "test_log_ppl_diff_ci": [log["lo"], log["hi"]],
+                                    # perplexity: lower is better, so a positive difference is a loss
+                                    "verdict": {"win": "worse than ce", "loss": "better than ce",
+                                                "tie": "tie"}[verdict(diff)],
                                     "seeds": paired}
     kd_arms = [a for a in out["paired_vs_ce"] if a not in POST_HOC]  # the target is judged on the planned arms
     if kd_arms:
@@ -229,15 +232,31 @@ def main(argv=None) -> int:
     p.add_argument("--name", default="lm_distill")
     p.add_argument("--cache-dir", default=".cache/autoskd")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--cost-only", action="store_true", help="measure the step costs (cost.json), then summarise")
+    p.add_argument("--summary-only", action="store_true",
+                   help="summarise the finished (arm, seed) records only; train nothing")
     args = p.parse_args(argv)
     out_dir = RESULTS_DIR / args.name
-    records = [run_arm(arm, seed, args, out_dir) for seed in args.seeds for arm in args.arms]
+    if args.cost_only:
+        (out_dir / "cost.json").parent.mkdir(parents=True, exist_ok=True)
+        (out_dir / "cost.json").write_text(json.dumps(measure_cost(args), indent=2))
+        args.summary_only = True
+    if args.summary_only:
+        found = [out_dir / f"{arm}-s{seed}.json" for seed in args.seeds for arm in args.arms]
+        records = [json.loads(f.read_text()) for f in found if f.exists()]
+        args.no_cost = True
+    else:
+        records = [run_arm(arm, seed, args, out_dir) for seed in args.seeds for arm in args.arms]
     cost_path = out_dir / "cost.json"
     if not args.no_cost and not cost_path.exists():
         cost_path.write_text(json.dumps(measure_cost(args), indent=2))
     cost = json.loads(cost_path.read_text()) if cost_path.exists() else {}
     summary = summarise(records, args.seeds, args.arms)
-    result = {"seeds": args.seeds, "post_hoc_arms": [a for a in args.arms if a in POST_HOC], "teacher": "smollm2-135m (SmolLM2-135M-Instruct, 30 layers)",
+    done = {(r["arm"], r["seed"]) for r in records}
+    missing = [f"{a}-s{sd}" for sd in args.seeds for a in args.arms if (a, sd) not in done]
+    complete = [sd for sd in args.seeds if all((a, sd) in done for a in args.arms)]
+    # seeds: those on which every arm finished (arms.<arm>.n says how many each arm has)
+    result = {"seeds": complete, "seeds_requested": args.seeds, "missing_runs": missing, "post_hoc_arms": [a for a in args.arms if a in POST_HOC], "teacher": "smollm2-135m (SmolLM2-135M-Instruct, 30 layers)",
               "student": f"smollm2-135m layers {STUDENT_LAYERS}", "corpus": "rotten_tomatoes review texts",
               "settings": {k: getattr(args, k) for k in ("steps", "block", "batch_size", "lr", "top_k",
                                                           "max_train_docs", "max_eval_docs")},

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import optuna
@@ -106,9 +107,14 @@ def test_tune_outputs_study_and_asha(asha_tune):
     assert record["values"] == {"method": "kd", "epochs": 3, "lr": 3e-3} and len(record["history"]) == 3
 
 
-def test_killed_nsga2_tune_resumes_without_redoing_finished_trials(ray_local, tiny):
+def test_killed_nsga2_tune_resumes_without_redoing_finished_trials(ray_local, tiny, monkeypatch):
     """Two objectives (dev accuracy, student size) with NSGA-II; the study in a shared SQLite file;
-    a driver killed with a trial running resumes, keeping its finished trials."""
+    a driver killed with a trial running resumes, keeping its finished trials; the killed trial
+    (no heartbeat for longer than the grace period) is failed and run again."""
+    from autoskd.fanout import study as study_module
+
+    monkeypatch.setattr(study_module, "HEARTBEAT_INTERVAL", 1)
+    monkeypatch.setattr(study_module, "GRACE_PERIOD", 2)
     space = SearchSpace.from_dict({"name": "pareto", "fixed": {"method": "kd", "epochs": 1},
                                    "params": {"student.layers": {"int": [1, 2]}, "lr": {"loguniform": [1e-3, 5e-3]}}})
     out, db = tiny / "run-pareto", tiny / "shared.db"
@@ -123,14 +129,19 @@ def test_killed_nsga2_tune_resumes_without_redoing_finished_trials(ray_local, ti
     assert first["finished"] == 2 and first["objectives"] == ["dev_acc", "student_params_m"]
     stamps = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("trials/*/trial.json")}
     assert len(stamps) == 2
-    study = optuna.load_study(study_name="pareto", storage=f"sqlite:///{db}")
-    study.ask(space.to_optuna())  # what a killed driver leaves: a trial RUNNING in the storage
+    storage = study_module.open_storage(f"sqlite:///{db}")
+    study = optuna.load_study(study_name="pareto", storage=storage)
+    killed = study.ask(space.to_optuna())  # what a killed driver leaves: a trial RUNNING in the storage
+    storage.record_heartbeat(killed._trial_id)  # ... with its last heartbeat
+    time.sleep(3)  # longer than the grace period: its driver is dead
     second = tune(3)
     assert second["finished"] == 3 and second["pareto_front"]
     assert (out / "pareto.png").stat().st_size > 0 and (out / "history.png").stat().st_size > 0
     trials = optuna.load_study(study_name="pareto", storage=f"sqlite:///{db}").get_trials()
     states = [t.state.name for t in trials]
     assert states.count("COMPLETE") == 3 and states.count("FAIL") == 1
+    retried = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
+    assert len(retried) == 1 and retried[0].state.name == "COMPLETE" and retried[0].params == killed.params
     after = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("trials/*/trial.json")}
     assert len(after) == 3 and all(after[k] == v for k, v in stamps.items())  # finished trials not redone
     sizes = {t.params["student.layers"]: t.values[1] for t in trials if t.values}

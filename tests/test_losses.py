@@ -43,8 +43,9 @@ def approx(x, rel=1e-5, abs=1e-6):
 
 
 def test_registries_have_the_names():
-    assert DISTANCES.names() == ["ce", "cos_nce", "cosine", "forward_kl", "huber", "jsd", "kl", "mse", "reverse_kl",
-                                 "soft_ce", "tvd"]
+    engine = ["ce", "cos_nce", "cosine", "forward_kl", "huber", "jsd", "kl", "mse", "reverse_kl", "soft_ce", "tvd"]
+    # the LM package adds its cross-tokenizer loss when it is imported (test order decides when)
+    assert set(engine) <= set(DISTANCES.names()) and set(DISTANCES.names()) - set(engine) <= {"uld_hybrid"}
     assert {"identity", "pairwise_sdp", "relation_heads", "token_relation", "window_angle", "span_relation",
             "sample_angle"} <= set(TRANSFORMS.names())
     with pytest.raises(AutoSKDError, match="unknown distance 'l3'.*mse"):

@@ -144,6 +144,7 @@ def test_theta_only_stops_before_any_trial_and_a_full_run_reuses_its_search(tiny
     assert not (out / "trials").exists() and not (out / "summary.json").exists()
     search = json.loads((out / "search.json").read_text())
     assert result["theta_only"] and result["final_theta"][str(search["theta_lr"])] == search["final_theta"]
+    assert search["theta_nonfinite_steps"] == 0 and search["theta_steps"] > 0  # diverging θ steps are counted
     mtime = (out / "search.json").stat().st_mtime_ns
     summary = run_search(tiny_team_yaml, {"name_or_path": str(sentiment_csv)}, _config(), out, cache_dir=cache,
                          progress=False)

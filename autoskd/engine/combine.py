@@ -38,7 +38,11 @@ def parse_combination(spec: Any) -> list[tuple[str, float, dict]]:
         path = Path(spec)
         if not path.is_file():
             raise AutoSKDError(f"method file {spec!r} not found; give a YAML file with a 'methods:' list")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            raise AutoSKDError(f"method file {path} is not valid YAML ({str(err).splitlines()[0]}); fix the "
+                               "syntax") from None
         spec = data.get("methods") if isinstance(data, dict) else data
         if not isinstance(spec, list):
             raise AutoSKDError(f"{path}: expected a 'methods:' list of {{name, weight, options}}")

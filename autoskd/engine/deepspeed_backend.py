@@ -59,7 +59,8 @@ def load_deepspeed_config(source: Any) -> dict:
         else:
             data = json.loads(text)
     except Exception as err:  # noqa: BLE001 - any parse error is the user's file
-        raise AutoSKDError(f"cannot read DeepSpeed config {path}: {err}") from err
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise AutoSKDError(f"cannot read DeepSpeed config {path}: {first}; fix the syntax") from None
     if not isinstance(data, dict):
         raise AutoSKDError(f"DeepSpeed config {path} must be a JSON object (DeepSpeed's config format)")
     return data

@@ -18,6 +18,7 @@ import torch
 
 from ..errors import AutoSKDError
 from .batches import output_logits
+from .teacher_cache import loader_rows
 from .teachers import Teacher
 
 LOGIT_LEVEL = "kd, pd, annealing_kd, continuation_kd, takd, tmkd, uncertainty, dgkd, rl_kd (warm-up), AutoSKD's search"
@@ -77,7 +78,7 @@ class OwnTokenizerTeacher(Teacher):
     def logits_for(self, loader, data_id, cache, device="cpu", progress=True) -> torch.Tensor:
         if cache is None or data_id is None:
             return self._table(loader, device)
-        table = cache.load(self.fingerprint, data_id)
+        table = cache.load(self.fingerprint, data_id, loader_rows(loader), self.num_classes)  # a wrong shape: rebuilt
         if table is None:
             table = self._table(loader, device)
             cache.store(self.fingerprint, data_id, table)

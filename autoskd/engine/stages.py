@@ -18,7 +18,9 @@ Every stage runs on the one engine: one :class:`~autoskd.engine.trainer.Distille
 the optimiser of each of its loss stages is built from that stage's ``trainable`` parameters
 only, before the first step (:meth:`Distiller.trainable_parameters`). Frozen parameters are
 not in the optimiser, so they keep their values. A finished stage leaves its student weights
-in ``<out>/stage<i>-<name>/``, so rerunning the plan resumes after the last finished stage.
+in ``<out>/stage<i>-<name>/``, so rerunning the plan resumes after the last finished stage, when
+that stage's ``done.json`` was computed from the same plan up to it (the same student, seed and
+run: see :mod:`autoskd.rerun`); a plan whose finished stages changed stops in one line.
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ from torch import nn
 from ..atomic import write_json
 from ..defaults import DEFAULT_LR, DEFAULT_WARMUP_RATIO, DEFAULT_WEIGHT_DECAY
 from ..errors import AutoSKDError
+from ..rerun import check_stamp, stamp
 from .methods import Method, get_method
+from .teacher_cache import model_fingerprint
 from .trainer import Distiller, Stage, TrainResult
 
 GLOB_CHARS = "*?["
@@ -234,16 +238,26 @@ Prepare = Callable[[StageSpec, Method], tuple[Any, list[Stage]]]
 
 def run_stages(student: nn.Module, plan: Sequence[StageSpec], prepare: Prepare, *, dev=None,
                out_dir: str | Path | None = None, seed: int = 0, progress: bool = True, callbacks=(),
-               teacher_cache=None, distiller_options: dict | None = None) -> list[StageOutcome]:
+               teacher_cache=None, distiller_options: dict | None = None,
+               identity: dict | None = None) -> list[StageOutcome]:
     """Train ``student`` through ``plan``, one Distiller per stage on the same module.
 
     ``prepare(spec, method)`` returns the stage's teacher policy (or None) and its engine
     stages (data, epochs, learning rate); this function sets each one's ``trainable`` and
-    ``hard_label_weight`` from the spec, so the optimiser sees only those parameters."""
+    ``hard_label_weight`` from the spec, so the optimiser sees only those parameters.
+    Each finished stage's ``done.json`` carries the plan up to it, the seed, the student's
+    starting weights and ``identity`` (the caller's: team, task, config)."""
     out = Path(out_dir) if out_dir is not None else None
     folders = [out / f"stage{i}-{s.name}" for i, s in enumerate(plan)] if out else [None] * len(plan)
+    start = {"run": identity, "seed": seed, "student": model_fingerprint(student)} if out else {}
+
+    def stage_identity(i: int) -> dict:
+        return {**start, "plan": [dataclasses.asdict(s) for s in plan[: i + 1]]}
+
     done = max((i for i, f in enumerate(folders) if f is not None and (f / "done.json").exists()), default=-1)
-    if done >= 0:  # resume after the last finished stage
+    if done >= 0:  # resume after the last finished stage, if it finished this very plan
+        record = json.loads((folders[done] / "done.json").read_text())
+        check_stamp(record, stage_identity(done), f"finished stage {folders[done]}", out)
         student.load_state_dict(torch.load(folders[done] / "student.pt", map_location="cpu", weights_only=True))
     outcomes: list[StageOutcome] = []
     for i, spec in enumerate(plan):
@@ -269,7 +283,7 @@ def run_stages(student: nn.Module, plan: Sequence[StageSpec], prepare: Prepare, 
         outcomes.append(StageOutcome(spec.name, method.spec.name, result, count))
         if folders[i] is not None and distiller.backend.is_main:
             torch.save(student.state_dict(), folders[i] / "student.pt")
-            write_json(folders[i] / "done.json", outcomes[-1].summary())
+            write_json(folders[i] / "done.json", {**outcomes[-1].summary(), **stamp(stage_identity(i))})
             (folders[i] / "checkpoint.pt").unlink(missing_ok=True)
             for earlier in folders[:i]:  # only the latest finished stage's weights are needed to resume
                 (earlier / "student.pt").unlink(missing_ok=True)

@@ -3,13 +3,17 @@
 A teacher in eval mode gives the same logits for an example every time, so computing them
 every epoch (and again in every search candidate, baseline and Ray trial) is waste. The cache
 stores one ``[N, C]`` logits table per (teacher, split) on disk, keyed by a fingerprint of the
-teacher's weights and of the split's data, and serves rows by the batch's ``idx``.
-Writes are atomic (temp file + rename), so concurrent processes can share one cache folder.
+teacher's weights and of the split's data (its rows, the tokenizer and the truncation length:
+:func:`autoskd.pipeline.data_id`), and serves rows by the batch's ``idx``. A table is checked on
+load: one that cannot be read, or whose row count is not the split's or whose class count is not
+the teacher's, is computed again and replaced. Writes are atomic (temp file + rename), so
+concurrent processes can share one cache folder.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 
 import torch
@@ -20,6 +24,8 @@ from tqdm.auto import tqdm
 
 from ..atomic import atomic_path
 from .batches import model_inputs, output_logits, to_device
+
+log = logging.getLogger(__name__)
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -62,6 +68,25 @@ def compute_logits_table(model: nn.Module, loader: DataLoader, device: torch.dev
     return torch.stack([rows[i] for i in range(n)])
 
 
+def loader_rows(loader: DataLoader) -> int | None:
+    """Rows of ``loader``'s split (what a logits table for it must have), when it has a length."""
+    try:
+        return len(loader.dataset)
+    except TypeError:
+        return None
+
+
+def table_problem(table: torch.Tensor, rows: int | None = None, classes: int | None = None) -> str | None:
+    """Why ``table`` cannot be a ``[rows, classes]`` logits table (None: it can)."""
+    if table.dim() != 2:
+        return f"{table.dim()} dimensions, not 2"
+    if rows is not None and table.shape[0] != rows:
+        return f"{table.shape[0]} rows for a split of {rows}"
+    if classes is not None and table.shape[1] != classes:
+        return f"{table.shape[1]} classes for a teacher of {classes}"
+    return None
+
+
 class TeacherOutputCache:
     """A folder of ``<teacher-fp>-<data-fp>.safetensors`` logits tables."""
 
@@ -72,9 +97,23 @@ class TeacherOutputCache:
         key = hashlib.sha256(f"{teacher_fp}|{data_id}".encode()).hexdigest()[:32]
         return self.root / f"{key}.safetensors"
 
-    def load(self, teacher_fp: str, data_id: str) -> torch.Tensor | None:
+    def load(self, teacher_fp: str, data_id: str, rows: int | None = None,
+             classes: int | None = None) -> torch.Tensor | None:
+        """The stored table, or None: absent, unreadable, or not ``[rows, classes]`` (each given
+        one is checked), so the caller computes it again."""
         path = self.path(teacher_fp, data_id)
-        return load_file(path)["logits"] if path.exists() else None
+        if not path.exists():
+            return None
+        try:
+            table = load_file(path)["logits"]
+        except Exception as err:  # noqa: BLE001 - a damaged or foreign file is rebuilt, never trusted
+            log.warning("teacher-output cache: %s cannot be read (%s); computing it again", path, err)
+            return None
+        problem = table_problem(table, rows, classes)
+        if problem is not None:
+            log.warning("teacher-output cache: %s has %s; computing it again", path, problem)
+            return None
+        return table
 
     def store(self, teacher_fp: str, data_id: str, logits: torch.Tensor) -> Path:
         path = self.path(teacher_fp, data_id)
@@ -84,8 +123,9 @@ class TeacherOutputCache:
 
     def get_or_compute(self, teacher_fp: str, data_id: str, model: nn.Module, loader: DataLoader,
                        device: torch.device | str = "cpu", progress: bool = True,
-                       desc: str = "teacher logits") -> torch.Tensor:
-        cached = self.load(teacher_fp, data_id)
+                       desc: str = "teacher logits", classes: int | None = None) -> torch.Tensor:
+        """The stored table when it fits ``loader``'s split (and ``classes``), else computed and stored."""
+        cached = self.load(teacher_fp, data_id, loader_rows(loader), classes)
         if cached is not None:
             return cached
         logits = compute_logits_table(model, loader, device=device, desc=desc, progress=progress)

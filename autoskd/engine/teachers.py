@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from ..errors import AutoSKDError
 from ..models.lazy import LazyModel, LazyModels
 from ..models.loading import freeze
-from .teacher_cache import TeacherOutputCache, compute_logits_table, model_fingerprint
+from .teacher_cache import TeacherOutputCache, compute_logits_table, loader_rows, model_fingerprint
 
 
 class Teacher:
@@ -64,6 +64,15 @@ class Teacher:
             self._fingerprint = model_fingerprint(self.model)
         return self._fingerprint
 
+    @property
+    def num_classes(self) -> int | None:
+        """The width of this teacher's logits when its config says (read from the weightless
+        skeleton while the weights are not loaded, never loading them for it); None when unknown."""
+        if self._model is None and not self._lazy.has_shape:
+            return None
+        value = getattr(getattr(self.shape_model, "config", None), "num_labels", None)
+        return value if isinstance(value, int) else None
+
     def prepare(self, loader: DataLoader, data_id: str | None, cache: TeacherOutputCache | None,
                 device: torch.device | str = "cpu", progress: bool = True) -> None:
         """Load (or compute once and store) this teacher's logits for ``loader``'s split."""
@@ -76,11 +85,13 @@ class Teacher:
         desc = f"teacher {self.name} logits"
         if cache is None or data_id is None:
             return compute_logits_table(self.model, loader, device, desc, progress)
-        cached = cache.load(self.fingerprint, data_id)  # before touching self.model (lazy load)
+        # checked against the split's rows and the teacher's classes; read before touching self.model (lazy load)
+        cached = cache.load(self.fingerprint, data_id, loader_rows(loader), self.num_classes)
         if cached is not None:
             return cached
-        return cache.get_or_compute(self.fingerprint, data_id, self.model, loader, device=device,
-                                    progress=progress, desc=desc)
+        logits = compute_logits_table(self.model, loader, device, desc, progress)
+        cache.store(self.fingerprint, data_id, logits)
+        return logits
 
     @torch.no_grad()
     def features(self, batch: dict, names: Iterable[str]) -> dict[str, torch.Tensor]:
@@ -132,6 +143,10 @@ class TeacherPolicy(ABC):
     def choose(self, step: int) -> str:
         """The name of the teacher this step learns from."""
 
+    def step_names(self) -> list[str]:
+        """Every name :meth:`choose` may return (the trainer plans each one's loss terms)."""
+        return list(self.teachers)
+
     def features(self, name: str, batch: dict, names: Iterable[str]) -> dict[str, torch.Tensor]:
         return self.teachers[name].features(batch, names)
 
@@ -158,6 +173,9 @@ class AverageTeachers(TeacherPolicy):
 
     def choose(self, step: int) -> str:
         return self.NAME
+
+    def step_names(self) -> list[str]:
+        return [self.NAME]
 
     def features(self, name: str, batch: dict, names: Iterable[str]) -> dict[str, torch.Tensor]:
         names = set(names)
@@ -216,7 +234,15 @@ class SampledTeacher(TeacherPolicy):
     (``scaling="theta"``: θ_i · z_Ti, SSWO as in the paper's eq. 3, so a rarely-chosen
     teacher also speaks with less confidence). ``theta`` is read at every step, so the search
     can update it in place between steps.
+
+    ``mixture = True`` (the search sets it under its ``cr`` strategy) makes every step learn from
+    the θ-mixture ``Σ_i θ_i z_Ti`` instead (continuous relaxation, AutoSKDBERT section 2.4.1): the
+    target CR's θ step differentiates, so its virtual step is the step the student takes. No
+    teacher is drawn then.
     """
+
+    #: the teacher name :meth:`choose` returns in mixture mode
+    MIXTURE = "theta-mixture"
 
     def __init__(self, teachers: Mapping[str, Teacher], theta: torch.Tensor, seed: int = 0,
                  scale_logits: bool = True, scaling: str = "theta"):
@@ -230,6 +256,7 @@ class SampledTeacher(TeacherPolicy):
         self.counts = {name: 0 for name in self.names}
         self.last_index: int | None = None
         self.preselected: int | None = None
+        self.mixture = False
         if len(theta) != len(self.names):
             raise AutoSKDError(f"distribution has {len(theta)} weights but the team has {len(self.names)} teachers")
 
@@ -252,16 +279,46 @@ class SampledTeacher(TeacherPolicy):
 
     def choose(self, step: int) -> str:
         """This step's teacher: the one a callback already drew (the search's theta step
-        must update the weight of the teacher the student then learns from), else a new draw."""
+        must update the weight of the teacher the student then learns from), else a new draw;
+        in mixture mode the θ-mixture."""
+        if self.mixture:
+            self.preselected = None
+            return self.MIXTURE
         i, self.preselected = (self.preselected, None) if self.preselected is not None else (self.draw(), None)
         return self.names[i]
 
+    def step_names(self) -> list[str]:
+        return [self.MIXTURE] if self.mixture else list(self.teachers)
+
+    def mixture_logits(self, batch: dict) -> torch.Tensor:
+        """``Σ_i θ_i z_Ti`` over the teachers with θ_i > 0 (the dropped ones are exactly 0 and
+        are not read)."""
+        theta = self.theta.detach()
+        out = None
+        for j, name in enumerate(self.names):
+            if float(theta[j]) > 0:
+                z = self.teachers[name].features(batch, ["logits"])["logits"]
+                term = theta[j].to(device=z.device, dtype=z.dtype) * z
+                out = term if out is None else out + term
+        if out is None:
+            raise AutoSKDError("the teacher distribution has no positive weight; nothing to distil from")
+        return out
+
     def features(self, name: str, batch: dict, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        if name == self.MIXTURE:
+            if set(names) - {"logits"}:
+                raise AutoSKDError("the CR search mixes teacher logits only; use a logits-only method such as 'kd'")
+            return {"logits": self.mixture_logits(batch)}
         feats = dict(self.teachers[name].features(batch, names))
         if self.scaling != "none" and "logits" in feats:
             weight = theta_logit_scale(self.theta.detach(), self.names.index(name), self.scaling)
             feats["logits"] = feats["logits"] * weight.to(feats["logits"].dtype)
         return feats
+
+    def geometry_source(self, name: str) -> nn.Module:
+        if name == self.MIXTURE:
+            return next(iter(self.teachers.values())).shape_model
+        return super().geometry_source(name)
 
 
 def as_policy(teachers, fingerprints: Mapping[str, str] | None = None) -> TeacherPolicy | None:

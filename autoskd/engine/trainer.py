@@ -31,7 +31,7 @@ from .metrics_log import MetricsLog, plot_history
 from .methods import Method, get_method
 from .metrics import Metric, accuracy_metric
 from .teacher_cache import TeacherOutputCache
-from .teachers import AverageTeachers, TeacherPolicy, as_policy
+from .teachers import TeacherPolicy, as_policy
 
 
 @dataclass
@@ -190,7 +190,14 @@ class Distiller:
     ``teachers`` is a :class:`TeacherPolicy`, one ``nn.Module``, a one-entry dict, or None for
     methods that need no teacher (``finetune``). With ``out_dir`` the run writes
     ``metrics.jsonl``, ``training.png`` and ``checkpoint.pt`` (one per finished epoch,
-    from which ``fit(..., resume=True)`` continues).
+    from which ``fit(..., resume=True)`` continues when it is the same run: method, options,
+    seed, stages, data and teacher policy, see :meth:`run_signature`).
+
+    ``restore_best``: at the end of ``fit`` the student gets the weights of the best dev epoch
+    (by ``metric``) *of the last stage*, the stage that makes the final model (a prediction
+    stage after an intermediate one); earlier stages' epochs are scored and logged but never
+    restored, so no later stage's training is thrown away. When the last stage is not scored on
+    dev the student keeps its final weights. ``TrainResult.best_*`` describe that stage's best.
 
     ``deepspeed`` (a DeepSpeed config: dict or JSON/YAML path) trains the student and the
     auxiliary model under DeepSpeed ZeRO in this same loop (see
@@ -239,6 +246,8 @@ class Distiller:
 
         self.extractor = FeatureExtractor(self.student, ["logits"])
         self.log = MetricsLog(self.out_dir / "metrics.jsonl" if self.out_dir and self.backend.is_main else None)
+        if self.checkpoint and self.policy is not None:
+            self._policy_signature()  # hashes given teachers' weights now, before tensor parallelism shards them
         if tensor_parallel is not None and self.policy is not None:
             tensor_parallel.shard_teachers(self.policy, batch_sharded=self.backend.world_size > 1)
         self.backend.setup(self)
@@ -246,9 +255,7 @@ class Distiller:
     def _teacher_names(self) -> list[str]:
         if self.policy is None:
             return []
-        if isinstance(self.policy, AverageTeachers):
-            return [AverageTeachers.NAME]
-        return list(self.policy.teachers)
+        return self.policy.step_names()  # what choose() may return (AvgKD: "average"; CR: the θ-mixture)
 
     def trainable_parameters(self, stage: Stage | None = None) -> list[tuple[str, nn.Parameter]]:
         only = stage.trainable if stage is not None else None
@@ -306,7 +313,7 @@ class Distiller:
         best_state: dict | None = None
         done_stage, done_epoch = -1, 0
         ckpt_path = self.out_dir / "checkpoint.pt" if self.out_dir else None
-        signature = self.run_signature(stages)
+        signature = self.run_signature(stages) if (self.checkpoint or resume) else None
         resumed_state = self._load_checkpoint(ckpt_path, signature) if resume else None
         if resumed_state is not None:
             state = resumed_state
@@ -331,6 +338,8 @@ class Distiller:
             first_epoch = done_epoch if stage_index == done_stage else 0
             if first_epoch >= epochs:
                 continue
+            if first_epoch == 0:  # the best epoch restored at the end is the last stage's own
+                result.best_score, result.best_epoch, best_state = None, None, None
             if self.policy is not None:
                 self.backend.prepare_teachers(self.policy, stage.train, stage.data_id, self.cache, self.device,
                                               self.progress)
@@ -423,14 +432,29 @@ class Distiller:
         return {k: float(v) for k, v in distances.items()}
 
     def run_signature(self, stages: Sequence[Stage]) -> dict:
-        """What a checkpoint must agree with to be resumed: same method, options and stages."""
-        return {"method": self.method.spec.name, "options": repr(sorted(self.method.options.items())),
-                "seed": self.seed, "stages": [[s.name, s.epochs, s.lr, s.warmup_ratio, s.weight_decay,
-                                               s.max_grad_norm, s.data_id, len(s.train)]
-                                              + ([s.teacher, s.trainable, s.hard_label_weight]
-                                                 if (s.teacher, s.trainable, s.hard_label_weight) != (None,) * 3 else [])
-                                              for s in stages],
-                **self.backend.signature()}
+        """What a checkpoint must agree with to be resumed: same method, options and stages, and
+        the same teacher policy (its kind, each teacher's fingerprint, a sampled policy's starting
+        θ: a checkpoint's policy state would otherwise overwrite the new run's)."""
+        signature = {"method": self.method.spec.name, "options": repr(sorted(self.method.options.items())),
+                     "seed": self.seed, "stages": [[s.name, s.epochs, s.lr, s.warmup_ratio, s.weight_decay,
+                                                    s.max_grad_norm, s.data_id, len(s.train)]
+                                                   + ([s.teacher, s.trainable, s.hard_label_weight]
+                                                      if (s.teacher, s.trainable, s.hard_label_weight) != (None,) * 3
+                                                      else [])
+                                                   for s in stages],
+                     **self.backend.signature()}
+        if self.policy is not None:
+            signature["policy"] = self._policy_signature()
+        return signature
+
+    def _policy_signature(self) -> dict:
+        policy = self.policy
+        out: dict[str, Any] = {"kind": type(policy).__name__,
+                               "teachers": {n: t.fingerprint for n, t in policy.teachers.items()}}
+        theta = getattr(policy, "theta", None)
+        if torch.is_tensor(theta):
+            out["theta"] = [round(float(x), 12) for x in theta.detach().cpu().reshape(-1)]
+        return out
 
     def _load_checkpoint(self, path: Path | None, signature: dict) -> dict | None:
         """Restore the student, auxiliary model, random states and policy/method samplers."""
@@ -440,8 +464,11 @@ class Distiller:
         if state is None:
             return None
         if state.get("signature") != signature:
+            from ..rerun import keys_differ
+
             raise AutoSKDError(f"{path.parent} holds an unfinished run with another configuration "
-                               f"(method, options, epochs, lr or data); use a new --out folder or delete {path}")
+                               f"({keys_differ(state.get('signature') or {}, signature)}); rerun the same run to "
+                               f"resume it, or start fresh: use a new --out folder or delete {path}")
         self.backend.restore_modules(self, state)
         self.ctx.global_step = state["global_step"]
         torch.set_rng_state(state["rng"]["torch"])

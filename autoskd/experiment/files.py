@@ -17,7 +17,8 @@ import yaml
 
 from ..atomic import atomic_path
 from ..errors import AutoSKDError
-from .sections import VOLATILE
+from ..rerun import RerunMismatch, canonical, flatten, fresh_out, keys_differ, without
+from .sections import VOLATILE, resume_free
 
 FILE_NAME = "experiment.yaml"
 
@@ -61,3 +62,26 @@ def write_experiment(resolved: Mapping[str, Any], out_dir: str | os.PathLike | N
     with atomic_path(path) as tmp:
         tmp.write_text(dump_experiment(resolved), encoding="utf-8")
     return path
+
+
+def check_rerun(resolved: Mapping[str, Any]) -> None:
+    """Before a run into ``out``: the experiment already there (``<out>/experiment.yaml``) must be
+    this one, up to the keys a rerun may change (:func:`~autoskd.experiment.sections.resume_free`:
+    where it writes, resources, how far it goes). Otherwise one line names the keys that differ
+    and how to start fresh. The layers below check their own artifacts too (a search's records
+    and arms, a study, a stage plan's stages, a chain's hops), also when called from Python."""
+    path = Path(resolved["out"]) / FILE_NAME
+    if not path.is_file():
+        return
+    what = f"--out {resolved['out']} holds an experiment that"
+    try:
+        before = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        before = None
+    if not isinstance(before, Mapping):
+        raise RerunMismatch(f"{what} cannot be read ({path}); start fresh: {fresh_out(resolved['out'])}")
+    free = resume_free()
+    old, new = (without(flatten(canonical(dict(x))), free) for x in (before, resolved))
+    if old != new:
+        raise RerunMismatch(f"{what} differs from this one ({keys_differ(old, new)}); rerun the same experiment to "
+                            f"resume it (autoskd run {path}), or start fresh: {fresh_out(resolved['out'])}")

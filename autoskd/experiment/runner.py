@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import AutoSKDError
-from .files import write_experiment
+from .files import check_rerun, write_experiment
 from .resolve import LM_PREFIX, is_lm_task
 from .teams import classifier_team, lm_team, write_team
 
@@ -22,6 +22,7 @@ from .teams import classifier_team, lm_team, write_team
 def run_experiment(resolved: dict) -> int:
     """Run ``resolved`` (from :func:`autoskd.experiment.resolve_experiment`); returns the exit code."""
     kind = resolved["kind"]
+    check_rerun(resolved)  # a rerun into the same --out resumes only the same experiment
     if kind == "distill" and is_lm_task(resolved["task"]["name"]):
         return run_lm_distill(resolved)
     runners: dict[str, Callable[[dict], int]] = {"distill": run_distill, "stages": run_stages, "search": run_search,

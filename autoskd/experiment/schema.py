@@ -20,7 +20,7 @@ import difflib
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from ..cli_types import baseline_list, encoding_name, float_range, int_at_least, output_dir
+from ..cli_types import baseline_list, encoding_name, float_range, int_at_least, output_dir, ray_address, storage_url
 
 Check = Callable[[Any], Any]
 
@@ -133,6 +133,18 @@ def encoding(value: Any) -> str:
 def folder(value: Any) -> str:
     """A folder to write into (the command line's ``--out`` rules)."""
     return _flag_check(output_dir)(text(value))
+
+
+def cluster(value: Any) -> str:
+    """A Ray cluster address (``ray://head:10001``, ``head:6379``, ``auto``, ``local``), reachable
+    now: a short connect, so an unreachable cluster stops the run in seconds, before any work."""
+    return _flag_check(ray_address)(text(value))
+
+
+def storage(value: Any) -> str:
+    """An Optuna storage URL (SQLite file, PostgreSQL or MySQL server): its driver installed, its
+    folder writable or its server reachable now."""
+    return _flag_check(storage_url)(text(value))
 
 
 def baselines(value: Any) -> str:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import fields
 
-from .schema import (Field, baselines, encoding, flag, folder, list_of, mapping, names, number, one_of, optional,
-                     text, whole)
+from .schema import (Field, baselines, cluster, encoding, flag, folder, list_of, mapping, names, number, one_of,
+                     optional, storage, text, whole)
 
 KINDS = ("distill", "stages", "search", "tune", "chain")
 #: the section each kind reads (named after the kind)
@@ -21,6 +21,16 @@ SCALED = ("distill", "stages", "search")
 TOP_KEYS = ("kind", "task", "seed", "out", *SECTIONS, "scale", "team", "cache_dir", "progress")
 #: keys that never change a run's numbers: left out of its fingerprint
 VOLATILE = ("out", "cache_dir", "progress")
+
+
+def resume_free() -> tuple[str, ...]:
+    """Keys (dotted) a rerun into the same ``out`` may change and still resume: where and how fast
+    a search or a tune runs, and how far it goes (``search.theta_only``, more ``tune.trials``),
+    never what a finished artifact computed. Each layer names its own (one list per layer)."""
+    from ..fanout.tune import RESUME_FREE as TUNE_FREE
+    from ..search.run import RESUME_FREE as SEARCH_FREE
+
+    return VOLATILE + tuple(f"search.{k}" for k in SEARCH_FREE) + tuple(f"tune.{k}" for k in TUNE_FREE)
 
 DEFAULT_TASK = "rotten_tomatoes"
 DEFAULT_CACHE = ".cache/autoskd"
@@ -131,7 +141,7 @@ def search_table(preset: dict) -> dict[str, Field]:
             "theta_lrs": Field(get("theta_lrs"), optional(list_of(number(above=0), "numbers > 0"))),
             "baselines": Field(get("baselines"), baselines), "n_random": Field(get("n_random"), whole(0)),
             "executor": Field(get("executor"), one_of("ray", "local")),
-            "address": Field(get("address"), optional(text)),
+            "address": Field(get("address"), optional(cluster)),
             "cpus_per_trial": Field(get("cpus_per_trial"), number(above=0)),
             "gpus_per_trial": Field(get("gpus_per_trial"), number(at_least=0)),
             "max_concurrent": Field(get("max_concurrent"), optional(whole(1))),
@@ -184,12 +194,12 @@ def tune_table() -> dict[str, Field]:
     d = _defaults(TuneSettings)
     return {"space": Field(None, lambda v: v), "sampler": Field(d["sampler"], one_of(*SAMPLERS)),
             "scheduler": Field(d["scheduler"], one_of(*SCHEDULERS)), "trials": Field(d["trials"], optional(whole(1))),
-            "storage": Field(d["storage"], optional(text)), "study": Field(d["study"], optional(text)),
+            "storage": Field(d["storage"], optional(storage)), "study": Field(d["study"], optional(text)),
             "objective2": Field(d["objective2"], optional(one_of(*sorted(OBJECTIVES)))),
             "batch_size": Field(None, optional(whole(1))),
             "grace_period": Field(d["grace_period"], whole(1)),
             "reduction_factor": Field(d["reduction_factor"], number(above=1)),
-            "address": Field(d["address"], optional(text)),
+            "address": Field(d["address"], optional(cluster)),
             "cpus_per_trial": Field(d["cpus_per_trial"], number(above=0)),
             "gpus_per_trial": Field(d["gpus_per_trial"], number(at_least=0)),
             "max_concurrent": Field(d["max_concurrent"], optional(whole(1)))}

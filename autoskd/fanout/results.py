@@ -17,19 +17,32 @@ from optuna.trial import TrialState
 
 from ..atomic import write_json
 from .study import DONE
+from .trial import read_error
 
 __all__ = ["trial_rows", "results_table", "best_trials", "write_results", "plot_study"]
 
 
-def trial_rows(study: optuna.Study, objectives: list[str]) -> list[dict]:
+def trial_rows(study: optuna.Study, objectives: list[str], out_dir: Path | None = None) -> list[dict]:
+    """One row per trial of the study; a failed trial's ``error`` is the first line of its
+    ``<out>/trials/<trial>/error.txt`` (a trial left by a dead driver has none: it says so)."""
     rows = []
     for t in study.get_trials(deepcopy=False):
         values = t.values or [None] * len(objectives)
-        rows.append({"number": t.number, "state": t.state.name.lower(), **dict(zip(objectives, values)),
-                     "test_acc": t.user_attrs.get("test_acc"), "epochs": t.user_attrs.get("epochs"),
-                     "stopped_early": bool(t.user_attrs.get("stopped_early")),
-                     "trial": t.user_attrs.get("trial", f"trial-{t.number:04d}"), "params": dict(t.params)})
+        name = t.user_attrs.get("trial", f"trial-{t.number:04d}")
+        row = {"number": t.number, "state": t.state.name.lower(), **dict(zip(objectives, values)),
+               "test_acc": t.user_attrs.get("test_acc"), "epochs": t.user_attrs.get("epochs"),
+               "stopped_early": bool(t.user_attrs.get("stopped_early")), "trial": name, "params": dict(t.params)}
+        if t.state == TrialState.FAIL:
+            error = read_error(Path(out_dir) / "trials" / name) if out_dir is not None else None
+            row["error"] = error or ("its driver stopped (killed?) while it ran; queued again"
+                                     if _retried(study, t) else "no reason recorded")
+        rows.append(row)
     return rows
+
+
+def _retried(study: optuna.Study, trial) -> bool:
+    """Whether a later trial retries ``trial`` (Optuna's retry of a dead driver's trial)."""
+    return any(trial.number in (t.system_attrs.get("retry_history") or ()) for t in study.get_trials(deepcopy=False))
 
 
 def best_trials(study: optuna.Study) -> list:
@@ -62,6 +75,8 @@ def results_table(rows: list[dict], objectives: list[str], best: set[int]) -> st
         note = "best" if r["number"] in best else ""
         if r["stopped_early"]:
             note = (note + "; " if note else "") + "stopped early"
+        if r.get("error"):
+            note = f"FAILED: {r['error']}"
         lines.append([str(r["number"]), r["state"], *(_fmt(r[o]) for o in objectives), _fmt(r["test_acc"]),
                       _fmt(r["epochs"]), *(_fmt(r["params"].get(p)) for p in params), note])
     widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(header)]
@@ -122,13 +137,14 @@ def plot_study(study: optuna.Study, out_dir: Path, objectives: list[str]) -> lis
 def write_results(study: optuna.Study, out_dir: Path, objectives: list[str]) -> dict:
     """``results.json``/``results.txt``, ``best_config.json``, ``best_student/`` and the plots."""
     out_dir = Path(out_dir)
-    rows = trial_rows(study, objectives)
+    rows = trial_rows(study, objectives, out_dir)
     best = best_trials(study)
     table = results_table(rows, objectives, {t.number for t in best})
     write_json(out_dir / "results.json", rows, default=str)
     (out_dir / "results.txt").write_text(table + "\n")
     summary: dict = {"study": study.study_name, "objectives": objectives, "trials": len(rows),
                      "finished": sum(r["state"] in ("complete", "pruned") for r in rows),
+                     "failed": {str(r["number"]): r["error"] for r in rows if r["state"] == "fail"},
                      "stopped_early": sum(r["stopped_early"] for r in rows),
                      "student_epochs": sum(int(r["epochs"] or 0) for r in rows if r["state"] != "fail")}
     if best:

@@ -9,6 +9,10 @@ from disk (teachers come from the cache the driver filled) and writes::
 
     <root>/trials/<trial>/trial.json    the record: values, dev/test accuracy, student size, ...
     <root>/trials/<trial>/student/      the student (save_pretrained; an autoskd trial: best_student/)
+    <root>/trials/<trial>/error.txt     a failed trial's reason (first line) and traceback
+
+A trial that raises (out of memory, a loss gone NaN, a bad option) fails alone: Ray Tune records
+it as failed in the study, the others run on, and the results table names its reason.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,14 +31,41 @@ from ..search.trials import TrialSpec, prepare_worker
 from .space import SearchSpace
 
 __all__ = ["distill_values", "run_distill_trial", "run_autoskd_trial", "tune_trainable", "trial_name",
-           "OBJECTIVES", "student_size", "student_latency_ms"]
+           "OBJECTIVES", "student_size", "student_latency_ms", "ERROR_FILE", "error_line", "read_error"]
 
 #: second objectives for multi-objective samplers (both minimised), beside dev accuracy (maximised)
 OBJECTIVES = {"size": "student_params_m", "latency": "latency_ms"}
 
 
+#: a failed trial's reason (first line) and traceback, in its folder
+ERROR_FILE = "error.txt"
+
+
 def trial_name(number: int | None, fallback: str) -> str:
     return f"trial-{number:04d}" if number is not None else fallback
+
+
+def error_line(err: BaseException) -> str:
+    """``Type: first line of the message`` (``OutOfMemoryError: CUDA out of memory. ...``)."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+def write_error(out: Path, err: BaseException) -> None:
+    """``error.txt``: the reason on its first line, then the traceback."""
+    try:
+        (Path(out) / ERROR_FILE).write_text(f"{error_line(err)}\n\n{traceback.format_exc()}")
+    except OSError:
+        pass  # the trial's failure must surface, not a second one
+
+
+def read_error(trial_dir: Path) -> str | None:
+    """The first line of a failed trial's ``error.txt``, if it has one."""
+    try:
+        lines = (Path(trial_dir) / ERROR_FILE).read_text().splitlines()
+    except OSError:
+        return None
+    return lines[0].strip() if lines and lines[0].strip() else None
 
 
 def distill_values(base: dict, values: dict) -> tuple[Any, dict]:
@@ -126,7 +158,8 @@ def run_autoskd_trial(spec: TrialSpec, values: dict, out_dir: Path) -> dict:
     if options:
         config.method_options = {**config.method_options, **options}
     summary = run_search(spec.team_path, task, config, out_dir, cache_dir=spec.cache_dir, progress=False)
-    return {"dev_acc": float(summary["best"]["dev_acc"]), "test_acc": float(summary["best"]["test_acc"]),
+    test_acc = summary["best"].get("test_acc")  # none when the best arm was stopped early
+    return {"dev_acc": float(summary["best"]["dev_acc"]), "test_acc": None if test_acc is None else float(test_acc),
             "best_candidate": summary["best"]["name"], "theta": summary["best"].get("theta"), "epochs": 1}
 
 
@@ -142,11 +175,17 @@ def tune_trainable(config: dict, spec: dict | None = None, space: dict | None = 
     values = space.trial_values(config)
     out = Path(spec.root) / "trials" / name
     out.mkdir(parents=True, exist_ok=True)
+    (out / ERROR_FILE).unlink(missing_ok=True)
     start = time.perf_counter()
-    if space.kind == "autoskd":
-        record = run_autoskd_trial(spec, values, out)
-    else:
-        record = run_distill_trial(spec, values, out, report=tune.report if report_epochs else None, latency=latency)
+    try:
+        if space.kind == "autoskd":
+            record = run_autoskd_trial(spec, values, out)
+        else:
+            record = run_distill_trial(spec, values, out, report=tune.report if report_epochs else None,
+                                       latency=latency)
+    except Exception as err:  # Ray Tune records the trial as failed; its reason stays beside it
+        write_error(out, err)
+        raise
     record = {"trial": name, "values": values, **record, "seconds": round(time.perf_counter() - start, 3)}
     write_json(out / "trial.json", record)
     tune.report({k: record[k] for k in ("dev_acc", "test_acc", "student_params_m", "latency_ms", "epochs")

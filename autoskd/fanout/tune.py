@@ -9,16 +9,24 @@
 
 Ray is started and stopped as for AutoSKD's arms (:func:`autoskd.ray_runtime.ray_session`):
 locally on 127.0.0.1, or on the cluster at ``address`` (``auto`` inside ``ray job submit``).
+
+A rerun resumes the study only for the same tune (:mod:`autoskd.rerun`): the study records what
+its trials are computed from (space, team, task, base config, sampler, scheduler, seed, second
+objective) in its user attribute ``autoskd_run``, and ``tune.json`` that plus the study's name
+and storage; another configuration stops in one line naming the keys that differ. More trials,
+other resources or another Ray address resume (:data:`RESUME_FREE`).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..atomic import write_json
 from ..errors import AutoSKDError
+from ..rerun import check_stamp, stamp
 from ..ray_runtime import progress_callback, quiet_tune_logs, ray_session
 from ..search.early_stop import SCHEDULERS, evaluated_epochs, make_scheduler
 from ..search.trials import TrialSpec, trial_worker_env
@@ -30,6 +38,13 @@ from .trial import OBJECTIVES, distill_values
 __all__ = ["TuneSettings", "run_tune"]
 
 _DEFAULT_TRIALS = 10
+
+#: TuneSettings fields a rerun may change and still resume the study: how many trials, where and
+#: how fast they run (``storage`` and ``study`` name the study itself; ``base`` is in the spec).
+RESUME_FREE = ("trials", "address", "cpus_per_trial", "gpus_per_trial", "max_concurrent", "num_cpus", "storage",
+               "study")
+#: the study's user attribute holding its stamp
+STUDY_STAMP = "autoskd_run"
 
 
 @dataclass
@@ -120,19 +135,24 @@ def run_tune(space: SearchSpace, team_path: str, task_args: dict, settings: Tune
         raise AutoSKDError(f"--trials {wanted} is more than the grid's {grid_size} points")
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    spec = TrialSpec(team_path=team_path, task=task_args, root=str(out_dir), cache_dir=str(cache_dir),
+                     base_config=settings.base)
+    identity = tune_identity(space, spec, settings)
     storage = open_storage(url)
     study = open_study(storage, study_name, settings.directions, space, settings.objectives)
-    stale = fail_stale_trials(study)
+    check_study(study, study_name, identity)
+    run = {**identity, "study": study_name, "storage": url}
+    # this folder's trials, tables and best student belong to one study of one configuration
+    check_stamp(_read_json(out_dir / "tune.json"), run, f"--out {out_dir} (tune.json)", out_dir)
+    stale = fail_stale_trials(study, out_dir, settings.objectives)  # trials finished on disk are told first
     # a grid counts distinct points: a point run twice is still one point, a failed one runs again
     done = sampler.points_done(study) if grid_size is not None else len(finished_trials(study))
     if grid_size is not None:
         sampler.start_run(study)
     todo = max(0, wanted - done)
-    spec = TrialSpec(team_path=team_path, task=task_args, root=str(out_dir), cache_dir=str(cache_dir),
-                     base_config=settings.base)
     write_json(out_dir / "tune.json", {"space": space.to_dict(), "storage": url, "study": study_name,
-                                       "settings": asdict(settings), "team": spec.team_path, "task": spec.task},
-               default=str)
+                                       "settings": asdict(settings), "team": spec.team_path, "task": spec.task,
+                                       **stamp(run)}, default=str)
     if done or stale:
         print(f"study {study_name!r}: {done} finished trial(s) kept" + (f", {stale} unfinished marked failed" if stale
                                                                            else "") + f"; {todo} to run")
@@ -144,6 +164,39 @@ def run_tune(space: SearchSpace, team_path: str, task_args: dict, settings: Tune
     summary.update(storage=url, sampler=settings.sampler, scheduler=settings.scheduler)
     write_json(out_dir / "summary.json", summary, default=str)
     return summary
+
+
+def tune_identity(space: SearchSpace, spec: TrialSpec, settings: TuneSettings) -> dict:
+    """What a tune's trials are computed from: the space, the trial spec's identity (team file and
+    its sources, task and data file, base config, runner) and the settings that shape the study's
+    trials (all but :data:`RESUME_FREE`)."""
+    kept = {k: v for k, v in asdict(settings).items() if k not in RESUME_FREE and k != "base"}
+    return {"space": space.to_dict(), **spec.identity, "settings": kept}
+
+
+def check_study(study, study_name: str, identity: dict) -> None:
+    """The study (possibly in a shared storage) must hold trials of this configuration only: it
+    records its stamp when it has none, and a mismatch is one line."""
+    stored = study.user_attrs.get(STUDY_STAMP)
+    fresh = "use another --study name (a new study in the same storage), or a new --out with its own storage"
+    if stored is None:
+        if study.get_trials(deepcopy=False):  # trials of an unknown configuration
+            check_stamp({}, identity, f"study {study_name!r}", fresh=fresh)
+        study.set_user_attr(STUDY_STAMP, json.dumps(stamp(identity)))
+        return
+    try:
+        record = json.loads(stored)
+    except (TypeError, ValueError):
+        record = {}
+    check_stamp(record, identity, f"study {study_name!r} in the storage", fresh=fresh)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _trial_dev_acc(trial, status: str) -> str | None:

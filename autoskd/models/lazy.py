@@ -36,6 +36,11 @@ class LazyModel:
     def loaded(self) -> bool:
         return self._model is not None
 
+    @property
+    def has_shape(self) -> bool:
+        """Whether :meth:`shape_model` answers without reading the weights."""
+        return self._model is not None or self._shape is not None
+
     def get(self) -> nn.Module:
         if self._model is None:
             self._model = self._load()

@@ -37,6 +37,8 @@ __all__ = [
     "STRATEGIES",
     "DEFAULT_THETA_LR",
     "DEFAULT_THETA_WEIGHT_DECAY",
+    "NONFINITE_FLOOR",
+    "NONFINITE_SHARE",
 ]
 
 #: update strategies understood by :class:`ThetaOptimizer`: SSWO updates only the sampled entry,
@@ -46,6 +48,12 @@ STRATEGIES = ("sswo", "cr", "expected")
 #: Adam's learning rate and weight decay on θ: AutoSKDBERT's App. E (its grid spans lr 3e-4 to 1e-3)
 DEFAULT_THETA_LR = 5e-4
 DEFAULT_THETA_WEIGHT_DECAY = 1e-3
+
+#: a θ step whose gradient is not finite (NaN/inf) is skipped; the search stops once more than
+#: ``max(NONFINITE_FLOOR, NONFINITE_SHARE x steps)`` steps were skipped: a diverging θ step, not a
+#: stray overflow (a diverged one is non-finite at every step and stops after the floor)
+NONFINITE_FLOOR = 10
+NONFINITE_SHARE = 0.05
 
 
 def _as_1d_float(values: Tensor | Sequence[float], what: str, dtype: torch.dtype | None = None) -> Tensor:
@@ -288,6 +296,11 @@ class ThetaOptimizer:
     Weight decay is Adam's L2 form (``g + wd·θ``), as ``torch.optim.Adam(weight_decay=...)``.
     Call :meth:`step` once per search step with the θ-gradient (e.g. from
     :func:`autoskd.search.bilevel.unrolled_theta_grad`) and, for SSWO, the sampled teacher.
+
+    A gradient with a non-finite entry among those it would move skips the step (θ and Adam's
+    state unchanged) and is counted: :attr:`steps_taken` counts every call, :attr:`nonfinite_steps`
+    the skipped ones. More than ``max(nonfinite_floor, nonfinite_share × steps_taken)`` skipped
+    steps stop the search with one line (:class:`AutoSKDError`): θ's step diverged.
     """
 
     def __init__(
@@ -298,6 +311,8 @@ class ThetaOptimizer:
         weight_decay: float = DEFAULT_THETA_WEIGHT_DECAY,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
+        nonfinite_floor: int = NONFINITE_FLOOR,
+        nonfinite_share: float = NONFINITE_SHARE,
     ):
         key = str(strategy).lower()
         if key not in STRATEGIES:
@@ -309,6 +324,9 @@ class ThetaOptimizer:
         self.dist = dist
         self.strategy = key
         self.lr, self.weight_decay, self.betas, self.eps = float(lr), float(weight_decay), betas, float(eps)
+        self.nonfinite_floor, self.nonfinite_share = int(nonfinite_floor), float(nonfinite_share)
+        self.steps_taken = 0
+        self.nonfinite_steps = 0
         self.reset()
 
     def reset(self) -> None:
@@ -328,7 +346,6 @@ class ThetaOptimizer:
         g = torch.as_tensor(grad).detach().to(dtype=theta.dtype, device=theta.device).reshape(-1)
         if g.numel() != theta.numel():
             raise ValueError(f"theta gradient has {g.numel()} entries, expected {theta.numel()}")
-        g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
         update = self.dist.active.clone()
         if self.strategy == "sswo":
             if sampled is None:
@@ -338,6 +355,12 @@ class ThetaOptimizer:
                 raise ValueError(f"sampled teacher {sampled} is not an active teacher")
             update = torch.zeros_like(update)
             update[i] = True
+        self.steps_taken += 1
+        if not bool(torch.isfinite(g[update]).all()):
+            self.nonfinite_steps += 1
+            self._check_nonfinite()
+            return
+        g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)  # entries that do not move
         with torch.no_grad():
             t = theta.data
             beta1, beta2 = self.betas
@@ -351,9 +374,16 @@ class ThetaOptimizer:
             t[update] -= self.lr * m_hat / (v_hat.sqrt() + self.eps)
         self.dist.project_()
 
+    def _check_nonfinite(self) -> None:
+        limit = max(self.nonfinite_floor, self.nonfinite_share * self.steps_taken)
+        if self.nonfinite_steps > limit:
+            raise AutoSKDError(
+                f"the theta search diverged: {self.nonfinite_steps} of {self.steps_taken} theta steps had a non-finite "
+                "(NaN/inf) gradient and were skipped; lower --theta-lr or --xi, or try --order first")
+
     def state_dict(self) -> dict:
         return {"strategy": self.strategy, "exp_avg": self.exp_avg.clone(), "exp_avg_sq": self.exp_avg_sq.clone(),
-                "steps": self.steps.clone()}
+                "steps": self.steps.clone(), "steps_taken": self.steps_taken, "nonfinite_steps": self.nonfinite_steps}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("strategy", self.strategy) != self.strategy:
@@ -362,3 +392,5 @@ class ThetaOptimizer:
             )
         self.exp_avg, self.exp_avg_sq = state["exp_avg"].clone(), state["exp_avg_sq"].clone()
         self.steps = state["steps"].clone()
+        self.steps_taken = int(state.get("steps_taken", 0))
+        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))

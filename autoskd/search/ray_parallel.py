@@ -65,19 +65,25 @@ def distill_arm_parallel(spec, arm, out_dir: Path) -> dict:
 
 
 def bilevel_search_parallel(team_path: str, task_args: dict, config, m: int, out_dir: Path, cache_dir: Path,
-                            theta_lr: float | None = None) -> dict:
+                            theta_lr: float | None = None, identity: dict | None = None) -> dict:
     """AutoSKD's θ search (phase 1, selection, phase 2) on ``config.processes`` Ray Train workers
     under ``config.deepspeed``: each rank trains on its slice of every batch and θ is updated
-    identically on every rank (:mod:`autoskd.engine.functional_forward`); rank 0 writes the record."""
+    identically on every rank (:mod:`autoskd.engine.functional_forward`); rank 0 writes the record,
+    stamped with ``identity`` as :func:`~autoskd.search.run.bilevel_search` stamps it."""
+    from ..rerun import check_stamp
     from .run import search_record_path
 
-    record = search_record_path(config, Path(out_dir), theta_lr if theta_lr is not None else config.theta.lr)
+    lr = theta_lr if theta_lr is not None else config.theta.lr
+    record = search_record_path(config, Path(out_dir), lr)
     if record.exists():
-        return json.loads(record.read_text())
+        done = json.loads(record.read_text())
+        if identity is not None:
+            check_stamp(done, {**identity, "m": m, "theta_lr": lr}, f"{record.name} in {out_dir}", out_dir)
+        return done
     from ..ray_runtime import ray_session, worker_env
 
     loop = {"team": str(team_path), "task": task_args, "config": config.to_dict(), "m": m, "out": str(out_dir),
-            "cache": str(cache_dir), "theta_lr": theta_lr, "workdir": os.getcwd()}
+            "cache": str(cache_dir), "theta_lr": theta_lr, "workdir": os.getcwd(), "identity": identity}
     with ray_session(worker_env(), address=config.address):
         return run_group(_search_worker, loop, config.processes, Path(out_dir) / "ray_train" / record.stem, record)
 
@@ -101,7 +107,8 @@ def _search_worker(loop: dict) -> None:
     cache = Path(loop["cache"])
     team = TeacherTeam.from_yaml(loop["team"]).build(team_task, cache_dir=cache / "teachers",
                                                       seed=loop["task"]["seed"], progress=False)
-    bilevel_search(team, task, config, loop["m"], Path(loop["out"]), cache, False, loop["theta_lr"])
+    bilevel_search(team, task, config, loop["m"], Path(loop["out"]), cache, False, loop["theta_lr"],
+                   loop.get("identity"))
 
 
 def _worker(config: dict) -> None:

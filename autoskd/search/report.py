@@ -12,7 +12,8 @@ from typing import Iterable
 
 from ..atomic import write_json
 
-__all__ = ["write_theta_history", "plot_theta_history", "results_table", "plot_arms", "best_arm", "finished"]
+__all__ = ["write_theta_history", "plot_theta_history", "results_table", "plot_arms", "best_arm", "finished",
+           "arm_scores", "summary_text"]
 
 _GROUP_LABELS = {"autoskd": "AutoSKD candidates", "random": "random Dirichlet(1)", "single": "single teacher",
                  "average": "AvgKD", "uniform": "uniform"}
@@ -98,6 +99,35 @@ def draw_theta_history(ax, history: list[dict], teacher_names: list[str], select
 # ------------------------------------------------------------------------------------------ arms
 def _fmt(v, spec: str) -> str:
     return "" if v is None else format(v, spec)
+
+
+def _stopped_note(r: dict) -> str:
+    """Why an arm has no test accuracy: ASHA stopped it (after k of n epochs), or it has none."""
+    if r.get("stopped_early"):
+        run, planned = r.get("epochs_run"), r.get("epochs_planned")
+        after = f" after {run} of {planned} epochs" if run is not None and planned else ""
+        return f"stopped early by ASHA{after}"
+    return "not measured"
+
+
+def arm_scores(r: dict) -> str:
+    """``dev 0.8123  test 0.8012``; an arm ASHA stopped early has no test accuracy and says so."""
+    test = f"test {float(r['test_acc']):.4f}" if r.get("test_acc") is not None else f"test n/a ({_stopped_note(r)})"
+    dev = f"dev {float(r['dev_acc']):.4f}" if r.get("dev_acc") is not None else "dev n/a"
+    return f"{dev}  {test}"
+
+
+def summary_text(best_candidate: dict, best: dict, out_dir: str | Path) -> str:
+    """The last lines of a search: the best candidate and the best student of all arms. An arm
+    stopped early (no test accuracy, no saved student) is reported as such, never formatted as
+    a number."""
+    out_dir = Path(out_dir)
+    theta = [round(float(t), 3) for t in best_candidate.get("theta") or []]
+    student = (f"-> {out_dir / 'best_student'}" if best.get("test_acc") is not None
+               else "(no student saved: it did not train to the end)")
+    return "\n".join([f"\nbest candidate: {best_candidate['name']}  {arm_scores(best_candidate)}  theta {theta}",
+                      f"best student of all arms: {best['name']} ({best.get('group')})  {arm_scores(best)}  {student}",
+                      f"outputs in {out_dir}"])
 
 
 def results_table(records: Iterable[dict]) -> str:

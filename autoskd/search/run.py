@@ -11,13 +11,18 @@
 
 Each step writes its result into ``out_dir`` first thing after finishing, and is skipped
 when that result is already there, so a killed search resumes without redoing finished work.
+Each result carries what it was computed from (:mod:`autoskd.rerun`): ``config.json`` the
+search's settings, team and task; ``search.json`` (``search-lr<rate>.json``) those plus m and the
+θ learning rate; every ``trials/<arm>/arm.json`` its arm and trial spec. A rerun into the same
+folder with another configuration stops in one line naming the keys that differ, before any
+work; only where and how fast it runs, and how far it goes, may change (:data:`RESUME_FREE`).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from ..atomic import write_json
@@ -30,13 +35,20 @@ from ..engine.trainer import Distiller, Stage
 from ..errors import AutoSKDError
 from ..models.lazy import LazyModel, model_entry
 from ..models.loading import count_parameters
-from ..pipeline import DistillConfig, make_loaders
+from ..pipeline import DistillConfig, data_id, make_loaders, team_identity
+from ..rerun import check_stamp, stamp
 from .arms import baseline_arms, candidate_arms, parse_baselines
 from .distribution import TeacherDistribution, ineffective_teacher_count
 from .presets import get_preset
-from .report import best_arm, plot_arms, plot_theta_history, results_table, write_theta_history
+from .report import best_arm, plot_arms, plot_theta_history, results_table, summary_text, write_theta_history
 from .theta_step import ThetaConfig, ThetaStep
-from .trials import TrialSpec, run_arms, teacher_task
+from .trials import TrialSpec, run_arms, task_identity, teacher_task
+
+#: SearchConfig fields a rerun into the same folder may change and still resume: where and how
+#: fast it runs, and how far it goes (θ search only, which baselines); every finished artifact
+#: is checked against the rest.
+RESUME_FREE = ("theta_only", "executor", "address", "cpus_per_trial", "gpus_per_trial", "max_concurrent",
+               "baselines", "n_random")
 
 
 @dataclass
@@ -114,10 +126,16 @@ class SearchConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def computed(self) -> dict:
+        """The settings that decide what the search computes (all but :data:`RESUME_FREE`)."""
+        return {k: v for k, v in self.to_dict().items() if k not in RESUME_FREE}
+
     @classmethod
     def from_dict(cls, data: dict) -> "SearchConfig":
-        """The inverse of :meth:`to_dict` (a worker process rebuilds its search's settings)."""
-        return cls(**{**data, "theta": ThetaConfig(**data["theta"])})
+        """The inverse of :meth:`to_dict` (a worker process rebuilds its search's settings); keys
+        that are not settings (a ``config.json``'s stamp) are left out."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{**{k: v for k, v in data.items() if k in names}, "theta": ThetaConfig(**data["theta"])})
 
 
 def _read(path: Path):
@@ -143,7 +161,15 @@ def capacity_m(team, task, seed: int = 0) -> tuple[int, str]:
 
 
 def _lr_tag(lr: float) -> str:
-    return f"{lr:.0e}".replace("e-0", "e-").replace("+0", "")
+    """A θ learning rate in file and arm names: the shortest scientific form that reads back as
+    the same float (``1e-2``, ``2.5e-4``), so distinct rates never share a record."""
+    lr = float(lr)
+    for digits in range(17):
+        text = f"{lr:.{digits}e}"
+        if float(text) == lr:
+            break
+    mantissa, exponent = text.split("e")
+    return f"{mantissa}e{int(exponent)}"
 
 
 def search_record_path(config: SearchConfig, out_dir: Path, theta_lr: float) -> Path:
@@ -151,13 +177,32 @@ def search_record_path(config: SearchConfig, out_dir: Path, theta_lr: float) -> 
     return out_dir / (f"search-lr{_lr_tag(theta_lr)}.json" if config.theta_lrs is not None else "search.json")
 
 
+def search_identity(team_ref: str, task_args: dict, config: SearchConfig) -> dict:
+    """What a search computes from, known before anything loads: the team file (and what its
+    members' sources hold), the task's arguments (and a data file's identity), the settings."""
+    from ..team.cache import team_file_identity
+
+    return {"team": team_file_identity(team_ref), "task": task_identity(task_args), "search": config.computed()}
+
+
+def live_search_identity(team, task, config: SearchConfig) -> dict:
+    """:func:`search_identity` from the live objects (``bilevel_search`` called from Python)."""
+    return {"team": team_identity(team), "task": {s: task.fingerprint(s) for s in ("train", "val")},
+            "search": config.computed()}
+
+
 def bilevel_search(team, task, config: SearchConfig, m: int, out_dir: Path, cache_dir: Path, progress: bool,
-                   theta_lr: float | None = None) -> dict:
-    """Phase 1, teacher selection, phase 2 at one θ learning rate: θ history and the K candidates."""
+                   theta_lr: float | None = None, identity: dict | None = None) -> dict:
+    """Phase 1, teacher selection, phase 2 at one θ learning rate: θ history and the K candidates.
+
+    The record carries ``identity`` (default :func:`live_search_identity`) with ``m`` and the θ
+    learning rate; a record already in ``out_dir`` is returned when it matches, else refused."""
     theta_cfg = replace(config.theta, lr=theta_lr) if theta_lr is not None else config.theta
     grid = config.theta_lrs is not None
     path = search_record_path(config, out_dir, theta_cfg.lr)
+    identity = {**(identity or live_search_identity(team, task, config)), "m": m, "theta_lr": theta_cfg.lr}
     if (done := _read(path)) is not None:
+        check_stamp(done, identity, f"{path.name} in {out_dir}", out_dir)
         return done
     names = list(team.teachers)
     fps = getattr(team, "fingerprints", {}) or {}
@@ -173,7 +218,7 @@ def bilevel_search(team, task, config: SearchConfig, m: int, out_dir: Path, cach
     cache = TeacherOutputCache(cache_dir / "teacher_outputs")
     options = {"alpha": 1.0, "temperature": 1.0, **config.method_options}
     step = ThetaStep(dist, policy, val_loader, theta_cfg, m, cache=cache,
-                     val_id=f"{task.fingerprint('val')}-L{team.max_length}",
+                     val_id=data_id(task, "val", team.tokenizer, team.max_length),
                      alpha=options["alpha"], temperature=options["temperature"])
     student = team.build_student(task, seed=config.seed)
     # under DeepSpeed the student trains as every trial does, and each θ step gathers its weights
@@ -190,7 +235,8 @@ def bilevel_search(team, task, config: SearchConfig, m: int, out_dir: Path, cach
               "selection_step": step.selection_step, "final_theta": dist.probs().tolist(),
               "candidates": candidates, "history": step.history, "teacher_counts": policy.counts,
               "search_dev_acc": result.final_dev_acc, "search_seconds": result.seconds, "steps": result.steps,
-              "processes": distiller.backend.world_size}
+              "processes": distiller.backend.world_size,
+              "theta_nonfinite_steps": step.nonfinite_steps, "theta_steps": step.theta_steps, **stamp(identity)}
     if distiller.backend.is_main:
         write_json(path, record)
     return record
@@ -223,8 +269,11 @@ def run_search(team_path: str | Path, task_args: dict, config: SearchConfig, out
     task_args = {**task_args, "seed": task_args.get("seed", config.seed)}
     data_seed = task_args["seed"]
     team_ref = str(Path(team_path).resolve()) if Path(team_path).exists() else str(team_path)
+    identity = search_identity(team_ref, task_args, config)
+    # a folder holding another search's work is refused now, before anything loads or trains
+    check_stamp(_read(out_dir / "config.json"), identity, f"the search in {out_dir}", out_dir)
     write_json(out_dir / "config.json", {"team": team_ref, "task": task_args,
-                                         "cache_dir": str(cache_dir), **config.to_dict()})
+                                         "cache_dir": str(cache_dir), **config.to_dict(), **stamp(identity)})
 
     task, team_task = load_search_task(task_args, config)
     team = TeacherTeam.from_yaml(team_path).build(team_task, cache_dir=cache_dir / "teachers", seed=data_seed,
@@ -242,10 +291,10 @@ def run_search(team_path: str | Path, task_args: dict, config: SearchConfig, out
         from .ray_parallel import bilevel_search_parallel
 
         searches = [bilevel_search_parallel(team_ref, task_args, config, m, out_dir, cache_dir,
-                                            lr if config.theta_lrs else None) for lr in config.grid]
+                                            lr if config.theta_lrs else None, identity) for lr in config.grid]
     else:
         searches = [bilevel_search(team, task, config, m, out_dir, cache_dir, progress,
-                                   lr if config.theta_lrs else None) for lr in config.grid]
+                                   lr if config.theta_lrs else None, identity) for lr in config.grid]
     history = [{**h, "theta_lr": s["theta_lr"]} for s in searches for h in s["history"]]
     write_theta_history(out_dir / "theta_history.json", history)
     for s in searches:
@@ -324,9 +373,5 @@ def summarise(records: list[dict], searches: list[dict], team, m: int, why: str,
     write_json(out_dir / "best_distribution.json", summary["best_candidate"])
     write_json(out_dir / "summary.json", summary)
     print(table)
-    print(f"\nbest candidate: {best_candidate['name']}  dev {best_candidate['dev_acc']:.4f}  "
-          f"test {best_candidate['test_acc']:.4f}  theta {[round(t, 3) for t in best_candidate.get('theta') or []]}")
-    print(f"best student of all arms: {best['name']} ({best['group']})  dev {best['dev_acc']:.4f}  "
-          f"test {best['test_acc']:.4f}  -> {out_dir / 'best_student'}")
-    print(f"outputs in {out_dir}")
+    print(summary_text(best_candidate, best, out_dir))  # a best arm ASHA stopped has no test accuracy
     return summary

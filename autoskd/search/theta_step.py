@@ -53,13 +53,19 @@ class ThetaConfig:
 
     ``strategy``: ``sswo`` (the paper's: the θ step differentiates the sampled teacher's loss
     toward θ_i-scaled logits, and moves that entry only), ``cr`` (the student's target is the
-    θ-weighted sum of every teacher's logits), or ``expected`` (not in the paper): the θ step
+    θ-weighted sum of every teacher's logits, in the θ step's virtual step *and* in the student's
+    real step: :class:`ThetaStep` puts the policy in mixture mode, so the virtual step is the step
+    the student takes, as DARTS's bilevel step assumes; the consistency gap the paper names for CR
+    (section 2.4.1) is then where it puts it, between the search, which learns from the mixture,
+    and the candidates' trainings, which sample one teacher), or ``expected`` (not in the paper): the θ step
     differentiates SSWO's student loss in expectation over the draw, ``Σ_j θ_j L_j``
     (:func:`expected_distillation_loss`), and moves every entry. Why: with the task objective its
     second-order gradient is, per teacher, how much a step on that teacher alone lowers the val
     loss, which ranks the teachers the way full trainings do where the distill objective's direct
     gradient ranks them in reverse. In a search it still ends on the most confident teacher, not
     the best one, so it is an option, not the default (both measured: ``benchmarks/README.md``).
+    Its real student step samples one teacher, as SSWO's: in expectation over the draw that step
+    is the virtual step's.
 
     ``center`` (not in the paper) subtracts from the θ-gradient the mean over the active teachers
     of each teacher's own direct gradient on the same val batch (one student forward; for CR, the
@@ -197,6 +203,8 @@ class ThetaStep(Callback):
             raise AutoSKDError(f"the search distils with alpha in (0, 1] (got {alpha}): at 0 no teacher reaches the student")
         self.dist, self.policy, self.config, self.m = distribution, policy, config, m
         self.alpha, self.temperature = float(alpha), float(temperature)
+        # CR: the student's real step learns from the θ-mixture its virtual step differentiates
+        policy.mixture = config.strategy == "cr"
         self.optimizer = ThetaOptimizer(distribution, strategy=config.strategy, lr=config.lr,
                                         weight_decay=config.weight_decay)
         self.val_loader = val_loader
@@ -324,10 +332,23 @@ class ThetaStep(Callback):
             grad = grad - (baseline if sswo else grad[self.dist.active].mean())
         return grad
 
+    @property
+    def nonfinite_steps(self) -> int:
+        """θ steps skipped because their gradient was not finite (NaN/inf); past a threshold the
+        optimiser stops the search (:class:`~autoskd.search.distribution.ThetaOptimizer`)."""
+        return self.optimizer.nonfinite_steps
+
+    @property
+    def theta_steps(self) -> int:
+        """θ steps attempted (taken or skipped)."""
+        return self.optimizer.steps_taken
+
     def _theta_step(self, trainer, batch) -> None:
         student = trainer.student
-        i = self.policy.draw()
-        self.policy.preselected = i
+        i = None
+        if self.config.strategy != "cr":  # CR's student learns from the mixture: nothing to draw
+            i = self.policy.draw()
+            self.policy.preselected = i
         val_batch = to_device(next(self._val_batches), trainer.device)
         was_training = student.training
         student.eval()  # deterministic closures: the finite differences compare two evaluations

@@ -18,7 +18,10 @@ Output, per arm::
     <root>/trials/<arm>/error.txt    the traceback, when the arm failed
     <root>/ray/trials/               Ray Tune's own experiment folder (ray executor)
 
-An arm whose ``arm.json`` exists is finished: running again loads it (resume).
+An arm whose ``arm.json`` exists is finished: running again loads it (resume) when its stamp
+(:mod:`autoskd.rerun`: the arm and its :attr:`TrialSpec.identity`) matches; an arm of another
+configuration under the same name (candidates are named by index) stops the run in one line,
+before any arm trains.
 """
 
 from __future__ import annotations
@@ -36,12 +39,21 @@ from typing import Any, Callable, Iterable
 from ..atomic import write_json
 from ..errors import AutoSKDError
 from ..ray_runtime import module_root, progress_callback, quiet_tune_logs, ray_session, worker_env
+from ..rerun import canonical, check_stamp, path_identity, stamp
 from .arms import Arm
 
 __all__ = ["TrialSpec", "run_arm", "run_arms", "distill_arm", "load_record", "arm_dir", "prepare_worker",
-           "trial_worker_env", "teacher_task", "DEFAULT_RUNNER"]
+           "trial_worker_env", "teacher_task", "task_identity", "arm_identity", "DEFAULT_RUNNER"]
 
 DEFAULT_RUNNER = "autoskd.search.trials:distill_arm"
+
+
+def task_identity(task: dict | str) -> dict:
+    """A task's ``load_task`` arguments and, for a local data file or folder, its files' sizes and
+    modification times (an edited data file is another task)."""
+    task = {"name_or_path": task} if isinstance(task, (str, os.PathLike)) else dict(task)
+    data = path_identity(task.get("name_or_path", ""))
+    return {**task, **({"data": data} if data is not None else {})}
 
 
 def _absolute_if_exists(path: str) -> str:
@@ -64,7 +76,10 @@ class TrialSpec:
       arm only changes its teacher policy;
     * ``root``: the output root (arms go to ``<root>/trials/<arm>/``);
     * ``runner``: import path ``module:function`` of ``runner(spec, arm, out_dir) -> dict`` (at
-      least ``dev_acc``, ``test_acc``) that trains one arm; tests point it at a fake.
+      least ``dev_acc``, ``test_acc``) that trains one arm; tests point it at a fake;
+    * ``identity``: what every arm of this spec computes from (default, filled in where the spec is
+      made: the team file and what its members' sources hold, the task and its data file, the
+      base config, the runner); each ``arm.json`` records it with its arm (:func:`arm_identity`).
 
     Paths that exist are made absolute on construction (trials may run in another directory).
     """
@@ -76,6 +91,7 @@ class TrialSpec:
     base_config: dict = field(default_factory=dict)
     runner: str = DEFAULT_RUNNER
     workdir: str = ""
+    identity: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if dataclasses.is_dataclass(self.base_config):
@@ -90,6 +106,11 @@ class TrialSpec:
         self.root = str(Path(self.root).expanduser().absolute())
         self.cache_dir = str(Path(self.cache_dir).expanduser().absolute())
         self.workdir = self.workdir or os.getcwd()
+        if not self.identity:  # where the spec is made (the driver): the team file is read here
+            from ..team.cache import team_file_identity
+
+            self.identity = canonical({"team": team_file_identity(self.team_path), "task": task_identity(self.task),
+                                       "base_config": self.base_config, "runner": self.runner})
 
     @property
     def seed(self) -> int:
@@ -177,6 +198,11 @@ def distill_arm(spec: TrialSpec, arm: Arm, out_dir: Path) -> dict:
             "teacher_counts": outcome.teacher_counts}
 
 
+def arm_identity(spec: TrialSpec, arm: Arm) -> dict:
+    """What an arm's record is computed from: the arm (kind, θ, teacher) and its spec's identity."""
+    return {"arm": arm.to_dict(), "spec": spec.identity}
+
+
 def load_record(root: str | Path, arm: Arm | str) -> dict | None:
     """The finished record of an arm, or None (not run, failed, or unreadable)."""
     path = arm_dir(root, arm) / "arm.json"
@@ -206,7 +232,8 @@ def run_arm(spec: TrialSpec, arm: Arm) -> dict:
         raise AutoSKDError(f"trial runner {spec.runner!r} returned no dev_acc/test_acc for arm {arm.name!r}")
     record = {**arm.to_dict(), "dev_acc": float(result.pop("dev_acc")), "test_acc": float(result.pop("test_acc")),
               "seconds": round(time.perf_counter() - start, 2), "steps": result.pop("steps", None),
-              "student_trainings": 1, "teacher_counts": result.pop("teacher_counts", None), **result}
+              "student_trainings": 1, "teacher_counts": result.pop("teacher_counts", None), **result,
+              **stamp(arm_identity(spec, arm))}
     write_json(out / "arm.json", record)
     (out / "error.txt").unlink(missing_ok=True)
     return record
@@ -345,6 +372,9 @@ def run_arms(spec: TrialSpec, arms: Iterable[Arm], executor: str = "ray", addres
     todo = []
     for arm in arms:
         done = load_record(spec.root, arm)
+        # an arm of another configuration under this name stops the run now, before any arm trains
+        check_stamp(done, arm_identity(spec, arm), f"arm {arm.name} ({arm_dir(spec.root, arm) / 'arm.json'})",
+                    spec.root)
         if done is not None:
             records[arm.name] = {**done, "status": "loaded"}
         else:
@@ -375,7 +405,8 @@ def run_arms(spec: TrialSpec, arms: Iterable[Arm], executor: str = "ray", addres
 
                 planned = evaluated_epochs(arm.distill_config(spec.distill_config()))
                 record = stopped_record({**arm.to_dict(), "seconds": None, "steps": None, "student_trainings": 1,
-                                         "teacher_counts": None}, got["stopped"], planned)
+                                         "teacher_counts": None, **stamp(arm_identity(spec, arm))},
+                                        got["stopped"], planned)
                 write_json(arm_dir(spec.root, arm) / "arm.json", record)  # finished work: not re-run on resume
                 records[arm.name] = {**record, "status": "stopped"}
             elif "error" in got and "dev_acc" not in got:

@@ -89,6 +89,7 @@ class TeacherTeam:
         self.uninformative: list[str] = []  # teachers no better than the majority class (set by build)
         self.status: dict[str, str] = {}
         self.fingerprints: dict[str, str] = {}
+        self.cache_keys: dict[str, str] = {}  # name -> what a built teacher's weights depend on
         self.cache_dirs: dict[str, Path] = {}
         self._table: list[tuple] = []
         for key, member in self.teacher_specs.items():
@@ -208,11 +209,13 @@ class TeacherTeam:
                 self.teachers[name] = model
                 self.status[name] = "given"
                 self.fingerprints.pop(name, None)
+                self.cache_keys.pop(name, None)
             else:
                 tok = self.teacher_tokenizer(name)
                 key = self.cache_key(name, task, seed)
                 entry = entry_dir(cache_dir, name, key)
                 self.cache_dirs[name] = entry
+                self.cache_keys[name] = key
                 meta = read_meta(entry, key) if not force else None
                 if progress and name in own:
                     print(f"{where}: own tokenizer (vocab {len(tok)}); logit-level methods only", flush=True)
@@ -247,6 +250,32 @@ class TeacherTeam:
             if self.uninformative:
                 print(uninformative_warning(self.uninformative, self.dev_accuracy, majority), flush=True)
         return self
+
+    def identity(self) -> dict:
+        """What the built team's outputs depend on, for the stamps of finished runs
+        (:mod:`autoskd.rerun`): each teacher by its cache key (spec, source files, data, seed,
+        tokenizer) or, given as a module, by its weights; the student spec (and its source's
+        files) or weights; ``max_length`` and the tokenizer."""
+        from ..engine.teacher_cache import model_fingerprint
+        from ..models.lazy import model_entry
+        from .cache import source_identity, tokenizer_identity
+
+        teachers = {}
+        for name in self.teachers:
+            known = self.cache_keys.get(name) or self.fingerprints.get(name)
+            if known is None:
+                entry = model_entry(self.teachers, name)
+                known = model_fingerprint(entry.get() if isinstance(entry, LazyModel) else entry)
+            teachers[name] = known
+        spec = self.student_spec
+        if isinstance(spec, nn.Module):
+            student = {"weights": model_fingerprint(spec)}
+        elif isinstance(spec, ModelSpec):
+            student = {"spec": spec.to_dict(), "source": source_identity(spec.source)}
+        else:
+            student = None
+        return {"name": self.name, "max_length": self.max_length, "tokenizer": tokenizer_identity(self.tokenizer),
+                "student": student, "teachers": teachers}
 
     def summary(self) -> str:
         """The teacher table printed by ``build``."""
