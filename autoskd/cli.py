@@ -188,11 +188,17 @@ every run writes its resolved experiment as <out>/experiment.yaml;
 """
 
 
-def _add_distill(sub) -> None:
-    p = sub.add_parser("distill", help="distil the team's student with one method (or a stage plan)",
-                       description="Distil the team's student. Flags override keys of the experiment "
-                                   "(kind: distill); see `autoskd run --help`.")
+def _experiment_command(sub, name: str, help: str, what: str, keys: str):
+    """A subcommand that writes an experiment file: its common flags, and help that says so."""
+    p = sub.add_parser(name, help=help, description=f"{what} Flags override keys of the experiment ({keys}); "
+                                                      "see `autoskd run --help`.")
     add_common_args(p)
+    return p
+
+
+def _add_distill(sub) -> None:
+    p = _experiment_command(sub, "distill", "distil the team's student with one method (or a stage plan)",
+                            "Distil the team's student.", "kind: distill")
     g = p.add_argument_group("distillation (experiment keys distill.*)")
     g.add_argument("--method", metavar="NAME",
                    help="method name (see `autoskd methods`), a combination 'tinybert+minilmv2', a YAML "
@@ -229,10 +235,8 @@ def _add_distill(sub) -> None:
 
 
 def _add_search(sub) -> None:
-    p = sub.add_parser("search", help="AutoSKD: learn which teachers to sample, evaluate candidates and baselines",
-                       description="AutoSKD's search. Flags override keys of the experiment (kind: search; "
-                                   "search.*, search.theta.*); see `autoskd run --help`.")
-    add_common_args(p)
+    p = _experiment_command(sub, "search", "AutoSKD: learn which teachers to sample, evaluate candidates and "
+                            "baselines", "AutoSKD's search.", "kind: search; search.*, search.theta.*")
     p.add_argument("--preset", choices=["quick", "medium", "paper"],
                    help="settings bundle (default: quick; medium: the benchmark's; paper: AutoSKDBERT's)")
     p.add_argument("--out", type=output_dir, metavar="DIR",
@@ -285,10 +289,8 @@ def _add_tune(sub) -> None:
     from .fanout.trial import OBJECTIVES
     from .search.early_stop import SCHEDULERS
 
-    p = sub.add_parser("tune", help="tune a search space: Ray Tune trials sampled by Optuna, optional ASHA early stopping",
-                       description="Tune a search space. Flags override keys of the experiment (kind: tune; tune.*); "
-                                   "see `autoskd run --help`.")
-    add_common_args(p)
+    p = _experiment_command(sub, "tune", "tune a search space: Ray Tune trials sampled by Optuna, optional ASHA "
+                            "early stopping", "Tune a search space.", "kind: tune; tune.*")
     g = p.add_argument_group("tune (experiment keys tune.*)")
     g.add_argument("--space", metavar="FILE",
                    help="search-space YAML, e.g. search_spaces/kd-hparams.yaml (required, here or as tune.space)")

@@ -68,17 +68,22 @@ def worker_env(threads: float = 1, extra_paths: tuple[str | None, ...] = ()) -> 
             "PYTHONPATH": os.pathsep.join(seen), "RAY_CHDIR_TO_TRIAL_DIR": "0"}
 
 
+def _why_not(err: OSError, timeout: float) -> str:
+    """A failed connection, said the way a user can act on."""
+    if isinstance(err, socket.timeout):
+        return f"no answer within {timeout:g} s"
+    if isinstance(err, socket.gaierror):
+        return f"unknown host ({err.strerror or err})"
+    return err.strerror or str(err)
+
+
 def probe_tcp(host: str, port: int, timeout: float = PROBE_TIMEOUT) -> str | None:
     """None when ``host:port`` accepts a TCP connection within ``timeout`` seconds, else why not."""
     try:
         with socket.create_connection((host, port), timeout=timeout):
             return None
-    except socket.timeout:
-        return f"no answer within {timeout:g} s"
-    except socket.gaierror as err:
-        return f"unknown host ({err.strerror or err})"
     except OSError as err:
-        return err.strerror or str(err)
+        return _why_not(err, timeout)
 
 
 #: an HTTP/2 client's connection preface and an empty SETTINGS frame: a gRPC server (Ray Client,
@@ -96,12 +101,8 @@ def probe_grpc(host: str, port: int, timeout: float = PROBE_TIMEOUT) -> str | No
             conn.settimeout(timeout)
             conn.sendall(_H2_PREFACE)
             head = conn.recv(9)
-    except socket.timeout:
-        return f"no answer within {timeout:g} s"
-    except socket.gaierror as err:
-        return f"unknown host ({err.strerror or err})"
     except OSError as err:
-        return err.strerror or str(err)
+        return _why_not(err, timeout)
     if len(head) >= 4 and head[3] == 4:  # a SETTINGS frame
         return None
     return "it answers, but not as a Ray (gRPC) server: another service on that port?"
