@@ -26,6 +26,10 @@ def run(spec, arm, out_dir: Path) -> dict:
         os.close(fd)
     if "boom" in arm.name:
         raise RuntimeError(f"fake failure in {arm.name}\nsecond line of the message")
+    once = Path(spec.root) / f"{arm.name}.killed"
+    if "kill-once" in arm.name and not once.exists():  # the worker dies (kill -9) on the first try
+        once.write_text(str(os.getpid()))
+        os.kill(os.getpid(), 9)
     score = int(hashlib.sha1(arm.name.encode()).hexdigest()[:6], 16) / 0xFFFFFF
     (Path(out_dir) / "student").mkdir(parents=True, exist_ok=True)
     return {"dev_acc": 0.5 + 0.4 * score, "test_acc": 0.5 + 0.3 * score, "steps": 10,

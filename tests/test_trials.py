@@ -171,3 +171,21 @@ def test_ray_executor_runs_trials_and_reports_failure(tmp_path):
         assert r["omp"] == "1"  # worker environment
         assert json.loads((arm_dir(tmp_path, r["name"]) / "arm.json").read_text())["dev_acc"] == r["dev_acc"]
     assert (tmp_path / "ray" / "trials").is_dir()
+
+
+def test_a_killed_ray_worker_is_retried_and_the_arm_finishes_with_the_same_result(tmp_path):
+    """kill -9 of the worker running an arm: Ray retries it once and the record is what an
+    unbroken run gives; an arm that raises is not retried (its error is final)."""
+    ray = pytest.importorskip("ray")
+    spec = spec_for(tmp_path)
+    arms = [Arm("candidate-kill-once", "candidate", theta=[0.3, 0.7]), Arm("random-boom", "random", theta=[0.6, 0.4])]
+    records = run_arms(spec, arms, executor="ray", cpus_per_trial=0.5, num_cpus=2, progress=False)
+    assert not ray.is_initialized()
+    assert [r["status"] for r in records] == ["finished", "failed"]
+    assert (tmp_path / "candidate-kill-once.killed").exists()  # the first worker was killed
+    assert sorted(fake_runner.calls(tmp_path)) == ["candidate-kill-once", "candidate-kill-once", "random-boom"]
+    clean = spec_for(tmp_path / "clean")
+    (tmp_path / "clean" / "candidate-kill-once.killed").parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "clean" / "candidate-kill-once.killed").write_text("no kill")
+    unbroken = run_arm(clean, arms[0])
+    assert records[0]["dev_acc"] == unbroken["dev_acc"] and records[0]["test_acc"] == unbroken["test_acc"]

@@ -285,9 +285,20 @@ def _ray_trainable(config: dict, spec: dict | None = None, env: dict | None = No
     from .early_stop import record_score
 
     spec = prepare_worker(spec, env)
-    record = run_arm(spec, Arm.from_dict(config["arm"]))
+    try:
+        record = run_arm(spec, Arm.from_dict(config["arm"]))
+    except Exception as err:  # the arm's own error: a result, not a reason for Ray to retry it
+        tune.report({"arm_error": _one_line(err), "dev_score": _FAILED_SCORE})
+        return
     tune.report({"dev_acc": record["dev_acc"], "dev_score": record_score(record),
                  "record_json": json.dumps(record)})
+
+
+#: the score a failed arm reports, so a scheduler ranks it last
+_FAILED_SCORE = -1e9
+#: Ray retries a trial whose worker died (killed, out of host memory) this many times; an arm that
+#: raises reports its error as a result instead, so it is never retried (its error is final)
+WORKER_RETRIES = 1
 
 
 def _trial_name(trial) -> str:
@@ -320,7 +331,7 @@ def _run_ray(spec: TrialSpec, arms: list[Arm], *, address: str | None, cpus_per_
                                         trial_dirname_creator=_trial_name, reuse_actors=False,
                                         scheduler=tune_scheduler),
             run_config=tune.RunConfig(storage_path=str(Path(spec.root) / "ray"), name="trials", verbose=0,
-                                      failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+                                      failure_config=tune.FailureConfig(max_failures=WORKER_RETRIES, fail_fast=False),
                                       callbacks=[progress_callback(len(arms), "arms (ray)", "arm", _arm_status)]
                                       if progress else None),
         )
@@ -331,7 +342,9 @@ def _run_ray(spec: TrialSpec, arms: list[Arm], *, address: str | None, cpus_per_
             name = (result.config or {}).get("arm", {}).get("name")
             if name is None:
                 continue
-            if result.error is not None:
+            if result.metrics and result.metrics.get("arm_error"):
+                out[name] = {"error": result.metrics["arm_error"]}
+            elif result.error is not None:  # the worker died more often than it is retried
                 out[name] = {"error": _one_line(result.error)}
             elif result.metrics and "record_json" in result.metrics:
                 out[name] = json.loads(result.metrics["record_json"])
