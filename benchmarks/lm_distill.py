@@ -199,14 +199,15 @@ def plot(summary: dict, path: Path) -> None:
 
     arms = list(summary["arms"])
     means = [summary["arms"][a]["test_ppl_mean"] for a in arms]
-    lo = [m - summary["arms"][a]["test_ppl_ci"][0] for a, m in zip(arms, means)]
+    lo = [m - max(summary["arms"][a]["test_ppl_ci"][0], 1.0) for a, m in zip(arms, means)]  # log axis
     hi = [summary["arms"][a]["test_ppl_ci"][1] - m for a, m in zip(arms, means)]
     fig, ax = plt.subplots(figsize=(8, 4))
     colors = ["#888888" if a == "ce" else "#3b6ea8" for a in arms]
     ax.bar(arms, means, yerr=[lo, hi], color=colors, capsize=4)
     for a, m, s in zip(arms, means, [summary["arms"][a]["test_ppl"] for a in arms]):
         ax.scatter([a] * len(s), s, color="black", s=10, zorder=3)
-    ax.set_ylabel("test perplexity (lower is better)")
+    ax.set_yscale("log")
+    ax.set_ylabel("test perplexity (log scale, lower is better)")
     ax.set_title("SmolLM2-135M -> 6-layer cut, rotten_tomatoes text, equal steps (mean, 95% CI, seeds)")
     ax.tick_params(axis="x", rotation=20)
     fig.tight_layout()
