@@ -88,25 +88,6 @@ def _dense_logprobs(s: Tensor, t: Tensor, temperature: float) -> tuple[Tensor, T
     return log_t, log_s
 
 
-def _topk_logprobs(s: Tensor, ids: Tensor, logprobs: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
-    """(log p_T, log p_S) over the k + 1 buckets (the k ids, then the tail).
-
-    The student's tail is ``1 - sum`` of its probabilities at the ids, computed as a
-    log-sum-exp over the other entries: the same number without the cancellation of
-    ``1 - 0.99999``, and floored at ``tiny``. A teacher whose stored (fp16) probabilities sum
-    to slightly more than 1 is renormalised, so its tail is 0 rather than negative.
-    """
-    z = scaled_logits(s, temperature)
-    lse = z.logsumexp(-1, keepdim=True)
-    log_s_ids = z.gather(-1, ids) - lse
-    log_s_rest = (z.scatter(-1, ids, FILL_LOGIT).logsumexp(-1, keepdim=True) - lse).clamp_min(LOG_TINY)
-    lp = logprobs.float()
-    mass = lp.exp().sum(-1, keepdim=True)
-    log_t_ids = lp - mass.clamp_min(1.0).log()
-    log_t_rest = (1.0 - mass).clamp_min(torch.finfo(torch.float32).tiny).log()
-    return torch.cat([log_t_ids, log_t_rest], -1), torch.cat([log_s_ids, log_s_rest], -1)
-
-
 # --------------------------------------------------------------------------- per-row divergences
 def _forward_kl_rows(log_t: Tensor, log_s: Tensor) -> Tensor:
     return (log_t.exp() * (log_t - log_s)).sum(-1)
@@ -126,12 +107,9 @@ def _tvd_rows(log_t: Tensor, log_s: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------- driver
-def _chunk_sum(rows: PerRow, temperature: float, s: Tensor, *teacher: Tensor) -> Tensor:
+def _chunk_sum(rows: PerRow, temperature: float, s: Tensor, t: Tensor) -> Tensor:
     """Sum over one chunk of the per-position divergence (the unit that is checkpointed)."""
-    if len(teacher) == 1:
-        log_t, log_s = _dense_logprobs(s, teacher[0], temperature)
-    else:
-        log_t, log_s = _topk_logprobs(s, teacher[0], teacher[1], temperature)
+    log_t, log_s = _dense_logprobs(s, t, temperature)
     return rows(log_t, log_s).sum()
 
 
@@ -185,10 +163,7 @@ def token_divergence(rows: PerRow, student: Tensor, teacher: Tensor | TopK, *, t
     n = s.shape[0]
     if n == 0:
         return (student.sum() * 0).float()
-    if isinstance(teacher, TopK):
-        parts = (_counted_rows(teacher.ids, keep).long(), _counted_rows(teacher.logprobs, keep))
-    else:
-        parts = (_counted_rows(teacher, keep),)
+    parts = (_counted_rows(teacher, keep),)
     step = max(1, int(chunk_tokens))
     fn = partial(_chunk_sum, rows, float(temperature))
     grads = torch.is_grad_enabled() and (student.requires_grad or any(p.requires_grad for p in parts))

@@ -11,8 +11,6 @@ asks the teacher to grade every token it wrote.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -20,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_path
 from .data import IGNORE, LMRows
 
 
@@ -99,10 +98,7 @@ def teacher_rows(teacher, rows: LMRows, prompt_tokens: int, max_new_tokens: int,
 
     out = LMRows(padded(0, pad_id), padded(1, 0), padded(2, IGNORE))
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        save_file({"input_ids": out.input_ids.contiguous(), "attention_mask": out.attention_mask.contiguous(),
-                   "target_ids": out.target_ids.contiguous()}, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file({"input_ids": out.input_ids.contiguous(), "attention_mask": out.attention_mask.contiguous(),
+                       "target_ids": out.target_ids.contiguous()}, str(tmp))
     return out
