@@ -180,6 +180,13 @@ def _topk_divergence(rows: PerRow, student: Tensor, teacher: TopK, temperature: 
     gather over the student's logits), so it needs neither chunking nor checkpointing, and it
     costs what the next-token cross-entropy costs. Every position is computed and the mask
     weights them: selecting the counted rows would copy the whole ``[N, V]`` logits."""
+    log_t, log_s = bucket_logprobs(student, teacher, temperature)
+    return _masked_mean(rows(log_t, log_s), mask, student)
+
+
+def bucket_logprobs(student: Tensor, teacher: TopK, temperature: float) -> tuple[Tensor, Tensor]:
+    """``(log p_T, log p_S)``, each ``[N, k + 1]``: both distributions over the teacher's k ids
+    and one tail bucket, from one log-sum-exp and a gather over the student's logits."""
     z = student.reshape(-1, student.shape[-1]).float()
     if temperature != 1.0:
         z = z / temperature
@@ -191,13 +198,55 @@ def _topk_divergence(rows: PerRow, student: Tensor, teacher: TopK, temperature: 
     lp = teacher.logprobs.reshape(ids.shape).to(z.device).float()
     mass = lp.exp().sum(-1, keepdim=True)
     log_t = torch.cat([lp - mass.clamp_min(1.0).log(), (1.0 - mass).clamp_min(torch.finfo(torch.float32).tiny).log()], -1)
-    per_row = rows(log_t, torch.cat([log_s_ids, log_s_rest], -1))
+    return log_t, torch.cat([log_s_ids, log_s_rest], -1)
+
+
+def _masked_mean(per_row: Tensor, mask: Tensor | None, student: Tensor) -> Tensor:
     if mask is None:
         return per_row.mean()
     weights = mask.reshape(-1).to(per_row.device, per_row.dtype)
     if not bool(weights.any()):
         return (student.sum() * 0).float()
     return (per_row * weights).sum() / weights.sum()
+
+
+def temper_topk(teacher: TopK, scale: Tensor | float, vocab_size: int) -> TopK:
+    """The top-k teacher with its logits multiplied by ``scale`` (SSWO's θ-scaling of a teacher,
+    AutoSKD eq. 3, on a cached LM teacher): ``p^scale`` renormalised, differentiable in ``scale``.
+
+    Scaling the logits by c raises every probability to the power c before renormalising. The
+    cache does not know how the tail mass spreads over the other ``V - k`` tokens, so it is taken
+    as even: exact at ``scale = 1`` (the teacher unchanged) and for a flat tail; the result is
+    again a TopK whose tail bucket (1 minus its mass) is the tempered tail."""
+    lp = teacher.logprobs.float()
+    rest = max(int(vocab_size) - teacher.k, 0)
+    scale = torch.as_tensor(scale, dtype=torch.float32, device=lp.device)
+    tail = (1.0 - lp.exp().sum(-1, keepdim=True)).clamp_min(torch.finfo(torch.float32).tiny)
+    parts = [scale * lp]
+    if rest > 0:  # the tail bucket: rest tokens of probability tail / rest each, tempered alike
+        parts.append(math.log(rest) + scale * (tail.log() - math.log(rest)))
+    logits = torch.cat(parts, -1)
+    logprobs = torch.log_softmax(logits, -1)[..., : teacher.k]
+    return TopK(teacher.ids, logprobs, teacher.temperature)
+
+
+def soft_cross_entropy(student: Tensor, teacher: Tensor | TopK, *, temperature: float = 1.0,
+                       mask: Tensor | None = None) -> Tensor:
+    """``tau^2 * CE(p_T, p_S) = -tau^2 sum p_T log p_S`` per position, mean over counted ones
+    (over k + 1 buckets for a TopK teacher). Its gradient in the student equals ``forward_kl``'s;
+    in the teacher's weights (the AutoSKD θ step) it lacks KL's entropy term ``-H(p_T)``, which
+    would reward sharpening every teacher (see :func:`autoskd.search.theta_step.distillation_loss`).
+    Dense teachers are compared on the counted rows in one piece: this is the θ step's loss,
+    evaluated on one batch, not the training loss's chunked path."""
+    _check_inputs(student, teacher, temperature, "soft_cross_entropy")
+    if isinstance(teacher, TopK):
+        log_t, log_s = bucket_logprobs(student, teacher, temperature)
+        return _masked_mean(-(log_t.exp() * log_s).sum(-1), mask, student) * temperature**2
+    s = student.reshape(-1, student.shape[-1])
+    t = teacher.reshape(-1, teacher.shape[-1])[:, : s.shape[-1]]
+    log_s = torch.log_softmax(scaled_logits(s, temperature), -1)
+    p_t = torch.softmax(scaled_logits(t, temperature), -1)
+    return _masked_mean(-(p_t * log_s).sum(-1), mask, student) * temperature**2
 
 
 def _mark(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:

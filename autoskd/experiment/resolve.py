@@ -59,9 +59,9 @@ def _resolve(raw: Any, problems: list[str]) -> dict:
     for section in S.SECTIONS:
         if section != kind and section in raw:
             problems.append(f"section '{section}' does not apply to kind '{kind}' (kind: {section} reads it)")
-    if lm and kind != "distill":
+    if lm and kind not in ("distill", "search", "tune"):
         problems.append(f"kind '{kind}' needs a classification task; a language-model task (lm:...) runs with "
-                        "kind: distill")
+                        "kind: distill, search or tune")
     top = check_section({k: raw[k] for k in ("seed", "out", "cache_dir", "progress") if k in raw},
                         S.top_table(kind), "", problems)
     task = _task(task_raw, lm, problems)
@@ -75,7 +75,7 @@ def _resolve(raw: Any, problems: list[str]) -> dict:
     elif kind == "search":
         out["search"] = _search(section, task, task_raw if isinstance(task_raw, Mapping) else {}, problems)
     elif kind == "tune":
-        out["tune"] = _tune(section, problems)
+        out["tune"] = _tune(section, problems, lm)
         if out["out"] is None:
             space = out["tune"]["space"]
             name = space.get("name", "space") if isinstance(space, Mapping) else "space"
@@ -221,8 +221,9 @@ def _search(given: Any, task: dict, task_raw: Mapping, problems: list[str]) -> d
     from ..search.theta_step import ThetaConfig
 
     given = dict(given) if isinstance(given, Mapping) else given
-    wanted = given.get("preset", "quick") if isinstance(given, Mapping) else "quick"
-    preset = wanted if wanted in _presets() else "quick"  # a bad name is reported with the section below
+    default = "lm-quick" if is_lm_task(task.get("name", "")) else "quick"  # LM teams get LM θ settings
+    wanted = given.get("preset", default) if isinstance(given, Mapping) else default
+    preset = wanted if wanted in _presets() else default  # a bad name is reported with the section below
     base = SearchConfig.from_preset(preset).to_dict()
     if isinstance(given, Mapping):  # nested settings merge key by key with the preset's
         for key in ("theta", "method_options"):
@@ -246,8 +247,8 @@ def _presets() -> tuple[str, ...]:
     return tuple(PRESETS)
 
 
-def _tune(given: Any, problems: list[str]) -> dict:
-    from ..fanout.space import SearchSpace, load_space
+def _tune(given: Any, problems: list[str], lm: bool = False) -> dict:
+    from ..fanout.space import SearchSpace, check_space_task, load_space
     from ..fanout.tune import TuneSettings
 
     t = check_section(given, S.tune_table(), "tune", problems)
@@ -260,6 +261,7 @@ def _tune(given: Any, problems: list[str]) -> dict:
         parsed = (SearchSpace.from_dict(dict(space), name=str(space.get("name") or "space"))
                   if isinstance(space, Mapping) else load_space(str(space)))
         t["space"] = parsed.to_dict()
+        check_space_task(parsed, lm)  # a kind: lm space on an lm: task, the others on classification
         settings = TuneSettings(**{k: v for k, v in t.items() if k not in ("space", "batch_size")})
         settings.check(parsed)
         t["objective2"] = settings.objective2  # nsga2's default second objective, written down

@@ -25,6 +25,8 @@ def run_experiment(resolved: dict) -> int:
     check_rerun(resolved)  # a rerun into the same --out resumes only the same experiment
     if kind == "distill" and is_lm_task(resolved["task"]["name"]):
         return run_lm_distill(resolved)
+    if kind == "search" and is_lm_task(resolved["task"]["name"]):
+        return run_lm_search(resolved)
     runners: dict[str, Callable[[dict], int]] = {"distill": run_distill, "stages": run_stages, "search": run_search,
                                                   "tune": run_tune, "chain": run_chain}
     return runners[kind](resolved)
@@ -178,6 +180,44 @@ def run_search(resolved: dict) -> int:
     return 0
 
 
+def run_lm_search(resolved: dict) -> int:
+    """The AutoSKD search on a language-model team (:func:`autoskd.search.lm_search.run_lm_search`)."""
+    from ..search.lm_search import LMSearchConfig, run_lm_search as search
+
+    s, t, out = dict(resolved["search"]), resolved["task"], Path(resolved["out"])
+    options = {"loss": "forward_kl", "alpha": 1.0, "temperature": 1.0, **dict(s["method_options"] or {})}
+    unknown = sorted(set(options) - {"loss", "alpha", "temperature"})
+    if unknown:
+        raise AutoSKDError(f"search.method_options {', '.join(unknown)} do not apply to a language-model search; "
+                           "use loss, alpha, temperature")
+    for key in ("deepspeed", "tensor_parallel"):
+        if (resolved.get("scale") or {}).get(key) not in (None, 1, False):
+            raise AutoSKDError(f"scale.{key} is not supported by the language-model search yet; drop it "
+                               "(autoskd distill --task lm:... trains under DeepSpeed)")
+    config = LMSearchConfig(search_epochs=s["search_epochs"], eval_epochs=s["eval_epochs"], max_steps=s["max_steps"],
+                            lr=s["lr"], batch_size=s["batch_size"], seed=resolved["seed"], m=s["m"] or 0,
+                            theta=s["theta"], theta_lrs=s["theta_lrs"], baselines=s["baselines"],
+                            n_random=s["n_random"], executor=s["executor"], address=s["address"],
+                            cpus_per_trial=s["cpus_per_trial"], max_concurrent=s["max_concurrent"],
+                            max_train=t["max_train"], max_eval=t["max_eval"], top_k=s["top_k"],
+                            theta_only=s["theta_only"], **options)
+    team_path = write_team(resolved["team"], out / "team.yaml")  # arms read the team from a file
+    write_experiment(resolved)
+    task = {"name_or_path": t["name"], "text_column": t["text_column"], "prompt_column": t["prompt_column"],
+            "completion_column": t["completion_column"]}
+    summary = search(str(team_path), {k: v for k, v in task.items() if v is not None}, config, out,
+                     cache_dir=resolved["cache_dir"], progress=resolved["progress"])
+    if config.theta_only:
+        print(f"θ after the search: {summary['searches'][0]['theta']} ({out / 'search.json'})")
+        return 0
+    print_table([{"arm": a["name"], "group": a["group"], "dev_ppl": a["dev_ppl"], "test_ppl": a["test_ppl"]}
+                 for a in sorted(summary["arms"], key=lambda a: a["dev_ppl"])])
+    best = summary["best"]
+    print(f"best: {best['name']} (dev perplexity {best['dev_ppl']:.2f}, test {best['test_ppl']:.2f}); "
+          f"student saved to {out / 'student'} (loads with AutoModelForCausalLM)")
+    return 0
+
+
 def run_tune(resolved: dict) -> int:
     from ..fanout.space import SearchSpace
     from ..fanout.tune import TuneSettings, run_tune as tune
@@ -186,8 +226,13 @@ def run_tune(resolved: dict) -> int:
     space = SearchSpace.from_dict(t.pop("space"), name="space")
     batch_size = t.pop("batch_size")
     settings = TuneSettings(**t, seed=seed, base={"seed": seed, **({"batch_size": batch_size} if batch_size else {})})
-    task = {**_task_args(resolved), "seed": seed, "max_train": resolved["task"]["max_train"],
-            "max_eval": resolved["task"]["max_eval"]}
+    task = resolved["task"]
+    if is_lm_task(task["name"]):  # LM trials load the corpus themselves (lm:<corpus>, its columns)
+        task_args = {"name_or_path": task["name"],
+                     **{k: task[k] for k in ("text_column", "prompt_column", "completion_column")}}
+    else:
+        task_args = _task_args(resolved)
+    task = {**task_args, "seed": seed, "max_train": task["max_train"], "max_eval": task["max_eval"]}
     team_path = write_team(resolved["team"], out / "team.yaml")
     write_experiment(resolved)
     tune(space, str(team_path), {k: v for k, v in task.items() if v is not None}, settings, out,

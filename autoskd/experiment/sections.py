@@ -132,7 +132,7 @@ def search_table(preset: dict) -> dict[str, Field]:
     def get(key, fallback=None):
         return preset.get(key, fallback)
 
-    return {"preset": Field("quick", one_of(*PRESETS)),
+    return {"preset": Field(get("preset", "quick"), one_of(*PRESETS)),
             "search_epochs": Field(get("search_epochs"), number(above=0)),
             "eval_epochs": Field(get("eval_epochs"), number(above=0)),
             "batch_size": Field(get("batch_size"), whole(1)), "lr": Field(get("lr"), number(above=0)),
@@ -149,7 +149,8 @@ def search_table(preset: dict) -> dict[str, Field]:
             "teachers_full_data": Field(get("teachers_full_data"), flag),
             "method_options": Field(get("method_options"), mapping),
             "group_by_length": Field(get("group_by_length"), flag),
-            "theta_only": Field(get("theta_only"), flag)}
+            "theta_only": Field(get("theta_only"), flag),
+            "max_steps": Field(get("max_steps"), optional(whole(1))), "top_k": Field(get("top_k", 64), whole(0))}
 
 
 def _search_scheduler(value):
@@ -166,7 +167,7 @@ def theta_table(preset_theta: dict) -> dict[str, Field]:
     return {"strategy": Field(t["strategy"], one_of(*STRATEGIES)), "order": Field(t["order"], one_of("first", "second")),
             "lr": Field(t["lr"], number(above=0)), "weight_decay": Field(t["weight_decay"], number(at_least=0)),
             "xi": Field(t["xi"], _xi), "val_objective": Field(t["val_objective"], one_of("distill", "task")),
-            "scaling": Field(t["scaling"], one_of("theta", "max", "n")),
+            "scaling": Field(t["scaling"], one_of("theta", "max", "n", "none")),
             "num_candidates": Field(t["num_candidates"], whole(1)),
             "candidate_span": Field(t["candidate_span"], number(above=0, at_most=1)),
             "every": Field(t["every"], whole(1)), "history_every": Field(t["history_every"], whole(1)),

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..defaults import DEFAULT_LR
-from ..engine.teachers import SampledTeacher, SingleTeacher, TeacherPolicy
+from ..engine.teachers import THETA_SCALINGS, SingleTeacher, TeacherPolicy
 from ..engine.trainer import Distiller, Stage, TrainResult
 from ..errors import AutoSKDError
 from .data import LMCorpus, load_corpus, lm_data_id, make_lm_loader, tokenize_lm_split
@@ -27,7 +27,7 @@ from .evaluate import evaluate_lm, greedy_samples, perplexity_metric, top1_agree
 from .models import save_lm
 from .recipes import cross_tokenizer_method, decoder_method, lm_temperatures
 from .team import LMTeam
-from .teachers import AverageLMTeachers, LMTeacher
+from .teachers import AverageLMTeachers, LMTeacher, SampledLMTeachers
 from .topk_cache import TopKCache
 from .vocab import RemappedLoader, build_lm_vocab_map, compress_causal_lm, save_vocab_map
 
@@ -50,6 +50,8 @@ class LMDistillConfig:
     teacher: str | None = None
     policy: str = "single"
     theta: list[float] | None = None
+    #: SSWO's θ-scaling of the sampled teacher (``none``: plain sampled KD; see SampledLMTeachers)
+    theta_scaling: str = "none"
     epochs: float = 1.0
     max_steps: int | None = None
     lr: float = DEFAULT_LR
@@ -74,6 +76,8 @@ class LMDistillConfig:
             raise AutoSKDError(f"top_k must be >= 0 (0 runs the teacher live); got {self.top_k}")
         if self.policy not in ("single", "average", "sampled"):
             raise AutoSKDError(f"policy {self.policy!r} unknown; use single, average (AvgKD) or sampled")
+        if self.theta_scaling not in THETA_SCALINGS:
+            raise AutoSKDError(f"theta_scaling {self.theta_scaling!r} unknown; choose one of: {', '.join(THETA_SCALINGS)}")
 
 
 @dataclass
@@ -145,7 +149,7 @@ def lm_policy(team: LMTeam, config: LMDistillConfig, method, cache_dir: Path) ->
         theta = torch.tensor(config.theta or [1.0] * len(teachers), dtype=torch.float64)
         if len(theta) != len(teachers) or (theta < 0).any() or float(theta.sum()) <= 0:
             raise AutoSKDError(f"theta must have {len(teachers)} non-negative weights with a positive sum")
-        return SampledTeacher(teachers, theta / theta.sum(), seed=config.seed, scaling="none")
+        return SampledLMTeachers(teachers, theta / theta.sum(), seed=config.seed, scaling=config.theta_scaling)
     name = config.teacher or next(iter(teachers))
     if name not in teachers:
         raise AutoSKDError(f"teacher {name!r} is not in the team; choose one of: {', '.join(teachers)}")
@@ -162,8 +166,12 @@ def method_stages(method, config: LMDistillConfig, loaders: LMLoaders) -> list[S
 
 def distill_lm(team: LMTeam, corpus: LMCorpus | str, config: LMDistillConfig | None = None, *,
                out_dir: str | Path | None = None, cache_dir: str | Path = DEFAULT_CACHE, progress: bool = True,
-               callbacks=(), student: nn.Module | None = None) -> LMOutcome:
-    """Distil ``team``'s student on ``corpus`` (a loaded :class:`LMCorpus` or a source string)."""
+               callbacks=(), student: nn.Module | None = None, search=None) -> LMOutcome:
+    """Distil ``team``'s student on ``corpus`` (a loaded :class:`LMCorpus` or a source string).
+
+    ``search(policy, loaders, student)`` -> callbacks: the AutoSKD θ search's hook, called once
+    the teacher policy and the token loaders exist (it learns the policy's θ on ``loaders.val``
+    between the student's steps); its callbacks run after ``callbacks``."""
     config = config or LMDistillConfig()
     config.check()
     method = decoder_method(config.method, **config.method_options)  # refuses encoder-only methods now
@@ -188,6 +196,8 @@ def distill_lm(team: LMTeam, corpus: LMCorpus | str, config: LMDistillConfig | N
         loaders.train_id = f"{loaders.train_id}|{method.rows_id}"
     vocab = compress_vocabulary(method, student, policy, tokenizer, loaders)
     out_dir = Path(out_dir) if out_dir else None
+    if search is not None:
+        callbacks = [*callbacks, *search(policy, loaders, student)]
     distiller = Distiller(student, method, policy, out_dir=out_dir, seed=config.seed, progress=progress,
                           callbacks=callbacks, teacher_cache=None, checkpoint=out_dir is not None,
                           metric=perplexity_metric(), precision=config.precision)

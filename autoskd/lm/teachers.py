@@ -17,7 +17,7 @@ from typing import Iterable
 import torch
 from torch.utils.data import DataLoader
 
-from ..engine.teachers import AverageTeachers, Teacher
+from ..engine.teachers import AverageTeachers, SampledTeacher, Teacher, theta_logit_scale
 from ..errors import AutoSKDError
 from .topk_cache import TopKCache, TopKTable, check_dense_size, compute_topk_table
 
@@ -61,9 +61,14 @@ class LMTeacher(Teacher):
 
     def prepare(self, loader: DataLoader, data_id: str | None, cache=None, device="cpu", progress: bool = True) -> None:
         """Top-k tables of this split at every temperature the method reads (none: live teacher)."""
-        self.tables = {}
+        self.tables = self.tables_for(loader, data_id, device=device, progress=progress)
+
+    def tables_for(self, loader: DataLoader, data_id: str | None, device="cpu", progress: bool = True) -> dict:
+        """``{temperature: TopKTable}`` of one split (cached), without changing the split the
+        teacher serves training batches from (the AutoSKD θ step reads the val split's too).
+        Empty when the teacher runs live."""
         if data_id is None or self.top_k <= 0 or not self.temperatures:
-            return
+            return {}
         vocab = self.vocab_size()
         k = min(self.top_k, vocab)
         if k == vocab:  # the dense distribution, stored exactly: refuse it past the size limit
@@ -76,35 +81,43 @@ class LMTeacher(Teacher):
             model = SlicedLogits(self.model, self.kept)
             k = min(k, int(self.kept.numel()))
             fingerprint = f"{fingerprint}|kept-{hash(tuple(self.kept.tolist()))}"
+        tables = {}
         for tau in self.temperatures:
             desc = f"teacher {self.name} top-{k} (tau {tau:g})"
             if self.topk_cache is None:
-                self.tables[tau] = compute_topk_table(model, loader, k, tau, device, progress, desc=desc)
+                tables[tau] = compute_topk_table(model, loader, k, tau, device, progress, desc=desc)
             else:
-                self.tables[tau] = self.topk_cache.get_or_compute(fingerprint, data_id, model, loader, k,
-                                                                  tau, device=device, progress=progress)
+                tables[tau] = self.topk_cache.get_or_compute(fingerprint, data_id, model, loader, k,
+                                                             tau, device=device, progress=progress)
+        return tables
+
+    @staticmethod
+    def rows_of(tables: dict, batch: dict) -> "TopKSet":
+        """The cached rows of ``batch`` (its ``idx``) from ``tables``, trimmed to its length."""
+        idx = batch["idx"]
+        length = batch["input_ids"].shape[1]  # a padded batch is trimmed to its longest row
+        return TopKSet({tau: table.rows(idx, length).to(batch["input_ids"].device) for tau, table in tables.items()})
 
     @torch.no_grad()
     def features(self, batch: dict, names: Iterable[str]) -> dict:
         names = list(names)
         if self.tables and set(names) <= {"lm_logits"} and "idx" in batch and not batch.get("on_policy"):
-            idx = batch["idx"]
-            length = batch["input_ids"].shape[1]  # a padded batch is trimmed to its longest row
-            return {"lm_logits": TopKSet({tau: table.rows(idx, length).to(batch["input_ids"].device)
-                                          for tau, table in self.tables.items()})}
+            return {"lm_logits": self.rows_of(self.tables, batch)}
         return super().features(batch, names)
 
 
-def average_topk(parts: list, vocab_size: int):
+def average_topk(parts: list, vocab_size: int, weights=None):
     """The probability-space mean of sparse teacher distributions: each id of the union gets the
     mean of its probabilities (0 where a teacher's top-k lacks it), so the tail of the mean is the
-    mean of the tails and the result is again a proper (k'+1)-bucket distribution."""
+    mean of the tails and the result is again a proper (k'+1)-bucket distribution. ``weights``
+    (summing to 1; default equal) makes it a θ-mixture."""
     from ..engine.token_losses import TopK
 
     n = len(parts)
+    weights = [1.0 / n] * n if weights is None else [float(w) for w in weights]
     lead = parts[0].ids.shape[:-1]
     ids = torch.cat([p.ids.reshape(-1, p.k) for p in parts], -1)
-    probs = torch.cat([p.logprobs.reshape(-1, p.k).float().exp() / n for p in parts], -1)
+    probs = torch.cat([p.logprobs.reshape(-1, p.k).float().exp() * w for p, w in zip(parts, weights)], -1)
     dense = torch.zeros(ids.shape[0], vocab_size, dtype=torch.float32, device=ids.device)
     dense.scatter_add_(1, ids, probs)
     values, union = dense.topk(min(ids.shape[-1], vocab_size), dim=-1)  # the whole union (zeros past its size)
@@ -120,12 +133,56 @@ class AverageLMTeachers(AverageTeachers):
         if set(names) - {"lm_logits"}:
             raise AutoSKDError("AvgKD averages next-token distributions only; use a next-token method such as kd")
         parts = [t.features(batch, ["lm_logits"])["lm_logits"] for t in self.teachers.values()]
-        if all(isinstance(p, TopKSet) for p in parts):
-            vocab = max(t.vocab_size() for t in self.teachers.values())
-            return {"lm_logits": TopKSet({tau: average_topk([p.at(tau) for p in parts], vocab)
-                                          for tau in parts[0].by_temperature})}
-        if any(isinstance(p, TopKSet) for p in parts):
-            raise AutoSKDError("AvgKD needs every teacher cached or every teacher live; set top_k for all")
-        vocab = min(p.shape[-1] for p in parts)  # padding rows past the vocabulary are dropped
-        logp = torch.stack([torch.log_softmax(p[..., :vocab].float(), -1) for p in parts])
-        return {"lm_logits": torch.logsumexp(logp, 0) - math.log(len(parts))}  # log of the mean distribution
+        vocab = max(t.vocab_size() for t in self.teachers.values())
+        return {"lm_logits": mixture_of(parts, [1.0 / len(parts)] * len(parts), vocab)}
+
+
+def mixture_of(parts: list, weights: list[float], vocab_size: int):
+    """``Σ w_j p_j`` of next-token distributions: sparse (TopKSet) or dense logits (returned as
+    the mixture's log-probabilities, a valid logits tensor)."""
+    if all(isinstance(p, TopKSet) for p in parts):
+        return TopKSet({tau: average_topk([p.at(tau) for p in parts], vocab_size, weights)
+                        for tau in parts[0].by_temperature})
+    if any(isinstance(p, TopKSet) for p in parts):
+        raise AutoSKDError("a mixture of teachers needs every teacher cached or every teacher live; set top_k for all")
+    vocab = min(p.shape[-1] for p in parts)
+    logp = torch.stack([torch.log_softmax(p[..., :vocab].float(), -1) + math.log(max(w, 1e-30))
+                        for p, w in zip(parts, weights)])
+    return torch.logsumexp(logp, 0)
+
+
+def tempered(part, scale, vocab_size: int):
+    """A teacher's next-token distribution with its logits scaled by ``scale`` (SSWO)."""
+    from ..engine.token_losses import temper_topk
+
+    if isinstance(part, TopKSet):
+        return TopKSet({tau: temper_topk(rows, scale, vocab_size) for tau, rows in part.by_temperature.items()})
+    return part * torch.as_tensor(scale).to(part.dtype)
+
+
+class SampledLMTeachers(SampledTeacher):
+    """AutoSKD's sampled teacher for language models: each step draws teacher i ~ Cat(θ); SSWO's
+    θ-scaling (``scaling`` other than ``none``) tempers its next-token distribution (logits times
+    the scale: :func:`tempered`); the CR search's mixture is the θ-weighted mixture of the
+    teachers' *distributions*, as AvgKD for LMs averages them (:class:`AverageLMTeachers`)."""
+
+    def vocab_size(self) -> int:
+        return max(t.vocab_size() for t in self.teachers.values())
+
+    def features(self, name: str, batch: dict, names: Iterable[str]) -> dict:
+        names = list(names)
+        if name == self.MIXTURE:
+            if set(names) - {"lm_logits"}:
+                raise AutoSKDError("the CR search mixes next-token distributions only; use a next-token method such as kd")
+            theta = self.theta.detach().double()
+            live = [j for j in range(len(self.names)) if float(theta[j]) > 0]
+            if not live:
+                raise AutoSKDError("the teacher distribution has no positive weight; nothing to distil from")
+            parts = [self.teachers[self.names[j]].features(batch, ["lm_logits"])["lm_logits"] for j in live]
+            weights = (theta[live] / theta[live].sum()).tolist()
+            return {"lm_logits": mixture_of(parts, weights, self.vocab_size())}
+        feats = dict(self.teachers[name].features(batch, names))
+        if self.scaling != "none" and "lm_logits" in feats:
+            scale = theta_logit_scale(self.theta.detach(), self.names.index(name), self.scaling)
+            feats["lm_logits"] = tempered(feats["lm_logits"], scale.float(), self.vocab_size())
+        return feats

@@ -56,6 +56,8 @@ def record_score(record: dict) -> float:
     """What a finished trial reports to the scheduler: its ``dev_score``, or its dev accuracy
     when it has none (no evaluated epoch history)."""
     score = record.get("dev_score")
+    if score is None and "dev_ppl" in record:  # a language model: lower perplexity ranks higher
+        return -float(record["dev_ppl"])
     return record["dev_acc"] if score is None else score
 
 

@@ -46,6 +46,18 @@ PRESETS: dict[str, dict] = {
         "theta": {"lr": 1e-2, "num_candidates": 4, "order": "first", "xi": 0.0, "every": 1, "warmup": 0.25},
         "eval_epochs": 3.0, "n_random": 8, "method_options": {"temperature": 1.0, "alpha": 1.0},
     },
+    # Language-model teams (``--task lm:<corpus>``; the default preset there): the ladder's six
+    # cached teachers' top-64 rows, 800 training documents, every arm and the search at 40
+    # student steps of 4 x 128 tokens (benchmarks/lm_search_vs_random.py's budget). θ settings:
+    # autoskd.search.lm_search.lm_theta_defaults says why each differs from the classifier's.
+    "lm-quick": {
+        "max_train": 800, "max_eval": 200,
+        "search_epochs": 1.0, "batch_size": 4, "lr": 2e-4, "max_steps": 40, "top_k": 64,
+        "theta": {"strategy": "expected", "scaling": "none", "val_objective": "task", "order": "second",
+                  "xi": "student_lr", "lr": 0.05, "num_candidates": 2, "warmup": 0.1, "every": 2},
+        "eval_epochs": 1.0, "n_random": 2, "executor": "local",
+        "method_options": {"loss": "forward_kl", "alpha": 1.0, "temperature": 1.0},
+    },
     # AutoSKDBERT's own settings: 8 theta learning rates (3e-4 ... 1e-3) x 25 candidates against
     # 200 random distributions (figure 3), pure distillation, second order, full splits.
     "paper": {

@@ -87,6 +87,10 @@ class SearchConfig:
     processes: int = 1  # processes per trial and for the θ search (a Ray Train worker group)
     group_by_length: bool = False  # batch training rows of similar length: less padding, faster steps
     theta_only: bool = False  # stop after the θ search (search.json, θ plot): see what θ learns before paying for trials
+    # language-model tasks only (autoskd.search.lm_search): student steps of the search and of every
+    # arm (equal steps), and the teachers' cached tokens per position
+    max_steps: int | None = None
+    top_k: int = 64
 
     @classmethod
     def from_preset(cls, preset: str, **overrides) -> "SearchConfig":

@@ -98,8 +98,10 @@ class ThetaConfig:
             raise AutoSKDError(f"unrolled-gradient order {self.order!r} unknown; choose first or second")
         if self.val_objective not in ("distill", "task"):
             raise AutoSKDError(f"val objective {self.val_objective!r} unknown; choose distill or task")
-        if self.scaling not in THETA_SCALINGS or self.scaling == "none":
-            raise AutoSKDError(f"theta scaling {self.scaling!r} unknown; choose one of: theta, max, n")
+        if self.scaling not in THETA_SCALINGS or (self.scaling == "none" and self.strategy == "sswo"):
+            raise AutoSKDError(f"theta scaling {self.scaling!r} unknown for strategy {self.strategy}; choose one of: "
+                               "theta, max, n (none: expected or cr only, where θ enters as the draw's or the "
+                               "mixture's weights)")
         fixed = isinstance(self.xi, (int, float)) and not isinstance(self.xi, bool)
         if not (fixed and self.xi >= 0) and self.xi not in XI_SOURCES:
             raise AutoSKDError(f"xi {self.xi!r} must be theta_lr, student_lr or a number >= 0")
@@ -208,8 +210,7 @@ class ThetaStep(Callback):
         self.optimizer = ThetaOptimizer(distribution, strategy=config.strategy, lr=config.lr,
                                         weight_decay=config.weight_decay)
         self.val_loader = val_loader
-        self.val_tables = {name: teacher.logits_for(val_loader, val_id, cache, progress=False)
-                           for name, teacher in policy.teachers.items()}
+        self.val_tables = self.val_targets(val_loader, val_id, cache)
         self._val_batches: Iterator[dict] | None = None
         self.history: list[dict] = []
         self.candidates: list[dict] = []
@@ -218,6 +219,11 @@ class ThetaStep(Callback):
         self.selection_step = 0
         self.warmup_steps = 0
         self.candidate_steps: set[int] = set()
+
+    def val_targets(self, val_loader, val_id: str | None, cache: TeacherOutputCache | None) -> dict:
+        """Every teacher's outputs on the val split, computed (or read from the cache) once."""
+        return {name: teacher.logits_for(val_loader, val_id, cache, progress=False)
+                for name, teacher in self.policy.teachers.items()}
 
     # ---------------------------------------------------------------- schedule
     def on_stage_start(self, trainer, ctx) -> None:

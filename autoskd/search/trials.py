@@ -46,6 +46,8 @@ __all__ = ["TrialSpec", "run_arm", "run_arms", "distill_arm", "load_record", "ar
            "trial_worker_env", "teacher_task", "task_identity", "arm_identity", "DEFAULT_RUNNER"]
 
 DEFAULT_RUNNER = "autoskd.search.trials:distill_arm"
+#: (dev, test) scores a runner returns: a classifier's accuracies or a language model's perplexities
+SCORE_KEYS = (("dev_acc", "test_acc"), ("dev_ppl", "test_ppl"))
 
 
 def task_identity(task: dict | str) -> dict:
@@ -210,7 +212,7 @@ def load_record(root: str | Path, arm: Arm | str) -> dict | None:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return record if isinstance(record, dict) and "dev_acc" in record else None
+    return record if isinstance(record, dict) and any(dev in record for dev, _ in SCORE_KEYS) else None
 
 
 def run_arm(spec: TrialSpec, arm: Arm) -> dict:
@@ -228,9 +230,11 @@ def run_arm(spec: TrialSpec, arm: Arm) -> dict:
     except BaseException:
         (out / "error.txt").write_text(traceback.format_exc())
         raise
-    if "dev_acc" not in result or "test_acc" not in result:
-        raise AutoSKDError(f"trial runner {spec.runner!r} returned no dev_acc/test_acc for arm {arm.name!r}")
-    record = {**arm.to_dict(), "dev_acc": float(result.pop("dev_acc")), "test_acc": float(result.pop("test_acc")),
+    keys = next((pair for pair in SCORE_KEYS if set(pair) <= set(result)), None)
+    if keys is None:
+        raise AutoSKDError(f"trial runner {spec.runner!r} returned no dev_acc/test_acc (or dev_ppl/test_ppl) for "
+                           f"arm {arm.name!r}")
+    record = {**arm.to_dict(), **{k: float(result.pop(k)) for k in keys},
               "seconds": round(time.perf_counter() - start, 2), "steps": result.pop("steps", None),
               "student_trainings": 1, "teacher_counts": result.pop("teacher_counts", None), **result,
               **stamp(arm_identity(spec, arm))}
@@ -290,7 +294,7 @@ def _ray_trainable(config: dict, spec: dict | None = None, env: dict | None = No
     except Exception as err:  # the arm's own error: a result, not a reason for Ray to retry it
         tune.report({"arm_error": _one_line(err), "dev_score": _FAILED_SCORE})
         return
-    tune.report({"dev_acc": record["dev_acc"], "dev_score": record_score(record),
+    tune.report({"dev_acc": record.get("dev_acc"), "dev_score": record_score(record),
                  "record_json": json.dumps(record)})
 
 
@@ -422,7 +426,7 @@ def run_arms(spec: TrialSpec, arms: Iterable[Arm], executor: str = "ray", addres
                                         got["stopped"], planned)
                 write_json(arm_dir(spec.root, arm) / "arm.json", record)  # finished work: not re-run on resume
                 records[arm.name] = {**record, "status": "stopped"}
-            elif "error" in got and "dev_acc" not in got:
+            elif "error" in got and not any(dev in got for dev, _ in SCORE_KEYS):
                 records[arm.name] = _failed(arm, got["error"])
             else:
                 if load_record(spec.root, arm) is None:  # remote cluster without shared storage

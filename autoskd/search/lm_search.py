@@ -1,0 +1,342 @@
+"""``autoskd search`` on a team of language models: the AutoSKD pipeline with perplexity as the score.
+
+1. the bilevel search: one :func:`~autoskd.lm.pipeline.distill_lm` run with a sampled teacher
+   policy and the :class:`~autoskd.search.lm_theta.LMThetaStep` callback on the corpus's ``val``
+   documents -> θ history + K candidate distributions (once per θ learning rate of the grid);
+2. candidates and baselines (each single teacher, AvgKD on distributions, uniform, random) as
+   arms, each a from-scratch ``distill_lm`` run on ``train`` scored on dev/val/test perplexity,
+   run by the same executors as the classifier search (:func:`~autoskd.search.trials.run_arms`:
+   Ray Tune trials or in-process);
+3. the best arm by dev perplexity (lower is better) kept as ``<out>/student``; ``result.json``,
+   ``arms.csv`` and a plot of θ and of every arm.
+
+Each step writes its result first thing after finishing and is skipped when it is there (with
+the same stamp), so a killed search resumes. The arms' training split is the search's own
+``train`` split: the LM corpus has four document splits (train, val for θ, dev for best-epoch
+restore, test), so no half of the training data is set aside for θ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..atomic import write_json
+from ..errors import AutoSKDError
+from ..rerun import check_stamp, stamp
+from .arms import Arm, baseline_arms, candidate_arms
+from .distribution import TeacherDistribution
+from .theta_step import ThetaConfig
+from .trials import TrialSpec, run_arms
+
+#: The runner of every LM arm (``save_students=False``: :func:`score_lm_arm`, benchmarks).
+LM_RUNNER = "autoskd.search.lm_search:distill_lm_arm"
+LM_SCORE_RUNNER = "autoskd.search.lm_search:score_lm_arm"
+
+
+def lm_theta_defaults() -> ThetaConfig:
+    """θ settings for LM teams (why each differs from the classifier presets):
+
+    * ``expected`` strategy, ``none`` scaling: SSWO's θ_i-scaled logits flatten a 49k-way
+      next-token distribution to near uniform at θ_i ≈ 1/n (a 4-teacher team's target would put
+      most of its mass in the tail); with ``expected`` θ enters only as the draw's probabilities,
+      and the student learns from each teacher's own distribution;
+    * ``task`` objective, second order: the θ-gradient of teacher j is then ``−ξ ∇_w L_val ·
+      ∇_w L_j``, how much a step on teacher j lowers the student's next-token loss on held-out
+      text: the log-perplexity the arms are judged by;
+    * ``xi`` the student's learning rate: the virtual step is the step the student takes.
+    """
+    return ThetaConfig(strategy="expected", scaling="none", val_objective="task", order="second",
+                       xi="student_lr", lr=0.05, num_candidates=2, warmup=0.1)
+
+
+@dataclass
+class LMSearchConfig:
+    """All settings of one LM search. ``max_steps`` caps the search run and every arm (compare
+    at equal student steps); ``loss``/``alpha``/``temperature``: the ``kd`` method's options the
+    search and every arm distil with; ``split_seed`` draws the document split (default ``seed``),
+    so seeds of a benchmark can share the teachers' caches on one split."""
+
+    search_epochs: float = 1.0
+    eval_epochs: float = 1.0
+    max_steps: int | None = None
+    lr: float = 2e-4
+    batch_size: int = 8
+    seed: int = 0
+    split_seed: int | None = None
+    m: int = 0
+    loss: str = "forward_kl"
+    alpha: float = 1.0
+    temperature: float = 1.0
+    top_k: int = 64
+    max_length: int | None = None
+    precision: str = "fp32"
+    theta: ThetaConfig = field(default_factory=lm_theta_defaults)
+    theta_lrs: list[float] | None = None
+    baselines: str = "all"
+    n_random: int = 2
+    executor: str = "local"
+    address: str | None = None
+    cpus_per_trial: float = 1.0
+    max_concurrent: int | None = None
+    max_train: int | None = None
+    max_eval: int | None = None
+    save_students: bool = True
+    theta_only: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.theta, dict):
+            self.theta = ThetaConfig(**self.theta)
+        for name in ("search_epochs", "eval_epochs", "lr"):
+            if not getattr(self, name) > 0:
+                raise AutoSKDError(f"{name.replace('_', '-')} must be > 0 (got {getattr(self, name)})")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise AutoSKDError(f"max_steps must be at least 1 (got {self.max_steps})")
+        if not 0.0 < self.alpha <= 1.0:
+            raise AutoSKDError(f"alpha must be in (0, 1]: at 0 no teacher reaches the student (got {self.alpha})")
+
+    @property
+    def grid(self) -> list[float]:
+        return [float(x) for x in (self.theta_lrs or [self.theta.lr])]
+
+    def method_options(self) -> dict:
+        return {"loss": self.loss, "alpha": self.alpha, "temperature": self.temperature}
+
+    def base_distill(self, epochs: float):
+        from ..lm.pipeline import LMDistillConfig
+
+        return LMDistillConfig(method="kd", method_options=self.method_options(), epochs=epochs,
+                               max_steps=self.max_steps, lr=self.lr, batch_size=self.batch_size, seed=self.seed,
+                               max_length=self.max_length, top_k=self.top_k, precision=self.precision,
+                               theta_scaling=self.theta.scaling, samples=0, agreement=False)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def computed(self) -> dict:
+        """What decides the results (where and how arms run, and how far, may change on resume)."""
+        free = ("executor", "address", "cpus_per_trial", "max_concurrent", "baselines", "n_random", "theta_only")
+        return {k: v for k, v in self.to_dict().items() if k not in free}
+
+
+# ---------------------------------------------------------------------------------------------- task
+def corpus_of(task: dict, seed: int):
+    """The corpus a task dict names (``name_or_path`` without ``lm:``, columns, ``max_train`` /
+    ``max_eval`` subsampling, ``split_seed``)."""
+    from ..lm.data import load_corpus
+
+    source = str(task["name_or_path"])
+    source = source[3:].strip() if source.startswith("lm:") else source
+    split_seed = task.get("split_seed")
+    split_seed = seed if split_seed is None else int(split_seed)
+    corpus = load_corpus(source, text_column=task.get("text_column"), prompt_column=task.get("prompt_column"),
+                         completion_column=task.get("completion_column"), seed=split_seed)
+    if task.get("max_train") or task.get("max_eval"):
+        corpus = corpus.subsample(task.get("max_train"), task.get("max_eval"), seed=split_seed)
+    return corpus
+
+
+def lm_arm_config(arm: Arm, base):
+    """``base`` (an LMDistillConfig) with the arm's teacher policy."""
+    if arm.kind == "single":
+        return dataclasses.replace(base, policy="single", teacher=arm.teacher, theta=None)
+    if arm.kind == "average":
+        return dataclasses.replace(base, policy="average", teacher=None, theta=None)
+    return dataclasses.replace(base, policy="sampled", teacher=None, theta=list(arm.theta))
+
+
+def _train_arm(spec: TrialSpec, arm: Arm, out_dir: Path | None) -> dict:
+    from ..lm.pipeline import LMDistillConfig, distill_lm
+    from ..lm.team import LMTeam
+
+    base = LMDistillConfig(**spec.base_config)
+    team = LMTeam.from_yaml(spec.team_path)
+    outcome = distill_lm(team, corpus_of(spec.task, base.seed), lm_arm_config(arm, base), out_dir=out_dir,
+                         cache_dir=spec.cache_dir, progress=False)
+    s = outcome.scores
+    return {"dev_ppl": float(outcome.result.best_score if outcome.result.best_score is not None else s["dev_ppl"]),
+            "val_ppl": float(s["val_ppl"]), "test_ppl": float(s["test_ppl"]), "steps": int(outcome.result.steps),
+            "train_seconds": round(float(outcome.result.seconds), 2)}
+
+
+def distill_lm_arm(spec: TrialSpec, arm: Arm, out_dir: Path) -> dict:
+    """The LM arm runner: ``distill_lm`` with the arm's policy; the student saved in ``out_dir``."""
+    return _train_arm(spec, arm, out_dir)
+
+
+def score_lm_arm(spec: TrialSpec, arm: Arm, out_dir: Path) -> dict:
+    """As :func:`distill_lm_arm`, but only the scores are kept (benchmarks run hundreds of arms)."""
+    return _train_arm(spec, arm, None)
+
+
+# ---------------------------------------------------------------------------------------------- θ search
+def lm_bilevel_search(team, corpus, config: LMSearchConfig, theta_lr: float, cache_dir: Path,
+                      progress: bool = True) -> dict:
+    """One θ search (one student trained with θ learned beside it); its record."""
+    from ..lm.data import lm_data_id
+    from ..lm.pipeline import distill_lm
+    from .lm_theta import LMThetaStep
+
+    n = len(team.teacher_specs)
+    if n < 2:
+        raise AutoSKDError(f"the search needs a team of at least 2 teachers (this one has {n})")
+    theta_config = dataclasses.replace(config.theta, lr=theta_lr)
+    dist = TeacherDistribution([1.0 / n] * n)
+    held: dict = {}
+
+    def attach(policy, loaders, student):
+        policy.theta = dist.theta  # the policy samples from the distribution θ learns in
+        block = config.max_length or team.max_length
+        val_id = lm_data_id(corpus, "val", team.tokenizer, block, "packed")
+        held["step"] = LMThetaStep(dist, policy, loaders.val, theta_config, config.m, val_id=val_id,
+                                   alpha=config.alpha, temperature=config.temperature)
+        return [held["step"]]
+
+    distill = dataclasses.replace(config.base_distill(config.search_epochs), policy="sampled", theta=[1.0 / n] * n)
+    outcome = distill_lm(team, corpus, distill, cache_dir=cache_dir, progress=progress, search=attach)
+    step = held["step"]
+    names = list(team.teacher_specs)
+    return {"theta_lr": theta_lr, "teachers": names, "theta": dist.probs().tolist(),
+            "candidates": step.candidates, "history": step.history, "dropped": [names[i] for i in step.dropped],
+            "theta_steps": step.theta_steps, "nonfinite_theta_steps": step.nonfinite_steps,
+            "counts": dict(step.policy.counts), "steps": int(outcome.result.steps),
+            "seconds": round(float(outcome.result.seconds), 2), "val_ppl": outcome.scores["val_ppl"],
+            "test_ppl": outcome.scores["test_ppl"]}
+
+
+def _lr_tag(lr: float) -> str:
+    return f"{lr:.6g}".replace(".", "p").replace("-", "m")
+
+
+def run_lm_search(team_path: str | Path, task: dict, config: LMSearchConfig, out_dir: str | Path,
+                  cache_dir: str | Path = ".cache/autoskd", progress: bool = True) -> dict:
+    """The whole LM search into ``out_dir`` (resumable); returns the summary (``result.json``)."""
+    from ..lm.team import LMTeam
+
+    out, cache_dir = Path(out_dir), Path(cache_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    task = {k: v for k, v in {**task, "split_seed": config.split_seed, "max_train": config.max_train,
+                              "max_eval": config.max_eval}.items() if v is not None}
+    identity = {"team": str(Path(team_path).resolve()) if Path(team_path).exists() else str(team_path),
+                "task": task, "config": config.computed()}
+    config_path = out / "config.json"
+    check_stamp(json.loads(config_path.read_text()) if config_path.exists() else None, identity,
+                f"search settings ({config_path})", str(out))
+    write_json(config_path, {**config.to_dict(), "task": task, **stamp(identity)})
+
+    team = LMTeam.from_yaml(team_path)
+    names = list(team.teacher_specs)
+    corpus = corpus_of(task, config.seed)
+    searches = []
+    for lr in config.grid:
+        path = out / (f"search-lr{_lr_tag(lr)}.json" if len(config.grid) > 1 else "search.json")
+        record = json.loads(path.read_text()) if path.exists() else None
+        check_stamp(record, {**identity, "theta_lr": lr}, f"θ search ({path})", str(out))
+        if record is None:
+            record = {**lm_bilevel_search(team, corpus, config, lr, cache_dir, progress),
+                      **stamp({**identity, "theta_lr": lr})}
+            write_json(path, record)
+        searches.append(record)
+    if config.theta_only:
+        return {"searches": searches}
+
+    thetas, cand_names = [], []
+    for s in searches:
+        for j, c in enumerate(s["candidates"]):
+            thetas.append(c["theta"])
+            cand_names.append(f"candidate-{j:02d}" if len(searches) == 1 else f"candidate-lr{_lr_tag(s['theta_lr'])}-{j:02d}")
+    arms = candidate_arms(thetas, cand_names) + baseline_arms(names, config.baselines, config.n_random, config.seed)
+    spec = TrialSpec(team_path=str(team_path), task=task, root=str(out), cache_dir=str(cache_dir),
+                     base_config=config.base_distill(config.eval_epochs).to_dict(),
+                     runner=LM_RUNNER if config.save_students else LM_SCORE_RUNNER)
+    records = run_arms(spec, arms, executor=config.executor, address=config.address,
+                       cpus_per_trial=config.cpus_per_trial, max_concurrent=config.max_concurrent, progress=progress)
+    summary = summarise_lm(records, searches, names)
+    if config.save_students and summary.get("best"):
+        keep_best_student(out, summary["best"]["name"])
+    write_json(out / "result.json", summary)
+    write_arms_csv(records, out / "arms.csv")
+    plot_lm_search(summary, searches, out / "search.png")
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------- report
+def summarise_lm(records: list[dict], searches: list[dict], teachers: list[str]) -> dict:
+    """Best arm by dev perplexity (lower is better), per group; the search's cost in student
+    trainings (the θ search is one, plus its θ steps' extra passes)."""
+    done = [r for r in records if r.get("dev_ppl") is not None]
+    failed = [{"name": r["name"], "error": r.get("error")} for r in records if r.get("dev_ppl") is None]
+
+    def brief(r):
+        return {k: r.get(k) for k in ("name", "kind", "group", "theta", "teacher", "dev_ppl", "val_ppl", "test_ppl",
+                                      "steps", "seconds")}
+
+    best = min(done, key=lambda r: r["dev_ppl"]) if done else None
+    groups = {}
+    for r in done:
+        g = groups.setdefault(r["group"], r)
+        if r["dev_ppl"] < g["dev_ppl"]:
+            groups[r["group"]] = r
+    return {"metric": "perplexity", "higher_is_better": False, "teachers": teachers,
+            "best": brief(best) if best else None, "best_by_group": {g: brief(r) for g, r in groups.items()},
+            "arms": [brief(r) for r in done], "failed": failed,
+            "searches": [{k: s[k] for k in ("theta_lr", "theta", "dropped", "candidates", "val_ppl", "test_ppl",
+                                            "seconds", "steps")} for s in searches]}
+
+
+def keep_best_student(out: Path, name: str) -> None:
+    """Copy the best arm's student to ``<out>/student`` and drop the other arms' copies (a 135M-
+    parameter LM is half a gigabyte per arm)."""
+    trials = out / "trials"
+    best = trials / name / "student"
+    if not best.exists():
+        return
+    dst = out / "student"
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(best, dst)
+    for folder in trials.iterdir():
+        if folder.name != name and (folder / "student").exists():
+            shutil.rmtree(folder / "student")
+
+
+def write_arms_csv(records: list[dict], path: Path) -> None:
+    import csv
+
+    cols = ("name", "group", "kind", "teacher", "theta", "dev_ppl", "val_ppl", "test_ppl", "steps", "seconds", "status")
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(cols)
+        for r in records:
+            w.writerow([json.dumps(r.get(c)) if c == "theta" else r.get(c) for c in cols])
+
+
+def plot_lm_search(summary: dict, searches: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    teachers = summary["teachers"]
+    for s in searches:
+        steps = [h["step"] for h in s["history"]]
+        for j, name in enumerate(teachers):
+            left.plot(steps, [h["theta"][j] for h in s["history"]], label=f"{name} (lr {s['theta_lr']:g})")
+    left.set_xlabel("student step")
+    left.set_ylabel("θ")
+    left.set_title("θ during the search")
+    left.legend(fontsize=7)
+    arms = sorted(summary["arms"], key=lambda r: r["dev_ppl"])
+    colors = {"autoskd": "#3b6ea8", "single": "#888888", "avgkd": "#b5651d", "uniform": "#6a9955", "random": "#c9c9c9"}
+    right.barh([a["name"] for a in arms], [a["dev_ppl"] for a in arms],
+               color=[colors.get(a["group"], "#999999") for a in arms])
+    right.invert_yaxis()
+    right.set_xlabel("dev perplexity (lower is better)")
+    right.set_title("arms")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

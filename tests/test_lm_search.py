@@ -1,0 +1,247 @@
+"""The AutoSKD search on teams of language models: the θ step's token losses and gradients, the
+sampled LM policy (SSWO tempering, CR mixtures), and the whole search on a tiny team.
+
+Tiny random Llama models and a BPE tokenizer trained offline (tests/lm_helpers.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from autoskd.engine.token_losses import TopK, forward_kl, soft_cross_entropy, temper_topk
+from autoskd.errors import AutoSKDError
+from autoskd.lm.data import LMCorpus, make_lm_loader, tokenize_lm_split
+from autoskd.lm.teachers import LMTeacher, SampledLMTeachers, TopKSet, average_topk
+from autoskd.search.bilevel import exact_unrolled_theta_grad, unrolled_theta_grad
+from autoskd.search.distribution import TeacherDistribution
+from autoskd.search.lm_search import LMSearchConfig, run_lm_search
+from autoskd.search.lm_theta import LMThetaStep, next_token_ce
+from autoskd.search.theta_step import ThetaConfig
+from lm_helpers import bpe_tokenizer, documents, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from autoskd.lm.data import ensure_pad_token
+
+    return ensure_pad_token(bpe_tokenizer())
+
+
+def _topk(n=6, v=40, k=5, seed=0, temperature=1.0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, v, generator=g) * 2
+    lp, ids = torch.log_softmax(logits / temperature, -1).topk(k, -1)
+    return logits, TopK(ids, lp, temperature)
+
+
+# ---------------------------------------------------------------------------------------- losses
+def test_soft_cross_entropy_is_forward_kl_plus_the_teachers_entropy():
+    student = torch.randn(6, 40)
+    logits, top = _topk()
+    for teacher in (logits, top):  # dense and top-k (k + 1 buckets)
+        if isinstance(teacher, TopK):
+            lp = torch.cat([top.logprobs, top.tail.clamp_min(1e-38).log()[:, None]], -1)
+        else:
+            lp = torch.log_softmax(teacher, -1)
+        entropy = -(lp.exp() * lp).sum(-1).mean()
+        ce = soft_cross_entropy(student, teacher)
+        assert torch.allclose(ce, forward_kl(student, teacher) + entropy, atol=1e-5)
+
+
+def test_temper_topk_is_the_identity_at_one_and_sharpens_like_scaled_logits():
+    logits, top = _topk(v=40, k=40)  # k = V: the tempered cache equals softmax(c * z) exactly
+    same = temper_topk(top, 1.0, 40)
+    assert torch.allclose(same.logprobs, top.logprobs, atol=1e-5)
+    for c in (0.25, 3.0):
+        tempered = temper_topk(top, c, 40)
+        exact = torch.log_softmax(c * logits, -1).gather(-1, top.ids)
+        assert torch.allclose(tempered.logprobs, exact, atol=1e-4)
+    _, sparse = _topk(v=40, k=5)
+    scale = torch.tensor(0.5, requires_grad=True)
+    flat = temper_topk(sparse, scale, 40)
+    assert float(flat.tail.mean().detach()) > float(sparse.tail.mean())  # flatter: more mass in the tail
+    flat.logprobs.sum().backward()
+    assert scale.grad is not None and torch.isfinite(scale.grad)
+
+
+def test_weighted_topk_mixture_is_the_mixture_of_distributions():
+    la, a = _topk(seed=1, k=40)
+    lb, b = _topk(seed=2, k=40)
+    mixed = average_topk([a, b], 40, weights=[0.25, 0.75])
+    dense = torch.zeros(6, 40).scatter(1, mixed.ids, mixed.logprobs.exp())
+    assert torch.allclose(dense, 0.25 * la.softmax(-1) + 0.75 * lb.softmax(-1), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------- θ step
+@pytest.fixture(scope="module")
+def lm_setup(tok):
+    docs = documents(60)
+    rows = tokenize_lm_split(docs[:40], tok, 16)
+    val_rows = tokenize_lm_split(docs[40:], tok, 16)
+    train, val = make_lm_loader(rows, 4, shuffle=False), make_lm_loader(val_rows, 4, shuffle=False)
+    teachers = {f"t{i}": LMTeacher(f"t{i}", tiny_llama(len(tok), layers=2, seed=20 + i).eval(), f"fp{i}", top_k=8,
+                                   temperatures=[1.0]) for i in range(3)}
+    for t in teachers.values():
+        t.prepare(train, "train-rows", progress=False)
+    return tok, train, val, teachers
+
+
+def _theta_step(lm_setup, config: ThetaConfig):
+    tok, train, val, teachers = lm_setup
+    dist = TeacherDistribution([0.2, 0.3, 0.5])
+    policy = SampledLMTeachers(teachers, dist.theta, scaling=config.scaling)
+    step = LMThetaStep(dist, policy, val, config, m=0, val_id="val-rows")
+    return step, dist, next(iter(train)), next(iter(val))
+
+
+@pytest.mark.parametrize("strategy,scaling,objective", [("sswo", "theta", "distill"), ("expected", "none", "task"),
+                                                        ("cr", "none", "distill"), ("expected", "n", "distill")])
+def test_lm_theta_gradient_matches_autograd_through_the_virtual_step(lm_setup, strategy, scaling, objective):
+    """The finite-difference second-order θ-gradient equals the exact one (autograd through
+    w' = w - xi grad_w L_train) on token-level losses over cached top-k teachers."""
+    config = ThetaConfig(strategy=strategy, scaling=scaling, val_objective=objective, order="second", xi=0.05)
+    step, dist, batch, val_batch = _theta_step(lm_setup, config)
+    student = tiny_llama(len(lm_setup[0]), layers=1, seed=7).eval()
+    student.config._attn_implementation = "eager"  # SDPA on CPU has no double backward (the exact oracle)
+    train_loss, val_loss = step.loss_closures(student, batch, val_batch, 1)
+    approx = unrolled_theta_grad(student, dist.theta, train_loss, val_loss, xi=0.05, order="second", fd_eps=1e-3)
+    exact = exact_unrolled_theta_grad(student, dist.theta, train_loss, val_loss, xi=0.05)
+    assert exact.abs().max() > 0
+    assert torch.allclose(approx, exact, rtol=2e-2, atol=1e-6), (approx, exact)
+    if strategy == "sswo":  # only the sampled teacher's entry moves
+        assert exact[0] == 0 and exact[2] == 0
+
+
+def test_val_targets_are_the_val_split_and_the_teacher_keeps_serving_train(lm_setup):
+    step, _, batch, val_batch = _theta_step(lm_setup, ThetaConfig(strategy="expected", scaling="none",
+                                                                  val_objective="task"))
+    teacher = step.policy.teachers["t0"]
+    live = torch.log_softmax(teacher.model(input_ids=val_batch["input_ids"]).logits, -1)
+    got = step._teacher_logits(val_batch, step.val_tables)[0]
+    assert torch.allclose(got.logprobs.float(), live.topk(8, -1).values, atol=2e-3)  # fp16 cache
+    train_rows = step._teacher_logits(batch, None)[0]
+    live_train = torch.log_softmax(teacher.model(input_ids=batch["input_ids"]).logits, -1)
+    assert torch.allclose(train_rows.logprobs.float(), live_train.topk(8, -1).values, atol=2e-3)
+
+
+def test_task_objective_is_the_students_next_token_loss(lm_setup, tok):
+    _, _, _, val_batch = _theta_step(lm_setup, ThetaConfig(strategy="expected", scaling="none", val_objective="task"))
+    student = tiny_llama(len(tok), layers=1, seed=8)
+    logits = student(input_ids=val_batch["input_ids"]).logits
+    ppl_loss = next_token_ce(logits, val_batch)
+    targets = val_batch["target_ids"]
+    manual = -torch.log_softmax(logits, -1).gather(-1, targets.clamp_min(0)[..., None])[..., 0]
+    counted = targets != -100
+    assert torch.allclose(ppl_loss, manual[counted].mean(), atol=1e-5)
+
+
+def test_sampled_lm_policy_tempers_the_drawn_teacher_and_mixes_distributions(lm_setup):
+    tok, train, _, teachers = lm_setup
+    batch = next(iter(train))
+    theta = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
+    sswo = SampledLMTeachers(teachers, theta, scaling="n")
+    got = sswo.features("t2", batch, ["lm_logits"])["lm_logits"].at(1.0)
+    raw = teachers["t2"].features(batch, ["lm_logits"])["lm_logits"].at(1.0)
+    want = temper_topk(raw, 3 * 0.5, len(tok))  # n * theta_i
+    assert torch.allclose(got.logprobs, want.logprobs)
+    plain = SampledLMTeachers(teachers, theta, scaling="none")
+    assert torch.equal(plain.features("t2", batch, ["lm_logits"])["lm_logits"].at(1.0).logprobs, raw.logprobs)
+    plain.mixture = True
+    assert plain.choose(0) == plain.MIXTURE
+    mixed = plain.features(plain.MIXTURE, batch, ["lm_logits"])["lm_logits"]
+    assert isinstance(mixed, TopKSet) and mixed.at(1.0).k == 24  # the union of three top-8 sets
+
+
+def test_sswo_needs_a_scaling_and_cross_tokenizer_teachers_refuse_tempering():
+    with pytest.raises(AutoSKDError, match="none: expected or cr only"):
+        ThetaConfig(strategy="sswo", scaling="none")
+    ThetaConfig(strategy="expected", scaling="none")  # allowed: θ enters as the draw's weights
+
+
+# ---------------------------------------------------------------------------------------- the whole search
+@pytest.fixture(scope="module")
+def lm_team_files(tmp_path_factory, tok):
+    root = tmp_path_factory.mktemp("lmsearch")
+    sources = {}
+    for name, layers, seed in (("big", 3, 30), ("small", 1, 31)):
+        model = tiny_llama(len(tok), layers=layers, hidden=32, seed=seed)
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        sources[name] = str(root / name)
+    team = root / "team.yaml"
+    team.write_text(f"kind: lm\nmax_length: 16\nstudent: {{source: {sources['big']}, layers: 1}}\nteachers:\n"
+                    f"  - {{name: big, source: {sources['big']}}}\n"
+                    f"  - {{name: adapted, source: {sources['big']}, train: {{method: finetune, steps: 6, lr: 0.005}}}}\n"
+                    f"  - {{name: small, source: {sources['small']}}}\n")
+    corpus = root / "docs.txt"
+    corpus.write_text("\n".join(documents(200, seed=3)))
+    return team, corpus
+
+
+def test_lm_search_runs_end_to_end_keeps_the_best_student_and_resumes(lm_team_files, tmp_path, monkeypatch):
+    team, corpus = lm_team_files
+    config = LMSearchConfig(search_epochs=2, eval_epochs=1, lr=3e-3, batch_size=8, n_random=1, top_k=8,
+                            theta=ThetaConfig(strategy="expected", scaling="none", val_objective="task",
+                                              order="second", xi="student_lr", lr=0.05, num_candidates=2))
+    out = tmp_path / "search"
+    summary = run_lm_search(team, {"name_or_path": f"lm:{corpus}"}, config, out, cache_dir=tmp_path / "cache",
+                            progress=False)
+    names = {a["name"] for a in summary["arms"]}
+    assert names == {"candidate-00", "candidate-01", "single-big", "single-adapted", "single-small", "avgkd",
+                     "uniform", "random-000"}
+    assert not summary["failed"]
+    assert summary["best"]["dev_ppl"] == min(a["dev_ppl"] for a in summary["arms"])
+    search = json.loads((out / "search.json").read_text())
+    assert search["theta_steps"] > 0 and len(search["candidates"]) == 2
+    assert abs(sum(search["theta"]) - 1) < 1e-6 and search["theta"] != [1 / 3] * 3  # θ moved
+    assert (out / "student" / "config.json").exists() and (out / "search.png").exists()
+    kept = [p.parent.name for p in (out / "trials").glob("*/student")]
+    assert kept == [summary["best"]["name"]]  # the other arms' students are not kept
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out / "student")
+    # a rerun resumes: nothing trains again
+    monkeypatch.setattr("autoskd.lm.pipeline.distill_lm", lambda *a, **k: pytest.fail("retrained"))
+    again = run_lm_search(team, {"name_or_path": f"lm:{corpus}"}, config, out, cache_dir=tmp_path / "cache",
+                          progress=False)
+    assert again["best"] == summary["best"]
+    from autoskd.rerun import RerunMismatch
+
+    with pytest.raises(RerunMismatch, match="loss"):
+        run_lm_search(team, {"name_or_path": f"lm:{corpus}"}, LMSearchConfig(**{**config.to_dict(), "loss": "tvd"}),
+                      out, cache_dir=tmp_path / "cache", progress=False)
+
+
+def test_autoskd_search_on_an_lm_task_runs_from_the_cli_and_says_what_it_kept(lm_team_files, tmp_path, capsys):
+    """``autoskd search --task lm:<corpus>`` routes to the LM search with the ``lm-quick`` preset;
+    every setting a user can pass lands in the resolved experiment file."""
+    import yaml
+
+    from autoskd.cli import main
+
+    team, corpus = lm_team_files
+    out = tmp_path / "run"
+    code = main(["search", "--team", str(team), "--task", f"lm:{corpus}", "--out", str(out), "--candidates", "1",
+                 "--random", "0", "--baselines", "single,avgkd", "--cache-dir", str(tmp_path / "cache"),
+                 "--set", "search.max_steps=6", "--set", "search.lr=0.003", "--set", "search.top_k=8",
+                 "--set", "search.method_options.loss=reverse_kl", "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "best:" in printed and "AutoModelForCausalLM" in printed
+    resolved = yaml.safe_load((out / "experiment.yaml").read_text())
+    assert resolved["search"]["preset"] == "lm-quick" and resolved["search"]["theta"]["strategy"] == "expected"
+    config = json.loads((out / "config.json").read_text())
+    assert config["loss"] == "reverse_kl" and config["max_steps"] == 6 and config["top_k"] == 8
+    result = json.loads((out / "result.json").read_text())
+    assert {a["name"] for a in result["arms"]} == {"candidate-00", "single-big", "single-adapted", "single-small",
+                                                  "avgkd"}
+    assert all(a["steps"] == 6 for a in result["arms"])
+    # bad input: one line, exit 2, nothing trained
+    assert main(["search", "--team", str(team), "--task", f"lm:{corpus}", "--out", str(tmp_path / "bad"),
+                 "--set", "search.method_options.beta=0.5", "--cache-dir", str(tmp_path / "cache"),
+                 "--no-progress"]) == 2
+    assert "beta" in capsys.readouterr().err
