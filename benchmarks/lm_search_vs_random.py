@@ -120,6 +120,28 @@ def summarise(per_seed: dict[int, dict], costs: dict[int, dict]) -> dict:
             "teachers": per_seed[seeds[0]]["teachers"] if seeds else []}
 
 
+def teacher_perplexities(args, root: Path) -> dict:
+    """Each teacher's own val/test perplexity on the benchmark's split (once; ``teachers.json``)."""
+    path = root / "teachers.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    from autoskd.lm.evaluate import evaluate_lm
+    from autoskd.lm.pipeline import LMDistillConfig, lm_loaders
+    from autoskd.lm.team import LMTeam
+    from autoskd.search.lm_search import corpus_of
+
+    corpus = corpus_of({"name_or_path": args.corpus, "split_seed": args.split_seed, "max_train": args.max_train,
+                        "max_eval": args.max_eval}, 0)
+    team = LMTeam.from_yaml(args.team).build(seed=0, corpus=corpus, cache_dir=args.cache_dir, progress=False)
+    loaders = lm_loaders(corpus, team.tokenizer, LMDistillConfig(batch_size=args.batch_size), team.max_length)
+    out = {name: {"val_ppl": evaluate_lm(model, loaders.val, "cpu")["perplexity"],
+                  "test_ppl": evaluate_lm(model, loaders.test, "cpu")["perplexity"]}
+           for name, model in team.teachers.items()}
+    root.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2))
+    return out
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -206,7 +228,8 @@ def main(argv=None) -> int:
               "settings": {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "theta_lr", "theta_every",
                                                           "candidates", "n_random", "top_k", "max_train", "max_eval",
                                                           "split_seed")},
-              "theta_config": theta.to_dict(), **summarise(per_seed, costs)}
+              "theta_config": theta.to_dict(), "teacher_ppl": teacher_perplexities(args, root),
+              **summarise(per_seed, costs)}
     path = write_result(args.name, result)
     plot(result, RESULTS_DIR / f"{args.name}.png")
     print(json.dumps({"target": result["target"], "paired": {k: v["test_ppl_diff_ci"] for k, v in result["paired"].items()}},

@@ -141,3 +141,38 @@ def test_search_and_tune_as_a_ray_job(head, job_dir):
     tune = json.loads((results / "tune" / "summary.json").read_text())
     assert tune["finished"] == 2 and (results / "tune" / "best_student" / "config.json").exists()
     assert "best:" in logs  # the job's own output: the tables a user reads with `ray job logs`
+
+
+def test_lm_search_as_a_ray_job(head, tmp_path):
+    """The LM search (``--task lm:<corpus>`` on a decoder team) as a job: its arms are Ray trials."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from lm_helpers import bpe_tokenizer, documents, tiny_llama
+
+    work, results = tmp_path / "work", tmp_path / "results"
+    shutil.copytree(ROOT / "autoskd", work / "autoskd", ignore=shutil.ignore_patterns("__pycache__"))
+    tok = bpe_tokenizer()
+    for name, layers in (("big", 2), ("small", 1)):
+        tiny_llama(len(tok), layers=layers, seed=layers).save_pretrained(work / "models" / name)
+        tok.save_pretrained(work / "models" / name)
+    (work / "docs.txt").write_text("\n".join(documents(160, seed=4)))
+    (work / "team.yaml").write_text(yaml.safe_dump({
+        "kind": "lm", "max_length": 16, "student": {"source": "models/big", "layers": 1},
+        "teachers": [{"name": "big", "source": "models/big"}, {"name": "small", "source": "models/small"}]}))
+    py = sys.executable
+    entrypoint = (f"{py} -m autoskd.cli search --team team.yaml --task lm:docs.txt --cache-dir {results}/cache "
+                  f"--no-progress --address auto --out {results}/lm --candidates 1 --random 0 --baselines single "
+                  f"--set search.max_steps=4 --set search.top_k=8 --set search.lr=0.003")
+    client = JobSubmissionClient(head)
+    job = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(work)})
+    deadline = time.time() + 600
+    while (status := client.get_job_status(job)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+        assert time.time() < deadline, "job did not finish in 10 minutes"
+        time.sleep(2)
+    logs = client.get_job_logs(job)
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    result = json.loads((results / "lm" / "result.json").read_text())
+    assert {a["name"] for a in result["arms"]} == {"candidate-00", "single-big", "single-small"}
+    assert (results / "lm" / "ray" / "trials").exists()  # the arms ran as Ray Tune trials
+    assert (results / "lm" / "student" / "config.json").exists() and "best:" in logs

@@ -245,3 +245,16 @@ def test_autoskd_search_on_an_lm_task_runs_from_the_cli_and_says_what_it_kept(lm
                  "--set", "search.method_options.beta=0.5", "--cache-dir", str(tmp_path / "cache"),
                  "--no-progress"]) == 2
     assert "beta" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["smollm2", "smollm2-ladder", "smollm2-gemma"])
+def test_bundled_lm_teams_parse_and_the_ladder_and_mixed_team_are_what_the_issue_asks(name):
+    from autoskd.lm.team import LMTeam
+
+    team = LMTeam.from_yaml(name)
+    if name == "smollm2-ladder":  # four teachers of different size and quality from one checkpoint
+        specs = team.teacher_specs
+        assert len(specs) == 4 and {specs["half"].layers, len(specs["quarter"].layers)} == {15, 8}
+        assert specs["domain"].train.method == "finetune" and specs["half"].train.teacher == "full"
+    if name == "smollm2-gemma":  # one teacher reads the text with its own tokenizer
+        assert team.teacher_specs["gemma"].tokenizer == "own" and team.teacher_specs["smollm2"].tokenizer is None

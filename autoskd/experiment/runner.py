@@ -197,7 +197,8 @@ def run_lm_search(resolved: dict) -> int:
     config = LMSearchConfig(search_epochs=s["search_epochs"], eval_epochs=s["eval_epochs"], max_steps=s["max_steps"],
                             lr=s["lr"], batch_size=s["batch_size"], seed=resolved["seed"], m=s["m"] or 0,
                             theta=s["theta"], theta_lrs=s["theta_lrs"], baselines=s["baselines"],
-                            n_random=s["n_random"], executor=s["executor"], address=s["address"],
+                            n_random=s["n_random"], address=s["address"],
+                            executor="ray" if s["address"] else s["executor"],  # a cluster named: arms run there
                             cpus_per_trial=s["cpus_per_trial"], max_concurrent=s["max_concurrent"],
                             max_train=t["max_train"], max_eval=t["max_eval"], top_k=s["top_k"],
                             theta_only=s["theta_only"], **options)
