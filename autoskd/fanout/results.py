@@ -1,9 +1,13 @@
 """What a finished tune leaves for people: a table, the best config, the best student and plots.
 
 Plots come from Optuna's own matplotlib visualisations, drawn from the study in the storage:
-``history.png`` (optimisation history), ``epochs.png`` (dev accuracy per epoch of every trial:
+``history.png`` (optimisation history), ``epochs.png`` (the dev score per epoch of every trial:
 where ASHA stopped them), ``importance.png`` (parameter importance, fANOVA) and, for two
-objectives, ``pareto.png`` (the Pareto front of dev accuracy against student size or latency).
+objectives, ``pareto.png`` (the Pareto front of the dev score against student size or latency).
+
+The first objective names the metric (``dev_acc``: higher is better; ``dev_ppl``: lower is
+better): the table is sorted best first by the study's own direction, and its test column is the
+same metric on test (``test_acc``, ``test_ppl``).
 """
 
 from __future__ import annotations
@@ -17,20 +21,26 @@ from optuna.trial import TrialState
 
 from ..atomic import write_json
 from .study import DONE
-from .trial import read_error
+from .trial import TEST_KEYS, read_error
 
 __all__ = ["trial_rows", "results_table", "best_trials", "write_results", "plot_study"]
+
+
+def test_key(objectives: list[str]) -> str:
+    """The test score shown beside the first objective (``test_acc``, ``test_ppl``)."""
+    return TEST_KEYS.get(objectives[0], "test_acc")
 
 
 def trial_rows(study: optuna.Study, objectives: list[str], out_dir: Path | None = None) -> list[dict]:
     """One row per trial of the study; a failed trial's ``error`` is the first line of its
     ``<out>/trials/<trial>/error.txt`` (a trial left by a dead driver has none: it says so)."""
     rows = []
+    test = test_key(objectives)
     for t in study.get_trials(deepcopy=False):
         values = t.values or [None] * len(objectives)
         name = t.user_attrs.get("trial", f"trial-{t.number:04d}")
         row = {"number": t.number, "state": t.state.name.lower(), **dict(zip(objectives, values)),
-               "test_acc": t.user_attrs.get("test_acc"), "epochs": t.user_attrs.get("epochs"),
+               test: t.user_attrs.get(test), "epochs": t.user_attrs.get("epochs"),
                "stopped_early": bool(t.user_attrs.get("stopped_early")), "trial": name, "params": dict(t.params)}
         if t.state == TrialState.FAIL:
             error = read_error(Path(out_dir) / "trials" / name) if out_dir is not None else None
@@ -65,19 +75,23 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def results_table(rows: list[dict], objectives: list[str], best: set[int]) -> str:
+def results_table(rows: list[dict], objectives: list[str], best: set[int], maximize: bool | None = None) -> str:
+    """The trials best first (by the first objective in ``maximize``'s direction; default: the
+    direction of ``dev_acc`` for accuracy, lower first otherwise)."""
     params = sorted({k for r in rows for k in r["params"]})
-    header = ["trial", "state", *objectives, "test_acc", "epochs", *params, "note"]
+    test = test_key(objectives)
+    header = ["trial", "state", *objectives, test, "epochs", *params, "note"]
     lines = []
     key = objectives[0]
-    order = sorted(rows, key=lambda r: (r[key] is None, -(r[key] or 0) if key == "dev_acc" else (r[key] or 0)))
+    maximize = key == "dev_acc" if maximize is None else maximize
+    order = sorted(rows, key=lambda r: (r[key] is None, -(r[key] or 0) if maximize else (r[key] or 0)))
     for r in order:
         note = "best" if r["number"] in best else ""
         if r["stopped_early"]:
             note = (note + "; " if note else "") + "stopped early"
         if r.get("error"):
             note = f"FAILED: {r['error']}"
-        lines.append([str(r["number"]), r["state"], *(_fmt(r[o]) for o in objectives), _fmt(r["test_acc"]),
+        lines.append([str(r["number"]), r["state"], *(_fmt(r[o]) for o in objectives), _fmt(r.get(test)),
                       _fmt(r["epochs"]), *(_fmt(r["params"].get(p)) for p in params), note])
     widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(header)]
     fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
@@ -139,7 +153,9 @@ def write_results(study: optuna.Study, out_dir: Path, objectives: list[str]) -> 
     out_dir = Path(out_dir)
     rows = trial_rows(study, objectives, out_dir)
     best = best_trials(study)
-    table = results_table(rows, objectives, {t.number for t in best})
+    test = test_key(objectives)
+    table = results_table(rows, objectives, {t.number for t in best},
+                          maximize=study.directions[0] == optuna.study.StudyDirection.MAXIMIZE)
     write_json(out_dir / "results.json", rows, default=str)
     (out_dir / "results.txt").write_text(table + "\n")
     summary: dict = {"study": study.study_name, "objectives": objectives, "trials": len(rows),
@@ -151,7 +167,10 @@ def write_results(study: optuna.Study, out_dir: Path, objectives: list[str]) -> 
         top = best[0]
         name = top.user_attrs.get("trial", f"trial-{top.number:04d}")
         summary["best"] = {"number": top.number, "trial": name, "values": dict(zip(objectives, top.values)),
-                           "params": dict(top.params), "test_acc": top.user_attrs.get("test_acc")}
+                           "params": dict(top.params), test: top.user_attrs.get(test)}
+        for key in ("val_ppl", "test_top1_agreement", "student_layers"):  # an LM trial's other scores
+            if top.user_attrs.get(key) is not None and key not in summary["best"]["values"]:
+                summary["best"][key] = top.user_attrs[key]
         if len(study.directions) > 1:
             summary["pareto_front"] = [{"number": t.number, "values": dict(zip(objectives, t.values)),
                                         "params": dict(t.params)} for t in best]

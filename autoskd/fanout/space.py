@@ -6,6 +6,7 @@ the values the sampler chooses (``params``)::
     name: kd-hparams
     kind: distill                 # distill: one pipeline.distill per trial
                                   # autoskd: one AutoSKD search (run_search) per trial
+                                  # lm: one lm.pipeline.distill_lm per trial (an lm:<corpus> task)
     fixed: {method: kd, epochs: 2}
     params:
       lr: {loguniform: [1.0e-5, 1.0e-3]}
@@ -29,6 +30,13 @@ int: [l, h]      ``tune.randint(l, h + 1)``  ``IntDistribution(l, h)``          
 Every mistake in a file is one :class:`~autoskd.errors.AutoSKDError` naming the key.
 Method names are checked against the method registry when the file is loaded, so the space
 accepts any method registered now or later.
+
+A ``kind: lm`` space tunes distillation on a decoder-LM team (``--task lm:<corpus>``): its keys
+are :class:`~autoskd.lm.pipeline.LMDistillConfig` fields, ``method_options.<option>`` (``loss``,
+``temperature``...) and the student's depth, ``student.depth`` (k of the team student's layers,
+spread evenly, first and last kept) or ``student.layers``/``student.init`` (the member's own
+keys). Its methods and categorical option values are checked against the decoder recipes when
+the file loads, so a loss the LM losses do not know is refused before any trial runs.
 """
 
 from __future__ import annotations
@@ -43,10 +51,10 @@ import yaml
 
 from ..errors import AutoSKDError
 
-__all__ = ["Domain", "SearchSpace", "load_space", "KINDS", "DOMAINS", "SPACES_DIR"]
+__all__ = ["Domain", "SearchSpace", "load_space", "check_space_task", "KINDS", "DOMAINS", "SPACES_DIR"]
 
 SPACES_DIR = Path(__file__).resolve().parents[2] / "search_spaces"
-KINDS = ("distill", "autoskd")
+KINDS = ("distill", "autoskd", "lm")
 DOMAINS = ("grid", "choice", "uniform", "loguniform", "int")
 #: keys of a ``distill`` trial besides DistillConfig's fields
 _DISTILL_EXTRA = ("student.layers", "student.init")
@@ -54,6 +62,10 @@ _DISTILL_SKIP = ("method_options", "theta")  # set through method_options.<name>
 _AUTOSKD_SKIP = ("theta", "method_options", "executor", "address", "max_train", "max_eval",
                  "cpus_per_trial", "gpus_per_trial", "max_concurrent")
 _MAX_INT_GRID = 64
+#: keys of an ``lm`` trial besides LMDistillConfig's fields: the student's depth (k of the team
+#: student's layers, spread) and the member's own ``layers``/``init``
+_LM_EXTRA = ("student.depth", "student.layers", "student.init")
+_LM_SKIP = ("method_options", "theta")  # set through method_options.<name> / AutoSKD's search sets θ
 
 
 def _distill_keys() -> set[str]:
@@ -68,6 +80,12 @@ def _autoskd_keys() -> tuple[set[str], set[str]]:
 
     top = {f.name for f in dataclasses.fields(SearchConfig) if f.name not in _AUTOSKD_SKIP}
     return top, {f.name for f in dataclasses.fields(ThetaConfig)}
+
+
+def _lm_keys() -> set[str]:
+    from ..lm.pipeline import LMDistillConfig
+
+    return {f.name for f in dataclasses.fields(LMDistillConfig) if f.name not in _LM_SKIP} | set(_LM_EXTRA)
 
 
 def check_method_name(value: Any, key: str) -> str:
@@ -212,10 +230,59 @@ class SearchSpace:
         for key, raw in params.items():
             space._check_key(str(key), "params")
             space.params[str(key)] = Domain.parse(f"params.{key}", raw, method=key == "method")
+        if kind == "lm":
+            space._check_lm()
         return space
 
+    def _check_lm(self) -> None:
+        """An LM space's points must be decoder recipes with options they accept: every method it
+        names with every categorical option value and both ends of every numeric option range
+        (checked option by option, the space's fixed options set), and a depth of at least one layer."""
+        from ..lm.recipes import decoder_method
+
+        depth = self.params.get("student.depth")
+        depths = () if depth is None else (depth.low,) if depth.kind == "int" else depth.values
+        if depth is not None and (depth.kind not in ("int", "grid", "choice")
+                                  or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in depths)):
+            raise AutoSKDError("search space key 'params.student.depth' must be whole numbers of layers >= 1 "
+                               "(e.g. {int: [2, 6]})")
+        if "student.depth" in self.fixed and (isinstance(self.fixed["student.depth"], bool)
+                                              or not isinstance(self.fixed["student.depth"], int)
+                                              or self.fixed["student.depth"] < 1):
+            raise AutoSKDError("search space key 'fixed.student.depth' must be a whole number of layers >= 1")
+        if "student.depth" in self.all_keys() and "student.layers" in self.all_keys():
+            raise AutoSKDError("search space keys 'student.depth' and 'student.layers' both set the student's layers; "
+                               "keep one")
+        method_dom = self.params.get("method")
+        methods = list(method_dom.values) if method_dom is not None else [self.fixed.get("method", "kd")]
+        fixed_opts = {k.split(".", 1)[1]: v for k, v in self.fixed.items() if k.startswith("method_options.")}
+        base_key = "params.method" if method_dom is not None else "fixed.method" if "method" in self.fixed else "fixed"
+        tried = [(base_key, {})]  # the method with the fixed options alone, then each tuned value
+        for key, dom in self.params.items():
+            if key.startswith("method_options."):
+                ends = dom.values if dom.kind in ("grid", "choice") else (dom.low, dom.high)
+                tried += [(f"params.{key}", {key.split(".", 1)[1]: v}) for v in ends]
+        for method in methods:
+            for where, option in tried:
+                try:
+                    decoder_method(method, **{**fixed_opts, **option})
+                except AutoSKDError as err:
+                    raise AutoSKDError(f"search space key '{where}': {err}") from None
+                except (TypeError, ValueError) as err:
+                    raise AutoSKDError(f"search space key '{where}': method {method!r} refuses {option}: {err}") \
+                        from None
+
+    def all_keys(self) -> set[str]:
+        return set(self.fixed) | set(self.params)
+
     def _check_key(self, key: str, where: str) -> None:
-        if self.kind == "distill":
+        if self.kind == "lm":
+            if key.startswith("method_options.") and len(key) > len("method_options."):
+                return
+            allowed = _lm_keys()
+            hint = "LMDistillConfig fields, method_options.<option> (loss, temperature, ...), student.depth, " \
+                   "student.layers, student.init"
+        elif self.kind == "distill":
             if key.startswith("method_options.") and len(key) > len("method_options."):
                 return
             allowed = _distill_keys()
@@ -260,6 +327,18 @@ class SearchSpace:
 
         return {"name": self.name, "kind": self.kind, "description": self.description, "fixed": dict(self.fixed),
                 "params": {k: dom(d) for k, d in self.params.items()}}
+
+
+def check_space_task(space: SearchSpace, lm: bool) -> None:
+    """A ``kind: lm`` space runs on an ``lm:<corpus>`` task and the other kinds on classification
+    tasks; a mismatch is one line naming the space to use."""
+    if lm and space.kind != "lm":
+        raise AutoSKDError(f"search space {space.name!r} is kind {space.kind!r} (classification); an lm:<corpus> "
+                           "task needs a 'kind: lm' space, e.g. search_spaces/lm.yaml")
+    if not lm and space.kind == "lm":
+        raise AutoSKDError(f"search space {space.name!r} is kind 'lm' (decoder LMs); give it a task lm:<corpus> and "
+                           "an LM team (e.g. teams/smollm2.yaml), or use a classification space such as "
+                           "search_spaces/kd-hparams.yaml")
 
 
 def load_space(path: str | Path) -> SearchSpace:

@@ -33,9 +33,9 @@ from optuna.trial import TrialState
 from ..errors import AutoSKDError
 from .space import SearchSpace
 
-__all__ = ["SAMPLERS", "storage_url", "open_storage", "make_sampler", "open_study", "finished_trials",
-           "fail_stale_trials", "record_finished_trials", "TrialHeartbeats", "TuneSearch", "HEARTBEAT_INTERVAL",
-           "GRACE_PERIOD", "MAX_RETRY"]
+__all__ = ["SAMPLERS", "METRIC_ATTR", "DIRECTION_ATTR", "storage_url", "open_storage", "make_sampler", "open_study",
+           "finished_trials", "fail_stale_trials", "record_finished_trials", "TrialHeartbeats", "TuneSearch",
+           "HEARTBEAT_INTERVAL", "GRACE_PERIOD", "MAX_RETRY"]
 
 SAMPLERS = ("grid", "random", "tpe", "cmaes", "nsga2")
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -155,22 +155,50 @@ def make_sampler(name: str, space: SearchSpace, seed: int = 0, multi_objective: 
     return samplers.NSGAIISampler(seed=seed)
 
 
+#: the study's user attributes recording what it ranks by: the metric's name (``accuracy``,
+#: ``perplexity``) and the first objective's direction (``maximize``, ``minimize``)
+METRIC_ATTR, DIRECTION_ATTR = "metric", "metric_direction"
+
+
+def _objective_words(names: list[str], directions: list[str], metric: str | None) -> str:
+    """``maximises dev_acc (accuracy)`` / ``minimises dev_ppl (perplexity) and student_params_m``."""
+    parts = []
+    for i, (name, direction) in enumerate(zip(names, directions)):
+        verb = "maximises" if direction == "maximize" else "minimises"
+        label = f"{name} ({metric})" if i == 0 and metric and metric != name else name
+        parts.append(f"{verb} {label}")
+    return " and ".join(parts)
+
+
 def open_study(storage, study_name: str, directions: list[str], space: SearchSpace,
-               metric_names: list[str] | None = None) -> optuna.Study:
-    """Create the study or load it; a stored study made for another space or objectives is one line."""
+               metric_names: list[str] | None = None, metric: str | None = None) -> optuna.Study:
+    """Create the study or load it; a stored study made for another space, metric, direction or
+    objectives is one line. A new study records its objectives' names (the dashboard's axis
+    labels), the metric's name and its direction, so a later tune can tell what it ranked by."""
     signature = json.dumps({"params": space.to_dict()["params"], "kind": space.kind, "fixed": space.fixed},
                            sort_keys=True, default=str)
     study = optuna.create_study(storage=storage, study_name=study_name, directions=directions, load_if_exists=True)
     got = [d.name.lower() for d in study.directions]
-    if got != directions:
-        raise AutoSKDError(f"study {study_name!r} in the storage optimises {got}, not {directions}; "
-                           "use another --study name")
+    stored_metric = study.user_attrs.get(METRIC_ATTR)
+    stored_names = list(study.metric_names or []) if study.metric_names else None
+    if got != directions or (metric and stored_metric and stored_metric != metric) \
+            or (metric_names and stored_names and stored_names != list(metric_names)):
+        had = _objective_words(stored_names or [f"objective {i}" for i in range(len(got))], got, stored_metric)
+        wants = _objective_words(list(metric_names or []) or [f"objective {i}" for i in range(len(directions))],
+                                 directions, metric)
+        raise AutoSKDError(f"study {study_name!r} in the storage {had}, but this tune {wants}; use another --study "
+                           "name (or a new --storage)")
     stored = study.user_attrs.get("space")
     if stored is None:
         study.set_user_attr("space", signature)
         study.set_user_attr("space_name", space.name)
         if metric_names:  # the dashboard's axis labels
-            study.set_metric_names(metric_names)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names(metric_names)
+        if metric:
+            study.set_user_attr(METRIC_ATTR, metric)
+            study.set_user_attr(DIRECTION_ATTR, directions[0])
     elif stored != signature:
         raise AutoSKDError(f"study {study_name!r} in the storage was made with another search space; "
                            "use another --study name (or the same space file)")
@@ -203,7 +231,9 @@ def record_finished_trials(study: optuna.Study, out_dir: str | Path, objectives:
             storage = study._storage
             storage.set_trial_user_attr(t._trial_id, "stopped_early", False)
             storage.set_trial_user_attr(t._trial_id, "recorded_from", "trial.json")
-            for key in ("epochs", "test_acc", "student_params_m", "latency_ms", "trial", "history"):
+            from .trial import RECORD_ATTRS
+
+            for key in ("epochs", *RECORD_ATTRS):
                 if record.get(key) is not None:
                     storage.set_trial_user_attr(t._trial_id, key, record[key])
             study.tell(t.number, values if len(values) > 1 else values[0])
@@ -346,7 +376,9 @@ def _search_class():
                     ot_trial.set_user_attr("stopped_early", record is None)
                     ot_trial.set_user_attr("epochs", int(result.get("epochs") or result.get("training_iteration") or 0))
                     if record is not None:
-                        for key in ("test_acc", "student_params_m", "latency_ms", "trial", "history"):
+                        from .trial import RECORD_ATTRS
+
+                        for key in RECORD_ATTRS:
                             if record.get(key) is not None:
                                 ot_trial.set_user_attr(key, record[key])
                 except Exception:  # noqa: BLE001 - attributes are extras; the value must still be told

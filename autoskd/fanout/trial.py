@@ -2,7 +2,9 @@
 
 A ``distill`` trial is one :func:`autoskd.pipeline.distill` call with the point's
 :class:`~autoskd.pipeline.DistillConfig` (and student depth); an ``autoskd`` trial is one AutoSKD
-search (:func:`autoskd.search.run.run_search`, candidates run in-process). The trial process is
+search (:func:`autoskd.search.run.run_search`, candidates run in-process); an ``lm`` trial is one
+:func:`autoskd.lm.pipeline.distill_lm` on a decoder-LM team, scored by perplexity
+(:mod:`autoskd.fanout.lm_trial`). The trial process is
 prepared like every AutoSKD arm (:func:`autoskd.search.trials.prepare_worker`: the same
 :class:`~autoskd.search.trials.TrialSpec`, environment and thread count), rebuilds task and team
 from disk (teachers come from the cache the driver filled) and writes::
@@ -31,10 +33,29 @@ from ..search.trials import TrialSpec, prepare_worker
 from .space import SearchSpace
 
 __all__ = ["distill_values", "run_distill_trial", "run_autoskd_trial", "tune_trainable", "trial_name",
-           "OBJECTIVES", "student_size", "student_latency_ms", "ERROR_FILE", "error_line", "read_error"]
+           "OBJECTIVES", "TEST_KEYS", "RECORD_ATTRS", "space_metric", "final_report", "student_size",
+           "student_latency_ms", "ERROR_FILE", "error_line", "read_error"]
 
-#: second objectives for multi-objective samplers (both minimised), beside dev accuracy (maximised)
+#: second objectives for multi-objective samplers (both minimised), beside the space's metric
+#: (dev accuracy maximised, or dev perplexity minimised on an LM space)
 OBJECTIVES = {"size": "student_params_m", "latency": "latency_ms"}
+#: the test score beside each dev metric key (what the results table shows next to it)
+TEST_KEYS = {"dev_acc": "test_acc", "dev_ppl": "test_ppl"}
+#: what a trial record may carry beside its objectives, kept as the Optuna trial's user attributes
+RECORD_ATTRS = ("test_acc", "test_ppl", "val_ppl", "test_top1_agreement", "student_layers", "student_params_m",
+                "latency_ms", "trial", "history")
+
+
+def space_metric(space: SearchSpace):
+    """The metric a space's trials are ranked by: dev perplexity (lower is better) for ``kind: lm``,
+    dev accuracy (higher is better) otherwise (:mod:`autoskd.engine.metrics`)."""
+    if space.kind == "lm":
+        from ..lm.evaluate import perplexity_metric
+
+        return perplexity_metric()
+    from ..engine.metrics import accuracy_metric
+
+    return accuracy_metric()
 
 
 #: a failed trial's reason (first line) and traceback, in its folder
@@ -94,22 +115,28 @@ def student_size(model) -> float:
 
 
 def student_latency_ms(model, loader, batches: int = 3) -> float:
-    """Mean forward time per example on dev batches (milliseconds), after one warm-up batch."""
+    """Mean forward time per example (a dev row) on up to ``batches`` dev batches (milliseconds),
+    after one warm-up batch; a dev split of one batch is timed on that batch again, never 0."""
     import torch
 
     from ..engine.batches import model_inputs
 
     model.eval()
+    kept = []
+    for batch in loader:
+        kept.append(batch)
+        if len(kept) > batches:
+            break
+    if not kept:
+        raise AutoSKDError("latency needs dev rows; the dev split is empty")
     seconds, examples = 0.0, 0
     with torch.no_grad():
-        for i, batch in enumerate(loader):
-            if i > batches:
-                break
+        model(**model_inputs(kept[0]))  # the first batch warms caches up
+        for batch in kept[1:] or kept:
             start = time.perf_counter()
             model(**model_inputs(batch))
-            if i:  # the first batch warms caches up
-                seconds += time.perf_counter() - start
-                examples += int(batch["labels"].numel())
+            seconds += time.perf_counter() - start
+            examples += int(batch["input_ids"].shape[0])
     return 1000.0 * seconds / max(examples, 1)
 
 
@@ -180,6 +207,10 @@ def tune_trainable(config: dict, spec: dict | None = None, space: dict | None = 
     try:
         if space.kind == "autoskd":
             record = run_autoskd_trial(spec, values, out)
+        elif space.kind == "lm":
+            from .lm_trial import run_lm_trial
+
+            record = run_lm_trial(spec, values, out, report=tune.report if report_epochs else None, latency=latency)
         else:
             record = run_distill_trial(spec, values, out, report=tune.report if report_epochs else None,
                                        latency=latency)
@@ -188,5 +219,15 @@ def tune_trainable(config: dict, spec: dict | None = None, space: dict | None = 
         raise
     record = {"trial": name, "values": values, **record, "seconds": round(time.perf_counter() - start, 3)}
     write_json(out / "trial.json", record)
-    tune.report({k: record[k] for k in ("dev_acc", "test_acc", "student_params_m", "latency_ms", "epochs")
-                 if record.get(k) is not None} | {"dev_score": record_score(record), "record_json": json.dumps(record)})
+    tune.report(final_report(record, space_metric(space)))
+
+
+def final_report(record: dict, metric) -> dict:
+    """A finished trial's last report: its scores, and what the scheduler ranks by (``dev_score``
+    for accuracy, with its dev-loss tie-break; the metric itself otherwise) and its record as JSON
+    (the searcher stores it with the Optuna trial)."""
+    keys = (metric.key, TEST_KEYS.get(metric.key), "val_ppl", "student_params_m", "latency_ms", "epochs")
+    report = {k: record[k] for k in keys if k is not None and record.get(k) is not None}
+    if metric.key == "dev_acc":
+        report["dev_score"] = record_score(record)
+    return report | {"record_json": json.dumps(record)}
