@@ -181,13 +181,14 @@ def main(argv=None) -> int:
     p.add_argument("--team", default=str(ROOT / "teams" / "smollm2-ladder.yaml"))
     p.add_argument("--corpus", default="lm:rotten_tomatoes")
     p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--team-seed", type=int, default=0, help="seed of the team's corpus-trained members (all seeds)")
     p.add_argument("--steps", type=int, default=40, help="student steps of every arm and of the search")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--theta-lr", type=float, default=None)
     p.add_argument("--theta-every", type=int, default=2)
     p.add_argument("--candidates", type=int, default=2)
-    p.add_argument("--n-random", type=int, default=2)
+    p.add_argument("--n-random", type=int, default=1)
     p.add_argument("--top-k", type=int, default=64)
     p.add_argument("--max-train", type=int, default=800)
     p.add_argument("--max-eval", type=int, default=200)
@@ -213,9 +214,16 @@ def main(argv=None) -> int:
             config = LMSearchConfig(search_epochs=100, eval_epochs=100, max_steps=args.steps, lr=args.lr,
                                     batch_size=args.batch_size, seed=seed, split_seed=args.split_seed,
                                     top_k=args.top_k, theta=theta, n_random=args.n_random, max_train=args.max_train,
-                                    max_eval=args.max_eval, save_students=False, executor="local")
-            summary = run_lm_search(args.team, {"name_or_path": args.corpus}, config, out, cache_dir=args.cache_dir,
-                                    progress=not args.quiet)
+                                    max_eval=args.max_eval, save_students=False, executor="local",
+                                    # one team for every seed (its trained members built once, at the
+                                    # team seed; that seed's own runs need not name it)
+                                    team_seed=None if seed == args.team_seed else args.team_seed)
+            for _ in range(3):  # a failed arm has no arm.json: a second pass retries just those
+                summary = run_lm_search(args.team, {"name_or_path": args.corpus}, config, out,
+                                        cache_dir=args.cache_dir, progress=not args.quiet)
+                if not summary["failed"]:
+                    break
+                print(f"seed {seed}: retrying failed arms {summary['failed']}", flush=True)
             best = summary["best"]
             print(f"seed {seed}: best arm {best['name']} dev ppl {best['dev_ppl']:.1f} test ppl {best['test_ppl']:.1f}; "
                   f"theta {['%.3f' % t for t in summary['searches'][0]['theta']]}", flush=True)

@@ -57,8 +57,9 @@ def lm_theta_defaults() -> ThetaConfig:
 class LMSearchConfig:
     """All settings of one LM search. ``max_steps`` caps the search run and every arm (compare
     at equal student steps); ``loss``/``alpha``/``temperature``: the ``kd`` method's options the
-    search and every arm distil with; ``split_seed`` draws the document split (default ``seed``),
-    so seeds of a benchmark can share the teachers' caches on one split."""
+    search and every arm distil with; ``split_seed`` draws the document split and ``team_seed``
+    the team members trained on the corpus (both default ``seed``), so seeds of a benchmark can
+    share one team and the teachers' caches on one split."""
 
     search_epochs: float = 1.0
     eval_epochs: float = 1.0
@@ -67,6 +68,7 @@ class LMSearchConfig:
     batch_size: int = 8
     seed: int = 0
     split_seed: int | None = None
+    team_seed: int | None = None
     m: int = 0
     loss: str = "forward_kl"
     alpha: float = 1.0
@@ -119,7 +121,10 @@ class LMSearchConfig:
     def computed(self) -> dict:
         """What decides the results (where and how arms run, and how far, may change on resume)."""
         free = ("executor", "address", "cpus_per_trial", "max_concurrent", "baselines", "n_random", "theta_only")
-        return {k: v for k, v in self.to_dict().items() if k not in free}
+        out = {k: v for k, v in self.to_dict().items() if k not in free}
+        if out["team_seed"] is None:  # unset: the seed's own team, as before the setting existed
+            del out["team_seed"]
+        return out
 
 
 # ---------------------------------------------------------------------------------------------- task
@@ -139,6 +144,16 @@ def corpus_of(task: dict, seed: int):
     return corpus
 
 
+def build_lm_team(team_path, task: dict, seed: int, corpus, cache_dir, progress: bool = True):
+    """The team with its corpus-trained members built at the task's ``team_seed`` (default
+    ``seed``); ``distill_lm`` then finds every teacher built and keeps them."""
+    from ..lm.team import LMTeam
+
+    team_seed = task.get("team_seed")
+    return LMTeam.from_yaml(team_path).build(seed=seed if team_seed is None else int(team_seed), corpus=corpus,
+                                             cache_dir=cache_dir, progress=progress)
+
+
 def lm_arm_config(arm: Arm, base):
     """``base`` (an LMDistillConfig) with the arm's teacher policy."""
     if arm.kind == "single":
@@ -150,12 +165,12 @@ def lm_arm_config(arm: Arm, base):
 
 def _train_arm(spec: TrialSpec, arm: Arm, out_dir: Path | None) -> dict:
     from ..lm.pipeline import LMDistillConfig, distill_lm
-    from ..lm.team import LMTeam
 
     base = LMDistillConfig(**spec.base_config)
-    team = LMTeam.from_yaml(spec.team_path)
-    outcome = distill_lm(team, corpus_of(spec.task, base.seed), lm_arm_config(arm, base), out_dir=out_dir,
-                         cache_dir=spec.cache_dir, progress=False)
+    corpus = corpus_of(spec.task, base.seed)
+    team = build_lm_team(spec.team_path, spec.task, base.seed, corpus, spec.cache_dir, progress=False)
+    outcome = distill_lm(team, corpus, lm_arm_config(arm, base), out_dir=out_dir, cache_dir=spec.cache_dir,
+                         progress=False)
     s = outcome.scores
     return {"dev_ppl": float(outcome.result.best_score if outcome.result.best_score is not None else s["dev_ppl"]),
             "val_ppl": float(s["val_ppl"]), "test_ppl": float(s["test_ppl"]), "steps": int(outcome.result.steps),
@@ -214,12 +229,10 @@ def _lr_tag(lr: float) -> str:
 def run_lm_search(team_path: str | Path, task: dict, config: LMSearchConfig, out_dir: str | Path,
                   cache_dir: str | Path = ".cache/autoskd", progress: bool = True) -> dict:
     """The whole LM search into ``out_dir`` (resumable); returns the summary (``result.json``)."""
-    from ..lm.team import LMTeam
-
     out, cache_dir = Path(out_dir), Path(cache_dir)
     out.mkdir(parents=True, exist_ok=True)
-    task = {k: v for k, v in {**task, "split_seed": config.split_seed, "max_train": config.max_train,
-                              "max_eval": config.max_eval}.items() if v is not None}
+    task = {k: v for k, v in {**task, "split_seed": config.split_seed, "team_seed": config.team_seed,
+                              "max_train": config.max_train, "max_eval": config.max_eval}.items() if v is not None}
     identity = {"team": str(Path(team_path).resolve()) if Path(team_path).exists() else str(team_path),
                 "task": task, "config": config.computed()}
     config_path = out / "config.json"
@@ -227,9 +240,9 @@ def run_lm_search(team_path: str | Path, task: dict, config: LMSearchConfig, out
                 f"search settings ({config_path})", str(out))
     write_json(config_path, {**config.to_dict(), "task": task, **stamp(identity)})
 
-    team = LMTeam.from_yaml(team_path)
-    names = list(team.teacher_specs)
     corpus = corpus_of(task, config.seed)
+    team = build_lm_team(team_path, task, config.seed, corpus, cache_dir, progress)
+    names = list(team.teacher_specs)
     searches = []
     for lr in config.grid:
         path = out / (f"search-lr{_lr_tag(lr)}.json" if len(config.grid) > 1 else "search.json")
