@@ -242,9 +242,9 @@ def test_autoskd_search_on_an_lm_task_runs_from_the_cli_and_says_what_it_kept(lm
     assert all(a["steps"] == 6 for a in result["arms"])
     # bad input: one line, exit 2, nothing trained
     assert main(["search", "--team", str(team), "--task", f"lm:{corpus}", "--out", str(tmp_path / "bad"),
-                 "--set", "search.method_options.beta=0.5", "--cache-dir", str(tmp_path / "cache"),
+                 "--set", "search.method_options.gamma=0.5", "--cache-dir", str(tmp_path / "cache"),
                  "--no-progress"]) == 2
-    assert "beta" in capsys.readouterr().err
+    assert "gamma" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", ["smollm2", "smollm2-ladder", "smollm2-gemma"])

@@ -186,10 +186,10 @@ def run_lm_search(resolved: dict) -> int:
 
     s, t, out = dict(resolved["search"]), resolved["task"], Path(resolved["out"])
     options = {"loss": "forward_kl", "alpha": 1.0, "temperature": 1.0, **dict(s["method_options"] or {})}
-    unknown = sorted(set(options) - {"loss", "alpha", "temperature"})
+    unknown = sorted(set(options) - {"loss", "alpha", "temperature", "beta"})
     if unknown:
         raise AutoSKDError(f"search.method_options {', '.join(unknown)} do not apply to a language-model search; "
-                           "use loss, alpha, temperature")
+                           "use loss, alpha, temperature, beta")
     for key in ("deepspeed", "tensor_parallel"):
         if (resolved.get("scale") or {}).get(key) not in (None, 1, False):
             raise AutoSKDError(f"scale.{key} is not supported by the language-model search yet; drop it "

@@ -73,6 +73,7 @@ class LMSearchConfig:
     loss: str = "forward_kl"
     alpha: float = 1.0
     temperature: float = 1.0
+    beta: float = 0.5  # the jsd loss's β
     top_k: int = 64
     max_length: int | None = None
     precision: str = "fp32"
@@ -105,7 +106,11 @@ class LMSearchConfig:
         return [float(x) for x in (self.theta_lrs or [self.theta.lr])]
 
     def method_options(self) -> dict:
-        return {"loss": self.loss, "alpha": self.alpha, "temperature": self.temperature}
+        """The ``kd`` options of the search's student and of every arm. The θ step itself always
+        differentiates forward KL's soft-CE form (:mod:`.lm_theta`), so with another loss its
+        virtual step approximates the student's real step."""
+        extra = {"beta": self.beta} if self.loss == "jsd" else {}
+        return {"loss": self.loss, "alpha": self.alpha, "temperature": self.temperature, **extra}
 
     def base_distill(self, epochs: float):
         from ..lm.pipeline import LMDistillConfig
@@ -124,6 +129,8 @@ class LMSearchConfig:
         out = {k: v for k, v in self.to_dict().items() if k not in free}
         if out["team_seed"] is None:  # unset: the seed's own team, as before the setting existed
             del out["team_seed"]
+        if self.loss != "jsd":  # β is read by the jsd loss only
+            del out["beta"]
         return out
 
 
