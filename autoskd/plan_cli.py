@@ -34,8 +34,9 @@ def _choices(text: str, allowed, name: str) -> tuple[str, ...]:
 def add_plan_parser(sub) -> None:
     p = sub.add_parser("plan", help="memory planner: which MP/DP/ZeRO/offload layouts fit, fastest first")
     p.add_argument("--teacher", required=True,
-                   help="table-8 size (100B, 10B, 110M, ...), HF config (alias, folder, config.json, hub id) "
-                        "or layers=L,hidden=H,vocab=V")
+                   help="table-8 size (100B, 10B, 110M, ...), a Llama name (llama3-70b, llama3-8b, llama3.2-1b, "
+                        "llama2-7b, ...), HF config (alias, folder, config.json, hub id) or layers=L,hidden=H,vocab=V "
+                        "(+kv_heads=K,gated=1,tied=0 for a Llama-shaped decoder)")
     p.add_argument("--student", required=True, help="same forms as --teacher")
     p.add_argument("--teacher-layers", type=positive_int, metavar="K", help="keep the first k layers of the teacher")
     p.add_argument("--student-layers", type=positive_int, metavar="K", help="keep the first k layers of the student")
@@ -51,8 +52,12 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--mp", help="model-parallel degrees to try (default: every divisor of --gpus)")
     p.add_argument("--checkpointing", default="both", choices=["both", "on", "off"],
                    help="student activation checkpointing (default: try both)")
-    p.add_argument("--features", default="tinybert", choices=["classifier", "hidden", "tinybert", "lm-logits"],
-                   help="what the loss reads from the teacher (default tinybert: hidden states + attention maps)")
+    p.add_argument("--features", choices=["classifier", "hidden", "tinybert", "lm-logits"],
+                   help="what the loss reads from the teacher (default: lm-logits, next-token distributions, when "
+                        "both models are decoders; else tinybert: hidden states + attention maps)")
+    p.add_argument("--top-k", default="0", metavar="K[,K]",
+                   help="LM teachers: 0 = live teacher, k = served from a top-k cache (6k bytes/token on disk) "
+                        "filled by one teacher pass first; comma-separate to compare, e.g. 0,64 (default 0)")
     p.add_argument("--fragmentation", type=float_range(at_least=0, below=1), default=0.10, metavar="F",
                    help="allocator reserve above the peak, in [0, 1) (default 0.10)")
     p.add_argument("--top", type=positive_int, metavar="N", help="print at most N layouts per section (default: all)")
@@ -90,14 +95,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
     mps = _ints(args.mp, "mp") if args.mp else None
     if mps and any(args.gpus % m for m in mps):
         raise AutoSKDError(f"--mp degrees must divide --gpus {args.gpus} (got '{args.mp}')")
+    top_ks = _ints(args.top_k, "top-k", minimum=0)
     teacher = resolve_shape(args.teacher, layers=args.teacher_layers)
     student = resolve_shape(args.student, layers=args.student_layers)
+    features = args.features or ("lm-logits" if teacher.decoder and student.decoder else "tinybert")
+    if any(top_ks) and features != "lm-logits":
+        raise AutoSKDError(f"--top-k serves next-token distributions of LM teachers; use --features lm-logits "
+                           f"(got --features {features})")
     result = plan(teacher, student, gpus=args.gpus, hardware=hw,
                   micro_batches=_ints(args.micro_batch, "micro-batch"), seq_lens=_ints(args.seq_len, "seq-len"),
                   precisions=precisions, zero_stages=zero,
                   offloads=_choices(args.offload, ("none", "optimizer", "optimizer+params"), "offload"),
                   checkpointing={"both": (True, False), "on": (True,), "off": (False,)}[args.checkpointing],
-                  mp_degrees=mps, features=args.features)
+                  mp_degrees=mps, features=features, top_ks=top_ks)
     payload = result.to_dict()
     plot_path = Path(args.plot) if args.plot else (Path(args.out) / "plan.png" if args.out else None)
     if plot_path:

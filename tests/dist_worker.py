@@ -125,10 +125,14 @@ def main(out: str, cases: list[str]) -> None:
 
             layout = case.removeprefix("search_")
             result = run_search(deepspeed=ZERO[layout.removesuffix("_center")], center=layout.endswith("_center"))
+        elif case.startswith("lm_"):  # decoder LMs (tests/lm_scale_cases.py)
+            from lm_scale_cases import run_lm_case  # noqa: PLC0415
+
+            result = run_lm_case(case, out_dir)
         elif case.startswith("tp"):
             from tp_cases import run_tp_case  # noqa: PLC0415
 
-            result = run_tp_case(case, run)
+            result = run_tp_case(case, run, out_dir)
         else:
             raise SystemExit(f"unknown case {case}")
         if rank == 0:

@@ -166,21 +166,29 @@ def _shard_params(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters() if hasattr(p, "ds_id")]
 
 
-def unshard(module: nn.Module) -> None:
-    """Replace ZeRO-3 partitioned parameters of ``module`` by plain ones holding the full values."""
+def unshard(module: nn.Module, device: torch.device | str | None = None) -> None:
+    """Replace ZeRO-3 partitioned parameters of ``module`` by plain ones holding the full values,
+    on ``device`` (default: where the partitions are).
+
+    One tensor is gathered at a time, so the extra memory is the whole model once plus one
+    gathered tensor -- not the whole model gathered at once next to its copy (2.5x a teacher's
+    size per rank at the end of a run, measured). A teacher unsharded to the host leaves no
+    device memory behind: a ZeRO-3 teacher of 70B parameters would not fit one GPU whole."""
     params = _shard_params(module)
     if not params:
         return
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        full = {id(p): p.data.detach().clone() for p in params}
     new: dict[int, nn.Parameter] = {}
+    for p in params:
+        if id(p) in new:
+            continue
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+            data = p.data.detach().to(device or p.data.device, copy=True)
+        new[id(p)] = nn.Parameter(data, requires_grad=p.requires_grad)
     for mod in module.modules():
         for name, p in list(mod._parameters.items()):
-            if p is not None and id(p) in full:
-                if id(p) not in new:
-                    new[id(p)] = nn.Parameter(full[id(p)], requires_grad=p.requires_grad)
+            if p is not None and id(p) in new:
                 mod._parameters[name] = new[id(p)]
 
 
@@ -222,6 +230,58 @@ def forget_backward_hooks(module: nn.Module) -> None:
     for sub in module.modules():
         for key in ("pre_bwd_fn", "post_bwd_fn", "applied_pre_backward_ref_cnt", "ds_grads_remaining"):
             sub.__dict__.pop(key, None)
+
+
+def whole_fingerprint(model: nn.Module) -> str:
+    """:func:`~autoskd.engine.teacher_cache.model_fingerprint` of a model whose parameters are
+    ZeRO-3 partitions (built under ``deepspeed.zero.Init``): each tensor is gathered in turn, so
+    the digest is the whole model's -- the same cache keys as an unpartitioned run -- while at
+    most one tensor is whole at a time. Hashing the partitions themselves would give every
+    partitioned model of one architecture the same key."""
+    import hashlib
+
+    import deepspeed
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict(keep_vars=True).items()):
+        with deepspeed.zero.GatheredParameters([tensor] if hasattr(tensor, "ds_id") else [], modifier_rank=None):
+            whole = tensor.detach().cpu().contiguous()
+            digest.update(name.encode())
+            digest.update(str(tuple(whole.shape)).encode())
+            digest.update(whole.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class AgreedCache:
+    """An LM teacher's top-k cache whose hits every rank agrees on.
+
+    A teacher sharded by ZeRO-3 or tensor parallelism runs in lockstep on all ranks: each
+    forward is a chain of collectives. If one rank found a table on disk and skipped the
+    teacher pass while another computed it (a file written by another job between the two
+    looks, a per-node cache folder, a shared file system that lags), the computing rank would
+    wait forever in its first gather. Here a table is served only when every rank loaded it;
+    otherwise every rank computes it, together."""
+
+    def __init__(self, cache):
+        self.cache = cache
+
+    def load(self, *args, **kwargs):
+        table = type(self.cache).load(self.cache, *args, **kwargs)
+        everyone = torch.tensor([0 if table is None else 1])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(everyone, op=dist.ReduceOp.MIN)
+        return table if int(everyone) else None
+
+    def get_or_compute(self, *args, **kwargs):
+        """The cache's own ``get_or_compute`` with its look-up replaced by the agreed one."""
+        self.cache.__dict__["load"] = self.load
+        try:
+            return type(self.cache).get_or_compute(self.cache, *args, **kwargs)
+        finally:
+            self.cache.__dict__.pop("load", None)
+
+    def __getattr__(self, name):
+        return getattr(self.cache, name)
 
 
 class ShardedBatches:
@@ -281,15 +341,20 @@ class DeepSpeedBackend(TorchBackend):
             return
         import deepspeed
 
-        zero = {"stage": 3}
-        offload = (self.config.get("zero_optimization") or {}).get("offload_param")
-        if offload:
-            zero["offload_param"] = offload
+        # the frozen teachers' inference engines follow the run's ZeRO-3 settings: parameter offload
+        # and the stage3_* knobs (what stays whole, how much is gathered at once -- with DeepSpeed's
+        # default stage3_max_live_parameters of 1e9 a smaller teacher is gathered whole in each forward)
+        user = self.config.get("zero_optimization") or {}
+        zero = {"stage": 3, **{k: v for k, v in user.items() if k.startswith("stage3_") and v != "auto"}}
+        if user.get("offload_param"):
+            zero["offload_param"] = user["offload_param"]
         cfg = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": zero}
         for half in ("bf16", "fp16"):
             if (self.config.get(half) or {}).get("enabled") is True:
                 cfg[half] = {"enabled": True}
         for teacher in policy.teachers.values():
+            if teacher._fingerprint is None and _shard_params(teacher.model):  # built under zero.Init
+                teacher._fingerprint = whole_fingerprint(teacher.model)
             teacher.fingerprint  # noqa: B018 - computed now, while the weights are whole
             engine, *_ = deepspeed.initialize(model=teacher.model, config=cfg)
             engine.eval()
@@ -334,8 +399,16 @@ class DeepSpeedBackend(TorchBackend):
 
     def prepare_teachers(self, policy, loader, data_id, cache, device, progress) -> None:
         if self.shards_teacher or self.tensor_parallel is not None:
-            # sharded teachers compute in lockstep on every rank: no rank may skip via the cache
-            policy.prepare(loader, data_id, None, device, progress and self.is_main)
+            # sharded teachers compute in lockstep on every rank: no rank may skip via the cache,
+            # and an LM teacher's own top-k cache serves a table only when every rank has it
+            agreed = [(t, t.topk_cache) for t in policy.teachers.values() if getattr(t, "topk_cache", None) is not None]
+            for teacher, own in agreed:
+                teacher.topk_cache = AgreedCache(own)
+            try:
+                policy.prepare(loader, data_id, None, device, progress and self.is_main)
+            finally:
+                for teacher, own in agreed:
+                    teacher.topk_cache = own
             return
         if self.is_main:  # the first rank fills the cache, the others read it
             policy.prepare(loader, data_id, cache, device, progress)
@@ -410,7 +483,7 @@ class DeepSpeedBackend(TorchBackend):
         unregister_tied_decoders(self._teacher_tied)
         self._teacher_tied = []
         for engine in self.teacher_engines:
-            unshard(engine.module)
+            unshard(engine.module, device="cpu")  # Distiller moves a reused teacher back to its device
             engine.destroy()
             forget_backward_hooks(engine.module)
         self.teacher_engines = []

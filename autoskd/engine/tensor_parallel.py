@@ -8,6 +8,18 @@ all-reduce each). Embeddings, LayerNorms, pooler and classifier stay replicated,
 states and logits come out whole on every rank. A rank holds 1/tp of the layer weights of each
 model -- the "matching parameters of teacher and student" on one device, as in GKD's Figure 2.
 
+Llama-family decoders (Llama, Mistral, Qwen2/3, Gemma, SmolLM: ``self_attn.{q,k,v,o}_proj``,
+``mlp.{gate,up,down}_proj``) split the same way: Q, K, V, gate and up column-wise, O and down
+row-wise. With grouped-query attention each rank holds ``heads / tp`` query heads and
+``kv_heads / tp`` key/value heads -- the heads that read them -- so both must divide by ``tp``;
+the model's attention code infers the local head counts from the shard widths. RMSNorms and
+rotary embeddings are replicated. An output layer that is not tied to the word embeddings
+(Llama-3 8B/70B) is split over the vocabulary too, the embedding row-wise and the output layer
+column-wise with its logits gathered, so every rank still gets the whole ``[B, T, V]`` logits;
+a tied pair stays replicated (one matrix cannot carry two shardings). A decoder's attention
+features are recorded inside the attention function on local heads, so a tensor-parallel
+decoder teacher serves hidden states and logits, and refuses attention features in one line.
+
 Extraction hooks still see whole features: the column-wise Q/K/V modules carry an
 ``autoskd_gather`` function (a DTensor ``full_tensor``, autograd-aware) that the
 :class:`~autoskd.engine.hooks.FeatureExtractor` applies to what it records.
@@ -31,18 +43,25 @@ from ..errors import AutoSKDError
 from ..models.adapters import ArchitectureAdapter, module_at
 
 COLWISE = ("query", "key", "value")
+#: Megatron's split of one layer, by the HF module names of each family.
+LAYER_PLANS = {
+    "bert": {"attention.self.query": "col", "attention.self.key": "col", "attention.self.value": "col",
+             "attention.output.dense": "row", "intermediate.dense": "col", "output.dense": "row"},
+    "llama": {"self_attn.q_proj": "col", "self_attn.k_proj": "col", "self_attn.v_proj": "col",
+              "self_attn.o_proj": "row", "mlp.gate_proj": "col", "mlp.up_proj": "col", "mlp.down_proj": "row"},
+}
+#: Features a tensor-parallel decoder cannot serve whole (recorded on local heads).
+_DECODER_HEAD_FEATURES = ("attention_scores", "attention_probs", "query", "key", "value")
 
 
 def _layer_plan(layer: nn.Module) -> dict[str, str]:
-    """Which linears of a BERT-style layer are column- or row-wise (by their HF names)."""
+    """Which linears of a BERT-style or Llama-style layer are column- or row-wise."""
     names = dict(layer.named_modules())
-    wanted = {"attention.self.query": "col", "attention.self.key": "col", "attention.self.value": "col",
-              "attention.output.dense": "row", "intermediate.dense": "col", "output.dense": "row"}
-    missing = [n for n in wanted if n not in names]
-    if missing:
-        raise AutoSKDError(f"tensor parallelism knows BERT-style layers; {type(layer).__name__} lacks "
-                           f"{', '.join(missing)}")
-    return wanted
+    for plan in LAYER_PLANS.values():
+        if all(n in names for n in plan):
+            return plan
+    raise AutoSKDError(f"tensor parallelism knows BERT-style and Llama-style layers (q/k/v/o_proj with "
+                       f"gate/up/down_proj); {type(layer).__name__} has neither; shard only Llama/BERT teachers")
 
 
 class TensorParallel:
@@ -76,6 +95,10 @@ class TensorParallel:
         geom = adapter.geometry
         if geom.num_heads % self.tp_size:
             raise AutoSKDError(f"{geom.num_heads} attention heads cannot be split over {self.tp_size} ranks")
+        kv_heads = getattr(getattr(model, "config", None), "num_key_value_heads", None) or geom.num_heads
+        if kv_heads % self.tp_size:
+            raise AutoSKDError(f"{kv_heads} key/value heads cannot be split over {self.tp_size} ranks; "
+                               f"use --tensor-parallel dividing {kv_heads}")
         for i in range(geom.num_layers):
             layer = module_at(model, adapter.path("layer", i))
             plan = _layer_plan(layer)
@@ -83,13 +106,49 @@ class TensorParallel:
                       for n in plan}
             parallelize_module(layer, self.tp_mesh, {n: ColwiseParallel() if kind == "col" else RowwiseParallel()
                                                      for n, kind in plan.items()})
-            for name, (pre, post) in before.items():  # remember the hooks TP added, to remove them later
-                sub = layer.get_submodule(name)
-                self._tp_hooks.append((sub, [k for k in sub._forward_pre_hooks if k not in pre],
-                                       [k for k in sub._forward_hooks if k not in post]))
-            for name in COLWISE:
-                layer.get_submodule(f"attention.self.{name}").autoskd_gather = self.gather_last_dim
+            self._remember_hooks(layer, before)
+            for kind in COLWISE:
+                path = getattr(adapter, kind, None)
+                if path is not None:  # the raw projection's output, gathered over the heads
+                    module_at(model, path.format(i=i)).autoskd_gather = self.gather_last_dim
+        if adapter.causal:
+            self._shard_vocabulary(model)
         return model
+
+    def _remember_hooks(self, root: nn.Module, before: dict) -> None:
+        """Record the hooks TP added to ``root``'s submodules since ``before``, to remove them later."""
+        for name, (pre, post) in before.items():
+            sub = root.get_submodule(name)
+            self._tp_hooks.append((sub, [k for k in sub._forward_pre_hooks if k not in pre],
+                                   [k for k in sub._forward_hooks if k not in post]))
+
+    def _shard_vocabulary(self, model: nn.Module) -> None:
+        """An untied decoder's embedding (rows) and output layer (columns, logits gathered) over
+        the vocabulary: the two largest matrices of a Llama-3 model. Tied ones stay replicated."""
+        from torch.distributed.tensor import Replicate
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+        if head is None or embed is None or head.weight is embed.weight:
+            return
+        if embed.weight.shape[0] % self.tp_size or head.weight.shape[0] % self.tp_size:
+            return  # an odd vocabulary size: keep them whole
+        names = {id(m): n for n, m in model.named_modules()}
+        plan = {names[id(embed)]: RowwiseParallel(input_layouts=Replicate()),
+                names[id(head)]: ColwiseParallel(output_layouts=Replicate())}
+        before = {n: (set(model.get_submodule(n)._forward_pre_hooks), set(model.get_submodule(n)._forward_hooks))
+                  for n in plan}
+        parallelize_module(model, self.tp_mesh, plan)
+        self._remember_hooks(model, before)
+
+    @staticmethod
+    def check_decoder_features(names: Iterable[str]) -> None:
+        """A decoder's head-level features come from local heads under TP: refuse them."""
+        bad = [n for n in names if str(n).split(":")[0] in _DECODER_HEAD_FEATURES]
+        if bad:
+            raise AutoSKDError(f"a tensor-parallel decoder teacher serves hidden states and logits, not {bad[0]!r} "
+                               "(its attention is recorded on this rank's heads only); drop --tensor-parallel "
+                               "or use a method without attention terms")
 
     def gather_last_dim(self, local: torch.Tensor) -> torch.Tensor:
         """The whole feature from this rank's column shard (gradients flow back to the shard)."""
@@ -102,15 +161,33 @@ class TensorParallel:
         ``tp`` group runs its teacher on the group's gathered batch slices."""
         for teacher in policy.teachers.values():
             teacher.fingerprint  # noqa: B018 - from the whole weights
+            causal = ArchitectureAdapter.for_model(teacher.model).causal
             self.shard(teacher.model)
+            features, wrapped = teacher.features, False
+            if causal:
+                features, wrapped = self._checked_features(features), True
             if batch_sharded and self.tp_size > 1:
-                teacher.features = self._group_features(teacher.features)
+                features, wrapped = self._group_features(features), True
+            if wrapped:
+                teacher.features = features
+
+    def _checked_features(self, features):
+        def checked(batch: dict, names: Iterable[str]) -> dict[str, torch.Tensor]:
+            names = list(names)
+            self.check_decoder_features(names)
+            return features(batch, names)
+        return checked
 
     def _group_features(self, features):
         def grouped(batch: dict, names: Iterable[str]) -> dict[str, torch.Tensor]:
+            names = list(names)
             full = {k: self._gather_batch(v) if torch.is_tensor(v) and v.dim() > 0 else v for k, v in batch.items()}
             feats = features(full, names)
-            return {k: v.tensor_split(self.tp_size)[self.tp_rank] for k, v in feats.items()}
+            out = {k: v.tensor_split(self.tp_size)[self.tp_rank] for k, v in feats.items() if torch.is_tensor(v)}
+            cached = [k for k in feats if k not in out]
+            if cached:  # rows of a cache (an LM teacher's top-k): a lookup, no forward, so this rank's own
+                out.update(features(batch, cached))
+            return out
         return grouped
 
     def _gather_batch(self, t: torch.Tensor) -> torch.Tensor:

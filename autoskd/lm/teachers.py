@@ -74,20 +74,25 @@ class LMTeacher(Teacher):
         if k == vocab:  # the dense distribution, stored exactly: refuse it past the size limit
             sample = loader.dataset[0]["input_ids"]
             check_dense_size(len(loader.dataset), len(sample), vocab, self.dense_limit_bytes)
-        model, fingerprint = self.model, self.fingerprint
+        fingerprint = self.fingerprint
         if self.kept is not None:
-            from .vocab import SlicedLogits
-
-            model = SlicedLogits(self.model, self.kept)
             k = min(k, int(self.kept.numel()))
             fingerprint = f"{fingerprint}|kept-{hash(tuple(self.kept.tolist()))}"
+
+        def model():  # read only to compute a table: a lazily held teacher served by the cache never loads
+            from .vocab import SlicedLogits
+
+            return SlicedLogits(self.model, self.kept) if self.kept is not None else self.model
+
         tables = {}
         for tau in self.temperatures:
             desc = f"teacher {self.name} top-{k} (tau {tau:g})"
             if self.topk_cache is None:
-                tables[tau] = compute_topk_table(model, loader, k, tau, device, progress, desc=desc)
-            else:
-                tables[tau] = self.topk_cache.get_or_compute(fingerprint, data_id, model, loader, k,
+                tables[tau] = compute_topk_table(model(), loader, k, tau, device, progress, desc=desc)
+                continue
+            tables[tau] = self.topk_cache.load(fingerprint, data_id, k, tau, expected_rows=len(loader.dataset))
+            if tables[tau] is None:
+                tables[tau] = self.topk_cache.get_or_compute(fingerprint, data_id, model(), loader, k,
                                                              tau, device=device, progress=progress)
         return tables
 

@@ -1,8 +1,10 @@
 """Memory planner: which distillation layout (MP x DP x ZeRO x offload x batch x precision) fits
 before a GPU is rented, and how much memory each part takes per device.
 
-Models are described by a table-8 size name (``"100B"``), a Hugging Face config (alias, folder,
-``config.json`` path or hub id) or ``"layers=L,hidden=H,vocab=V"``; parameters are counted on
+Models are described by a table-8 size name (``"100B"``), a named Llama-family decoder
+(``"llama3-70b"``, ``"llama3-8b"``, ``"llama3.2-1b"``, ``"llama2-7b"``, ...), a Hugging Face
+config (alias, folder, ``config.json`` path or hub id) or ``"layers=L,hidden=H,vocab=V"`` (with
+``kv_heads``/``gated``/``tied`` a Llama-shaped decoder); parameters are counted on
 the ``meta`` device, so nothing is allocated. The memory terms and the cost model are explained
 in :mod:`autoskd.planner.memory` and :mod:`autoskd.planner.search`.
 
@@ -20,6 +22,10 @@ Usage::
 
     # Every layout on 8 x 40 GB GPUs, fastest fitting first:
     plan = plan_layouts("100B", "20B", gpus=8, gpu_memory="40GB")
+
+    # Llama-3 70B into Llama-2 7B on 8 x 80 GB, next-token KD, live teacher or a top-64 cache:
+    plan = plan_layouts("llama3-70b", "llama2-7b", gpus=8, gpu_memory="80GB", features="lm-logits",
+                        seq_lens=(2048,), precisions=("bf16",), top_ks=(0, 64))
     plan.best.estimate.layout           # Layout(mp=8, dp=1, zero=..., offload=...)
     deepspeed_config(plan.best.estimate.layout)   # DeepSpeed's own config dict
 
@@ -35,11 +41,12 @@ import re
 
 from ..errors import AutoSKDError
 from .deepspeed_config import deepspeed_config, launch_command, write_deepspeed_config
-from .memory import COMPONENTS, FEATURES, GiB, Estimate, Hardware, Layout, cpu_hardware, estimate
+from .decoders import LLAMA
+from .memory import ALLOCATORS, COMPONENTS, FEATURES, GiB, Estimate, Hardware, Layout, cpu_hardware, estimate
 from .search import Candidate, Plan, plan, seconds_per_sample
 from .shapes import TABLE8, ModelShape, resolve_shape, table8_shape
 
-__all__ = ["COMPONENTS", "FEATURES", "TABLE8", "Candidate", "Estimate", "GiB", "Hardware", "Layout",
+__all__ = ["ALLOCATORS", "COMPONENTS", "FEATURES", "LLAMA", "TABLE8", "Candidate", "Estimate", "GiB", "Hardware", "Layout",
            "ModelShape", "Plan", "deepspeed_config", "estimate", "launch_command", "parse_memory",
            "plan", "plan_layouts", "predict_memory", "resolve_shape", "seconds_per_sample",
            "table8_shape", "write_deepspeed_config"]
@@ -63,20 +70,25 @@ def predict_memory(teacher, student, *, zero: int = 0, offload: str = "none", dp
                    micro_batch: int = 1, seq_len: int = 128, precision: str = "fp32",
                    checkpointing: bool = False, device: str = "cpu", features: str = "classifier",
                    teacher_layers: int | None = None, student_layers: int | None = None,
-                   baseline_bytes: int = 0) -> Estimate:
+                   baseline_bytes: int = 0, top_k: int = 0, allocator: str | None = None,
+                   lm_ce: bool = False) -> Estimate:
     """Predicted memory per rank for one layout (see the module docstring for an example).
 
     ``teacher``/``student``: a size name, HF config source, ``ModelShape`` or ``layers=..`` spec;
     ``*_layers`` keep the first k layers (e.g. a 2-layer student cut from a 6-layer model).
     ``baseline_bytes`` is added to the peak (the process's own runtime memory, if you want it in).
+    LM pairs (``features="lm-logits"``): ``top_k`` > 0 serves the teacher from a top-k cache,
+    ``lm_ce`` adds the student's own next-token loss, ``allocator`` says how freed memory
+    behaves (:data:`~autoskd.planner.memory.ALLOCATORS`).
     """
     t = resolve_shape(teacher, layers=teacher_layers)
     s = resolve_shape(student, layers=student_layers)
     layout = Layout(mp=mp, dp=dp, zero=zero, offload=offload, micro_batch=micro_batch, seq_len=seq_len,
-                    precision=precision, checkpointing=checkpointing)
-    est = estimate(t, s, layout, features=features, device=device)
+                    precision=precision, checkpointing=checkpointing, top_k=top_k)
+    est = estimate(t, s, layout, features=features, device=device, allocator=allocator, lm_ce=lm_ce)
     if baseline_bytes:
-        est = Estimate(est.layout, est.components, est.peak_bytes + int(baseline_bytes), est.host_bytes, est.phase)
+        est = Estimate(est.layout, est.components, est.peak_bytes + int(baseline_bytes), est.host_bytes, est.phase,
+                       est.phases)
     return est
 
 
@@ -84,7 +96,7 @@ def plan_layouts(teacher, student, *, gpus: int, gpu_memory="40GB", device: str 
                  teacher_layers: int | None = None, student_layers: int | None = None, **kwargs) -> Plan:
     """All layouts on ``gpus`` devices of ``gpu_memory`` each; ``kwargs`` go to :func:`plan`
     (``micro_batches``, ``seq_lens``, ``precisions``, ``zero_stages``, ``offloads``,
-    ``checkpointing``, ``mp_degrees``, ``features``)."""
+    ``checkpointing``, ``mp_degrees``, ``features``, ``top_ks``)."""
     memory = parse_memory(gpu_memory)
     hw = Hardware(memory_bytes=memory) if device == "cuda" else cpu_hardware(memory)
     if device not in ("cuda", "cpu"):

@@ -42,7 +42,8 @@ def deepspeed_config(layout: Layout, *, gradient_accumulation: int = 1, lr: floa
         zero.update({"allgather_bucket_size": lo.reduce_bucket, "reduce_scatter": True})
     if lo.zero == 3:
         zero.update({"stage3_prefetch_bucket_size": lo.prefetch_bucket,
-                     "stage3_param_persistence_threshold": 100000})
+                     "stage3_param_persistence_threshold": 100000,
+                     "stage3_max_live_parameters": lo.max_live})
     if lo.offload in ("optimizer", "optimizer+params"):
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if lo.offload == "optimizer+params":

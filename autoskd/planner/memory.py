@@ -1,7 +1,8 @@
 """Per-device memory of one distillation layout: the terms, what each one is, and the peak.
 
 Every term is bytes on ONE device (one GPU, or one CPU rank when ``device="cpu"``) and comes
-from first principles, not from fitting GKD's tables:
+from first principles, not from fitting GKD's tables (next-token distillation of decoder LMs,
+``features="lm-logits"``, follows a step through its phases instead: :mod:`.lm_memory`):
 
 ``teacher_weights``  frozen teacher in the training precision, split by model parallelism (MP);
                      ZeRO-3 also shards it over data parallelism (DP); offloaded params -> host.
@@ -63,7 +64,12 @@ PRECISIONS = {"fp16": 2, "bf16": 2, "fp32": 4}
 OFFLOADS = ("none", "optimizer", "optimizer+params")
 FEATURES = ("classifier", "hidden", "tinybert", "lm-logits")
 COMPONENTS = ("teacher_weights", "student_weights", "gradients", "optimizer_states", "comm_buffers",
-              "activations", "teacher_activations", "step_transient")
+              "activations", "teacher_activations", "step_transient", "logits")
+#: How freed memory behaves: "caching" (a GPU's caching allocator: the peak is the largest phase),
+#: "heap" (glibc's default on a CPU: freed mid-sized blocks stay in the heap, phases add up),
+#: "mmap" (a CPU process run with a fixed ``MALLOC_MMAP_THRESHOLD_``: every large block is mapped
+#: and returned on free, so peak RSS is the peak of live tensors, as on a GPU).
+ALLOCATORS = ("caching", "heap", "mmap")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,11 +84,13 @@ class Layout:
     seq_len: int = 512
     precision: str = "fp16"     #: fp16 | bf16 | fp32
     checkpointing: bool = True  #: full activation checkpointing of the student's layers
+    top_k: int = 0              #: LM teacher served from a top-k cache of k tokens/position; 0 = live
     reduce_bucket: int = 500_000_000    #: DeepSpeed reduce_bucket_size / allreduce_bucket_size
     prefetch_bucket: int = 50_000_000   #: DeepSpeed stage3_prefetch_bucket_size
+    max_live: int = 1_000_000_000       #: DeepSpeed stage3_max_live_parameters
 
     def __post_init__(self):
-        for name in ("mp", "dp", "micro_batch", "seq_len", "reduce_bucket", "prefetch_bucket"):
+        for name in ("mp", "dp", "micro_batch", "seq_len", "reduce_bucket", "prefetch_bucket", "max_live"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise AutoSKDError(f"layout {name} must be a positive integer (got {value!r})")
@@ -96,6 +104,8 @@ class Layout:
             raise AutoSKDError("parameter offload needs ZeRO stage 3; use offload='optimizer' with stages 1-2")
         if self.precision not in PRECISIONS:
             raise AutoSKDError(f"precision must be one of {', '.join(PRECISIONS)} (got {self.precision!r})")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise AutoSKDError(f"layout top_k must be an integer >= 0, 0 for a live teacher (got {self.top_k!r})")
 
     @property
     def gpus(self) -> int:
@@ -105,7 +115,8 @@ class Layout:
         zero = f" Z{self.zero}" if self.zero else ""
         off = {"none": "", "optimizer": "+O", "optimizer+params": "+OP"}[self.offload]
         ckpt = " ckpt" if self.checkpointing else ""
-        return f"MP{self.mp}xDP{self.dp}{zero}{off} b{self.micro_batch} s{self.seq_len} {self.precision}{ckpt}"
+        topk = f" topk{self.top_k}" if self.top_k else ""
+        return f"MP{self.mp}xDP{self.dp}{zero}{off} b{self.micro_batch} s{self.seq_len} {self.precision}{ckpt}{topk}"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -120,15 +131,21 @@ class Estimate:
     peak_bytes: int           #: predicted max allocated on the device
     host_bytes: int           #: offloaded optimizer states / parameters held in CPU memory per rank
     phase: str                #: which phase sets the peak: "forward/backward" or "optimizer step"
+    #: LM estimates: bytes above the persistent state in each phase of a step; with a top-k
+    #: cache also the cache-building pass's own peak and the cache's size on disk per 1M tokens.
+    phases: dict = dataclasses.field(default_factory=dict)
 
     @property
     def peak_gib(self) -> float:
         return self.peak_bytes / GiB
 
     def to_dict(self) -> dict:
-        return {"layout": self.layout.to_dict(), "label": self.layout.label(),
-                "components_bytes": dict(self.components), "peak_bytes": self.peak_bytes,
-                "peak_gib": round(self.peak_gib, 3), "host_bytes": self.host_bytes, "peak_phase": self.phase}
+        out = {"layout": self.layout.to_dict(), "label": self.layout.label(),
+               "components_bytes": dict(self.components), "peak_bytes": self.peak_bytes,
+               "peak_gib": round(self.peak_gib, 3), "host_bytes": self.host_bytes, "peak_phase": self.phase}
+        if self.phases:
+            out["phases_bytes"] = {k: int(v) for k, v in self.phases.items()}
+        return out
 
 
 def _layer_activation_bytes(shape: ModelShape, layout: Layout) -> float:
@@ -140,12 +157,27 @@ def _layer_activation_bytes(shape: ModelShape, layout: Layout) -> float:
 
 
 def estimate(teacher: ModelShape, student: ModelShape, layout: Layout, *, features: str = "tinybert",
-             device: str = "cuda") -> Estimate:
-    """Memory per device of distilling ``teacher`` into ``student`` with ``layout``."""
+             device: str = "cuda", allocator: str | None = None, lm_ce: bool = False) -> Estimate:
+    """Memory per device of distilling ``teacher`` into ``student`` with ``layout``.
+
+    ``features="lm-logits"`` (next-token distillation of causal LMs) is estimated by
+    :func:`autoskd.planner.lm_memory.estimate_lm`, which also takes ``allocator`` (see
+    :data:`ALLOCATORS`; default "caching" on cuda, "heap" on cpu) and ``lm_ce`` (the student's own
+    next-token cross-entropy is in the loss too, e.g. kd with alpha < 1)."""
     if features not in FEATURES:
         raise AutoSKDError(f"features must be one of {', '.join(FEATURES)} (got {features!r})")
     if device not in ("cuda", "cpu"):
         raise AutoSKDError(f"device must be 'cuda' or 'cpu' (got {device!r})")
+    if allocator is not None and allocator not in ALLOCATORS:
+        raise AutoSKDError(f"allocator must be one of {', '.join(ALLOCATORS)} (got {allocator!r})")
+    if features == "lm-logits":
+        from .lm_memory import estimate_lm
+
+        return estimate_lm(teacher, student, layout, device=device,
+                           allocator=allocator or ("caching" if device == "cuda" else "heap"), lm_ce=lm_ce)
+    if layout.top_k:
+        raise AutoSKDError("a top-k teacher cache holds next-token distributions; use features='lm-logits' "
+                           "or top_k=0")
     lo, e = layout, PRECISIONS[layout.precision]
     mixed = e == 2
     s_local = student.params / lo.mp            # student parameters on this MP rank
@@ -210,9 +242,6 @@ def estimate(teacher: ModelShape, student: ModelShape, layout: Layout, *, featur
         feats += mapped * teacher.heads * s_ * s_ * b / lo.mp * e
         if lo.checkpointing:  # the student's hooked attention maps stay alive for the loss
             c["activations"] += student.layers * student.heads * s_ * s_ * b / lo.mp * e
-    if features == "lm-logits":
-        feats += s_ * b * teacher.vocab / lo.mp * 4
-        c["activations"] += 2 * s_ * b * student.vocab / lo.mp * 4  # fp32 logits + their gradient
     c["teacher_activations"] = t_layer + feats
 
     # optimizer step transient

@@ -9,7 +9,7 @@ from .search import Plan
 
 _SHORT = {"teacher_weights": "teacher", "student_weights": "weights", "gradients": "grads",
           "optimizer_states": "optim", "comm_buffers": "buffers", "activations": "activ",
-          "teacher_activations": "t-activ", "step_transient": "step"}
+          "teacher_activations": "t-activ", "step_transient": "step", "logits": "logits"}
 
 
 def _gib(v: float) -> str:
@@ -50,8 +50,13 @@ def format_plan(plan: Plan, top: int | None = None) -> str:
             lines.append(f"  ... and {len(plan.rejected) - top} more (--json lists all)")
     if plan.best:
         lines.append(f"\nbest: {plan.best.estimate.layout.label()} "
-                     f"(peak {plan.best.estimate.peak_gib:.2f} GiB per device, "
+                     f"(peak {plan.best.estimate.peak_gib:.2f} GiB per device at {plan.best.estimate.phase}, "
                      f"~{plan.best.seconds_per_sample * 1000:.0f} ms/sample by the cost model)")
+        top_k = plan.best.estimate.layout.top_k
+        if top_k:
+            lines.append(f"top-k cache: {top_k} ids (int32) + log-probabilities (fp16) = {6 * top_k} bytes per "
+                         f"training token on disk ({6 * top_k / 1e3:.2f} GB per million tokens), filled by one "
+                         f"teacher pass in this layout first")
     return "\n".join(lines)
 
 

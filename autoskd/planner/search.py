@@ -98,23 +98,30 @@ def _divisors(n: int) -> list[int]:
 def plan(teacher: ModelShape, student: ModelShape, *, gpus: int, hardware: Hardware,
          micro_batches=(1,), seq_lens=(512,), precisions=("fp16",), zero_stages=(0, 1, 2, 3),
          offloads=("none", "optimizer", "optimizer+params"), checkpointing=(True, False),
-         mp_degrees=None, features: str = "tinybert") -> Plan:
-    """Every valid layout on ``gpus`` devices: those that fit (fastest first) and those that do not."""
+         mp_degrees=None, features: str = "tinybert", top_ks=(0,)) -> Plan:
+    """Every valid layout on ``gpus`` devices: those that fit (fastest first) and those that do not.
+
+    ``top_ks``: for LM pairs (``features="lm-logits"``), 0 = a live teacher and k > 0 = the
+    teacher served from a top-k cache filled by one teacher-only pass beforehand."""
+    if any(k for k in top_ks) and features != "lm-logits":
+        raise AutoSKDError("a top-k teacher cache serves next-token distributions; use features='lm-logits'")
     if not isinstance(gpus, int) or gpus < 1:
         raise AutoSKDError(f"--gpus must be a positive integer (got {gpus!r})")
     mps = mp_degrees or _divisors(gpus)
     fitting, rejected = [], []
-    for mp, zero, off, b, s, prec, ckpt in itertools.product(mps, zero_stages, offloads, micro_batches,
-                                                             seq_lens, precisions, checkpointing):
+    for mp, zero, off, b, s, prec, ckpt, k in itertools.product(mps, zero_stages, offloads, micro_batches,
+                                                                seq_lens, precisions, checkpointing, top_ks):
         if gpus % mp or (off != "none" and zero == 0) or (off == "optimizer+params" and zero != 3):
             continue
         lo = Layout(mp=mp, dp=gpus // mp, zero=zero, offload=off, micro_batch=b, seq_len=s,
-                    precision=prec, checkpointing=ckpt)
+                    precision=prec, checkpointing=ckpt, top_k=k)
         est = estimate(teacher, student, lo, features=features, device=hardware.device)
         reason = ""
         for shape in (teacher, student):  # Megatron splits heads and the vocabulary over MP ranks
             if shape.heads % mp:
                 reason = f"{shape.name} has {shape.heads} heads, not divisible by MP {mp}"
+            elif shape.n_kv_heads % mp:
+                reason = f"{shape.name} has {shape.n_kv_heads} key/value heads, not divisible by MP {mp}"
         host_total = est.host_bytes * lo.gpus
         if not reason and hardware.host_memory_bytes is not None and host_total > hardware.host_memory_bytes:
             reason = (f"offload needs {host_total / GiB:.0f} GiB of host memory > "

@@ -6,7 +6,10 @@ A shape comes from one of:
 * a size name of GKD's table 8 (``"100B"``, ``"20B"``, ``"110M"``, ...): a GLM-shaped model,
 * a Hugging Face config: a local folder, a ``config.json`` path, a hub id or an alias
   (``"minilm-l6"``); a ``layers=`` override cuts it down (the 2-layer student of a 6-layer teacher),
-* explicit numbers: ``"layers=24,hidden=1024,vocab=30592"`` (heads/ffn/positions optional).
+* explicit numbers: ``"layers=24,hidden=1024,vocab=30592"`` (heads/ffn/positions optional;
+  ``kv_heads``, ``gated``, ``tied`` make it a Llama-shaped decoder),
+* a named Llama-family decoder (``"llama3-70b"``, ``"llama3-8b"``, ``"llama3.2-1b"``,
+  ``"llama2-7b"``, ...; :mod:`autoskd.planner.decoders`), numbers from the published configs.
 
 GLM-shaped models follow table 8's count ``N = L(12h^2 + 13h) + (V + 2P)h + 4h``: each layer has
 QKV (3h^2+3h), the attention output (h^2+h), two LayerNorms (4h) and a 4h-wide MLP (8h^2+5h);
@@ -65,6 +68,35 @@ class ModelShape:
     vocab: int
     max_positions: int
     params: int  #: counted on the meta device
+    #: Decoder details (Llama family). GLM/BERT-shaped models keep the defaults: as many
+    #: key/value heads as query heads, a 2-matrix MLP, LayerNorm, the word embeddings tied to
+    #: the output layer (GLM's and BERT's MLM heads reuse them).
+    kv_heads: int = 0            #: key/value heads (grouped-query attention); 0 = ``heads``
+    head_dim: int = 0            #: per-head width; 0 = ``hidden // heads``
+    gated: bool = False          #: gate/up/down MLP (3 matrices of hidden x ffn, SwiGLU)
+    tied: bool = True            #: output layer shares the word-embedding matrix
+    norm: str = "layernorm"      #: "layernorm" (weight + bias) or "rmsnorm" (weight only)
+    family: str = "glm"          #: "glm" (GLM/BERT-shaped encoder) or "decoder" (Llama-family causal LM)
+
+    @property
+    def head_width(self) -> int:
+        return self.head_dim or self.hidden // max(1, self.heads)
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.kv_heads or self.heads
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_width
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_heads * self.head_width
+
+    @property
+    def decoder(self) -> bool:
+        return self.family == "decoder"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -95,11 +127,16 @@ class GLMShapedModel(nn.Module):
         self.final_layernorm = nn.LayerNorm(hidden)
 
 
-def count_meta_params(build) -> int:
-    """Parameters of the module ``build()`` makes, built on the meta device (no memory used)."""
+def meta_module(build) -> nn.Module:
+    """The module ``build()`` makes, on the meta device (no memory used)."""
     with torch.device("meta"):
-        module = build()
-    return sum(p.numel() for p in module.parameters())
+        return build()
+
+
+def count_meta_params(build) -> int:
+    """Parameters of the module ``build()`` makes, built on the meta device (no memory used);
+    a parameter shared by two modules (tied embeddings) counts once."""
+    return sum(p.numel() for p in meta_module(build).parameters())
 
 
 def glm_shape(name: str, layers: int, hidden: int, heads: int, vocab: int, max_positions: int,
@@ -122,16 +159,21 @@ def table8_shape(size: str) -> ModelShape:
 
 # ---------------------------------------------------------------------------------------- explicit
 _SPEC_KEYS = {"layers", "hidden", "vocab", "heads", "ffn", "positions"}
+_DECODER_KEYS = {"kv_heads", "gated", "tied"}  #: any of these makes the spec a Llama-shaped decoder
 
 
 def spec_shape(spec: str) -> ModelShape:
-    """``"layers=24,hidden=1024,vocab=30592[,heads=16,ffn=4096,positions=512]"`` -> GLM-shaped."""
+    """``"layers=24,hidden=1024,vocab=30592[,heads=16,ffn=4096,positions=512]"`` -> GLM-shaped;
+    with ``kv_heads=``, ``gated=0/1`` or ``tied=0/1`` a Llama-shaped decoder (RMSNorm, rotary
+    positions, gated MLP unless ``gated=0``, untied unless ``tied=1``)."""
     values = {}
     for part in spec.split(","):
         key, sep, value = part.strip().partition("=")
-        if not sep or key not in _SPEC_KEYS or not value.isdigit() or int(value) < 1:
+        flag = key in ("gated", "tied")
+        if not sep or key not in _SPEC_KEYS | _DECODER_KEYS or not value.isdigit() \
+                or (value not in ("0", "1") if flag else int(value) < 1):
             raise AutoSKDError(f"bad model spec '{spec}': write layers=L,hidden=H,vocab=V with positive "
-                               f"integers (optional: heads, ffn, positions)")
+                               f"integers (optional: heads, ffn, positions; decoders: kv_heads, gated=0/1, tied=0/1)")
         values[key] = int(value)
     missing = {"layers", "hidden", "vocab"} - set(values)
     if missing:
@@ -141,6 +183,13 @@ def spec_shape(spec: str) -> ModelShape:
     heads = values.get("heads", max(1, hidden // 64))
     if hidden % heads:
         raise AutoSKDError(f"model spec '{spec}': hidden {hidden} is not divisible by heads {heads}")
+    if _DECODER_KEYS & set(values):
+        from .decoders import llama_shape
+
+        return llama_shape(spec, layers=values["layers"], hidden=hidden, heads=heads,
+                           kv_heads=values.get("kv_heads", heads), ffn=values.get("ffn", 4 * hidden),
+                           vocab=values["vocab"], positions=values.get("positions", 4096),
+                           tied=bool(values.get("tied", 0)), gated=bool(values.get("gated", 1)))
     return glm_shape(spec, values["layers"], hidden, heads, values["vocab"], values.get("positions", 512),
                      values.get("ffn"))
 
@@ -156,7 +205,9 @@ def _first_int(config, *names, default=None):
 
 def hf_config_shape(source, layers: int | None = None) -> ModelShape:
     """Shape of a Hugging Face model: ``source`` is a config object, a folder, a ``config.json``
-    file, a hub id or an alias. The model is built with ``AutoModel.from_config`` on ``meta``."""
+    file, a hub id or an alias. The model is built on ``meta`` with ``AutoModel.from_config``,
+    or ``AutoModelForCausalLM`` for a decoder LM (its untied output layer holds V x h more
+    parameters: 6.5% of Llama-3 8B)."""
     from transformers import AutoConfig, AutoModel, PretrainedConfig
 
     name = source if isinstance(source, str) else type(source).__name__
@@ -184,17 +235,27 @@ def hf_config_shape(source, layers: int | None = None) -> ModelShape:
     hidden = _first_int(config, "hidden_size", "n_embd", "d_model", "dim")
     if n_layers is None or hidden is None:
         raise AutoSKDError(f"config of '{name}' has no layer count/hidden size the planner understands")
+    from .decoders import decoder_details, is_causal_lm
+
+    causal = is_causal_lm(config)
     try:
-        params = count_meta_params(lambda: AutoModel.from_config(config))
+        if causal:  # the LM head counts too when it is not tied to the embeddings
+            from transformers import AutoModelForCausalLM
+
+            module = meta_module(lambda: AutoModelForCausalLM.from_config(config))
+        else:
+            module = meta_module(lambda: AutoModel.from_config(config))
     except Exception as err:  # an exotic architecture: fall back to the GLM-style formula
         raise AutoSKDError(f"could not build '{name}' on the meta device ({type(err).__name__}: "
                            f"{str(err)[:120]}); describe it as layers=L,hidden=H,vocab=V") from err
+    params = sum(p.numel() for p in module.parameters())
     heads = _first_int(config, "num_attention_heads", "n_head", "num_heads", "n_heads", default=max(1, hidden // 64))
     ffn = _first_int(config, "intermediate_size", "n_inner", "ffn_dim", "hidden_dim", default=4 * hidden)
     vocab = _first_int(config, "vocab_size", default=0)
     positions = _first_int(config, "max_position_embeddings", "n_positions", default=512)
     label = name if layers is None else f"{name}[:{layers} layers]"
-    return ModelShape(label, n_layers, hidden, heads, ffn, vocab, positions, params)
+    extra = decoder_details(config, module) if causal else {}
+    return ModelShape(label, n_layers, hidden, heads, ffn, vocab, positions, params, **extra)
 
 
 _SIZE_RE = re.compile(r"^\d+(\.\d+)?[A-Za-z]$")  # "100B"; "100X" is a typo, not a hub id
@@ -214,6 +275,11 @@ def resolve_shape(source, layers: int | None = None) -> ModelShape:
                 shape = glm_shape(f"{shape.name}[:{layers} layers]", layers, shape.hidden, shape.heads,
                                   shape.vocab, shape.max_positions)
             return shape
+        from .decoders import named_decoder
+
+        named = named_decoder(text, layers=layers)
+        if named is not None:
+            return named
         if "=" in text and "," in text or text.startswith("layers="):
             return spec_shape(text)
     return hf_config_shape(source, layers=layers)
