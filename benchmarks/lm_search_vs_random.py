@@ -188,6 +188,8 @@ def main(argv=None) -> int:
     p.add_argument("--theta-lr", type=float, default=None)
     p.add_argument("--theta-every", type=int, default=2)
     p.add_argument("--candidates", type=int, default=2)
+    p.add_argument("--theta-center", action="store_true", help="centre the θ-gradient (ThetaConfig.center)")
+    p.add_argument("--baselines", default="all", help="which baselines to train (none: candidates only, an ablation)")
     p.add_argument("--n-random", type=int, default=1)
     p.add_argument("--top-k", type=int, default=64)
     p.add_argument("--max-train", type=int, default=800)
@@ -195,11 +197,12 @@ def main(argv=None) -> int:
     p.add_argument("--name", default="lm_search_vs_random")
     p.add_argument("--cache-dir", default=str(ROOT / ".cache" / "autoskd"))
     p.add_argument("--summary-only", action="store_true")
+    p.add_argument("--teacher-ppl", action="store_true", help="also score each teacher on the split (minutes)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
 
     theta = lm_theta_defaults()
-    theta.num_candidates, theta.every = args.candidates, args.theta_every
+    theta.num_candidates, theta.every, theta.center = args.candidates, args.theta_every, args.theta_center
     if args.theta_lr is not None:
         theta.lr = args.theta_lr
     root = RESULTS_DIR / args.name
@@ -214,6 +217,7 @@ def main(argv=None) -> int:
             config = LMSearchConfig(search_epochs=100, eval_epochs=100, max_steps=args.steps, lr=args.lr,
                                     batch_size=args.batch_size, seed=seed, split_seed=args.split_seed,
                                     top_k=args.top_k, theta=theta, n_random=args.n_random, max_train=args.max_train,
+                                    baselines=args.baselines,
                                     max_eval=args.max_eval, save_students=False, executor="local",
                                     # one team for every seed (its trained members built once, at the
                                     # team seed; that seed's own runs need not name it)
@@ -236,7 +240,8 @@ def main(argv=None) -> int:
               "settings": {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "theta_lr", "theta_every",
                                                           "candidates", "n_random", "top_k", "max_train", "max_eval",
                                                           "split_seed")},
-              "theta_config": theta.to_dict(), "teacher_ppl": teacher_perplexities(args, root),
+              "theta_config": theta.to_dict(),
+              "teacher_ppl": teacher_perplexities(args, root) if args.teacher_ppl else None,
               **summarise(per_seed, costs)}
     path = write_result(args.name, result)
     plot(result, RESULTS_DIR / f"{args.name}.png")

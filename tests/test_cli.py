@@ -247,7 +247,7 @@ def test_unknown_preset_is_rejected(capsys):
     assert info.value.code == 2 and "bogus" in err and "quick" in err and "paper" in err
     from autoskd.search.presets import get_preset
 
-    with pytest.raises(AutoSKDError, match="unknown preset 'bogus'; choose one of: quick, medium, paper"):
+    with pytest.raises(AutoSKDError, match="unknown preset .bogus.; choose one of: quick, medium, lm-quick, paper"):
         get_preset("bogus")
 
 

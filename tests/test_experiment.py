@@ -232,7 +232,6 @@ def test_lm_experiment_file_resolves(capsys, tmp_path):
 
 @pytest.mark.parametrize("edit, words", [
     (["--set", "distill.policy=average"], ("distill.policy does not apply to a language-model task",)),
-    (["--set", "kind=search"], ("kind 'search' needs a classification task",)),
     (["--set", "team=teams/minilm-ladder.yaml"], ("minilm-ladder' is a classification team",)),
     (["--set", "task.name=lm:"], ("needs a corpus after the colon",)),
     (["--method", "pkd"], ("cannot distil a decoder LM",)),
