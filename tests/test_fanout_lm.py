@@ -11,6 +11,7 @@ the input checks run in-process.
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 import urllib.request
@@ -132,6 +133,59 @@ def test_an_lm_trial_distils_the_point_and_reports_dev_perplexity_per_epoch(lm_r
     assert config["method_options"] == {"loss": "tvd", "temperature": 2.0} and config["lr"] == 3e-3
     assert config["team"]["student"]["layers"] == [0, 3]
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "trial" / "student").config.num_hidden_layers == 2
+
+
+@pytest.fixture(scope="module")
+def mixed_lm_root(lm_root, tmp_path_factory):
+    """A team that mixes tokenizers on ``lm_root``'s corpus: teacher ``same`` shares the student's
+    tokenizer, teacher ``other`` reads the text with its own (tests/test_cross_tokenizer.py's
+    tokenizer B: another byte-level BPE and vocabulary, a BOS at every document start)."""
+    from test_cross_tokenizer import byte_bpe_b
+
+    root = tmp_path_factory.mktemp("lmtune-mixed")
+    other = byte_bpe_b()
+    tiny_llama(len(other), layers=2, hidden=32, seed=5).save_pretrained(root / "other")
+    other.save_pretrained(root / "other")
+    team = {"name": "tiny-mixed", "kind": "lm", "max_length": 16,
+            "student": {"source": str(lm_root / "student"), "layers": [0, 2, 3], "init": "random"},
+            "teachers": [{"name": "same", "source": str(lm_root / "teacher")},
+                         {"name": "other", "source": str(root / "other"), "tokenizer": "own"}]}
+    (root / "team.yaml").write_text(yaml.safe_dump(team, sort_keys=False))
+    return root
+
+
+@pytest.mark.parametrize("point", [{"teacher": "other"}, {"policy": "sampled"}], ids=["own-teacher", "both"])
+def test_an_lm_trial_on_a_team_that_mixes_tokenizers_reports_finite_dev_perplexity(lm_root, mixed_lm_root, point,
+                                                                                    tmp_path):
+    """A ``kd`` point on the mixed team, taught by the own-tokenizer teacher alone or by both
+    (sampled): the trial distils through uld_hybrid at aligned positions and reports a finite dev
+    perplexity each epoch, from a top-k cache keyed on the teacher's own tokenisation."""
+    from safetensors import safe_open
+
+    from autoskd.lm.data import tokenizer_fingerprint
+    from autoskd.lm.models import load_lm_tokenizer
+
+    cache = tmp_path / "cache"
+    spec = TrialSpec(team_path=str(mixed_lm_root / "team.yaml"), task={"name_or_path": f"lm:{lm_root / 'docs.txt'}"},
+                     root=str(tmp_path), cache_dir=str(cache), base_config={"batch_size": 16})
+    values = {"method": "kd", "epochs": 2, "samples": 0, "method_options.loss": "forward_kl",
+              "method_options.temperature": 1.0, "lr": 3e-3, "student.depth": 1, **point}
+    reports = []
+    record = run_lm_trial(spec, values, tmp_path / "trial", report=reports.append)
+    history = record["history"]
+    assert len(history) == 2 and all(math.isfinite(h) and h > 1 for h in history)
+    assert reports == [{"dev_ppl": history[0], "epoch_dev_ppl": history[0], "epochs": 1}]
+    assert math.isfinite(record["dev_ppl"]) and record["dev_ppl"] == min(history) and record["steps"] > 0
+    assert math.isfinite(record["test_ppl"]) and record["student_layers"] == 1
+    keys = []
+    for path in (cache / "lm_topk").glob("topk-*.safetensors"):
+        with safe_open(str(path), framework="pt") as f:
+            keys.append(json.loads(f.metadata()["key"])["data"])
+    own = tokenizer_fingerprint(ensure_pad_token(load_lm_tokenizer(str(mixed_lm_root / "other"))))
+    assert any(f"|xtok-v1|teacher-tok-{own}|" in k for k in keys)  # the own teacher taught from its own tokens
+    assert (len(keys) == 2) == ("policy" in point)  # both: the shared teacher's table beside it
+    config = json.loads((tmp_path / "trial" / "config.json").read_text())
+    assert {config.get(k) for k in point} == set(point.values())
 
 
 # ---------------------------------------------------------------------------------------------- the study

@@ -189,3 +189,23 @@ def test_tune_prebuilds_the_team_the_trials_use(monkeypatch, tmp_path):
                      root=str(tmp_path), cache_dir=str(tmp_path / "cache"))
     tune_module._build_team(spec, progress=False)
     assert seen == [True]
+
+
+def test_every_sampler_pickles_as_ray_tune_pickles_its_searcher():
+    """Ray Tune pickles the searcher with its sampler when a tune starts; Optuna 5's GA samplers
+    hold a thread lock that does not pickle, so NSGA-II is wrapped (a copy gets a fresh lock)."""
+    import pickle
+
+    from autoskd.fanout.study import SAMPLERS, make_sampler
+
+    space = SearchSpace.from_dict({"name": "p", "fixed": {"method": "kd", "epochs": 1},
+                                   "params": {"lr": {"loguniform": [1e-3, 5e-3]}}})
+    for name in SAMPLERS:
+        if name == "grid":
+            continue
+        sampler = make_sampler(name, space, seed=3, multi_objective=name == "nsga2")
+        copy = pickle.loads(pickle.dumps(sampler))
+        assert type(copy) is type(sampler)
+    nsga2 = pickle.loads(pickle.dumps(make_sampler("nsga2", space, multi_objective=True)))
+    with nsga2._thread_lock:  # a working lock of its own
+        pass

@@ -258,3 +258,100 @@ def test_bundled_lm_teams_parse_and_the_ladder_and_mixed_team_are_what_the_issue
         assert specs["domain"].train.method == "finetune" and specs["half"].train.teacher == "full"
     if name == "smollm2-gemma":  # one teacher reads the text with its own tokenizer
         assert team.teacher_specs["gemma"].tokenizer == "own" and team.teacher_specs["smollm2"].tokenizer is None
+
+
+# ---------------------------------------------------------------------------------------- a team that mixes tokenizers
+@pytest.fixture(scope="module")
+def mixed_team_files(tmp_path_factory, tok):
+    """A team whose teacher ``same`` shares the student's tokenizer and whose teacher ``other``
+    reads the text with its own (another byte-level BPE, another vocabulary, a BOS at every
+    document start: tests/test_cross_tokenizer.py's tokenizer B)."""
+    from test_cross_tokenizer import byte_bpe_b
+
+    root = tmp_path_factory.mktemp("lmsearch-mixed")
+    other = byte_bpe_b()
+    tiny_llama(len(tok), layers=2, hidden=32, seed=40).save_pretrained(root / "same")
+    tok.save_pretrained(root / "same")
+    tiny_llama(len(other), layers=2, hidden=32, seed=41).save_pretrained(root / "other")
+    other.save_pretrained(root / "other")
+    team = root / "team.yaml"
+    team.write_text(f"kind: lm\nmax_length: 16\nstudent: {{source: {root / 'same'}, layers: 1, init: random}}\n"
+                    f"teachers:\n  - {{name: same, source: {root / 'same'}}}\n"
+                    f"  - {{name: other, source: {root / 'other'}, tokenizer: own}}\n")
+    corpus = root / "docs.txt"
+    corpus.write_text("\n".join(documents(120, seed=3)))
+    return team, corpus, other
+
+
+def _cache_keys(folder) -> list[dict]:
+    from safetensors import safe_open
+
+    keys = []
+    for path in sorted(folder.glob("topk-*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            keys.append(json.loads(f.metadata()["key"]))
+    return keys
+
+
+def test_lm_search_on_a_team_that_mixes_tokenizers(mixed_team_files, tmp_path, monkeypatch):
+    """The θ search, its candidates and every baseline run on a team with one teacher of the
+    student's tokenizer and one with its own: θ spans both, the own-tokenizer teacher moves θ
+    (a non-zero θ-gradient through its uld_hybrid loss), its top-k cache is keyed on its own
+    tokenisation, and AvgKD (one vocabulary only) is left out of ``all`` rather than failing."""
+    from autoskd.lm.data import lm_data_id, tokenizer_fingerprint
+    from autoskd.lm.team import LMTeam
+    from autoskd.search import theta_step
+    from autoskd.search.lm_search import corpus_of
+
+    team_path, corpus_path, other_tok = mixed_team_files
+    grads = []
+    real = theta_step.unrolled_theta_grad
+
+    def recording(*args, **kwargs):
+        grad = real(*args, **kwargs)
+        grads.append(grad.detach().clone())
+        return grad
+
+    monkeypatch.setattr(theta_step, "unrolled_theta_grad", recording)
+    config = LMSearchConfig(search_epochs=1, eval_epochs=1, max_steps=6, lr=3e-3, batch_size=8, n_random=1, top_k=8,
+                            theta=ThetaConfig(strategy="expected", scaling="none", val_objective="task",
+                                              order="second", xi="student_lr", lr=0.05, num_candidates=2))
+    out, cache = tmp_path / "search", tmp_path / "cache"
+    summary = run_lm_search(team_path, {"name_or_path": f"lm:{corpus_path}"}, config, out, cache_dir=cache,
+                            progress=False)
+    # θ over both teachers, moved by both: the own-tokenizer teacher's gradient entry is non-zero
+    search = json.loads((out / "search.json").read_text())
+    assert search["teachers"] == ["same", "other"] and len(search["theta"]) == 2
+    assert abs(sum(search["theta"]) - 1) < 1e-6 and search["theta"] != [0.5, 0.5]
+    assert search["theta_steps"] > 0 and search["nonfinite_theta_steps"] == 0 and len(search["candidates"]) == 2
+    assert search["counts"].get("same", 0) > 0 and search["counts"].get("other", 0) > 0  # both taught the student
+    assert grads and all(bool(torch.isfinite(g).all()) for g in grads)
+    assert any(abs(float(g[1])) > 0 for g in grads) and any(abs(float(g[0])) > 0 for g in grads)
+    assert all(math.isfinite(search[k]) for k in ("val_ppl", "test_ppl"))
+    # every arm finished with a finite dev perplexity; AvgKD cannot average two vocabularies
+    assert not summary["failed"], summary["failed"]
+    assert {a["name"] for a in summary["arms"]} == {"candidate-00", "candidate-01", "single-same", "single-other",
+                                                   "uniform", "random-000"}
+    assert all(math.isfinite(a["dev_ppl"]) and a["dev_ppl"] > 1 and a["steps"] == 6 for a in summary["arms"])
+    assert summary["best"]["dev_ppl"] == min(a["dev_ppl"] for a in summary["arms"])
+    assert (out / "student" / "config.json").exists()
+    # the own-tokenizer teacher's tables are keyed on its own tokenisation of each split
+    team = LMTeam.from_yaml(team_path).build(seed=0, cache_dir=cache, progress=False)
+    corpus = corpus_of({"name_or_path": f"lm:{corpus_path}"}, 0)
+    keys = _cache_keys(cache / "lm_topk")
+    own = [k["data"] for k in keys if k["teacher"] == team.fingerprints["other"]]
+    shared = [k["data"] for k in keys if k["teacher"] == team.fingerprints["same"]]
+    student_ids = {s: lm_data_id(corpus, s, team.tokenizer, 16, "packed") for s in ("train", "val")}
+    assert set(shared) == set(student_ids.values())  # the student's token rows of train and val
+    own_tok = team.own_tokenizers["other"]
+    assert own_tok.get_vocab() == other_tok.get_vocab()
+    mark = f"|xtok-v1|teacher-tok-{tokenizer_fingerprint(own_tok)}|align-token|"
+    assert {d.split("|xtok-v1|")[0] for d in own} == set(student_ids.values())
+    assert all(mark in d for d in own) and not any("xtok" in d for d in shared)
+    assert tokenizer_fingerprint(own_tok) != tokenizer_fingerprint(team.tokenizer)
+    # AvgKD named on such a team: one line, before the θ search trains anything
+    with pytest.raises(AutoSKDError, match="teacher 'other' has its own tokenizer; leave avgkd out"):
+        run_lm_search(team_path, {"name_or_path": f"lm:{corpus_path}"},
+                      LMSearchConfig(**{**config.to_dict(), "baselines": "single,avgkd"}), tmp_path / "named",
+                      cache_dir=cache, progress=False)
+    assert not (tmp_path / "named" / "search.json").exists()

@@ -2,6 +2,7 @@
 every k-subset (independent of draw order), and a search whose candidates beat the random pool
 on every seed is reported as a paired win; a missing --team is a one-line error."""
 
+import json
 import sys
 
 import pytest
@@ -51,3 +52,34 @@ def test_missing_team_yaml_is_a_one_line_error(svr, monkeypatch, capsys, tmp_pat
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "no such team YAML" in err and str(missing) in err
+
+
+def test_an_lm_ablation_pairs_its_candidates_with_another_runs_baselines(tmp_path):
+    """``lm_search_vs_random.py --baselines-from``: an ablation that trains only candidates (and
+    one baseline, as a check) is paired seed by seed with the main run's baselines; an arm both
+    runs trained keeps this run's value and records the other's, so disagreement is visible."""
+    lsvr = load_benchmark("lm_search_vs_random")
+
+    def arm(name, group, test, dev=None):
+        return {"name": name, "group": group, "test_ppl": test, "val_ppl": test, "dev_ppl": dev or test}
+
+    per_seed = {}
+    for s in range(3):
+        main = tmp_path / "main" / f"s{s}"
+        main.mkdir(parents=True)
+        main.joinpath("result.json").write_text(json.dumps({"arms": [
+            arm("cand-0", "autoskd", 900.0), arm("single-a", "single", 500.0 + s), arm("single-b", "single", 800.0),
+            arm("uniform", "uniform", 700.0 + s), arm("avgkd", "average", 650.0)]}))
+        mine = {"arms": [arm("cand-0", "autoskd", 520.0 + 2 * s), arm("uniform", "uniform", 701.0 + s)],
+                "searches": [{"theta": [0.9, 0.1], "seconds": 10.0}], "teachers": ["a", "b"]}
+        per_seed[s] = lsvr.with_baselines_from(mine, main / "result.json")
+    names = [a["name"] for a in per_seed[0]["arms"]]
+    assert names == ["cand-0", "uniform", "single-a", "single-b", "avgkd"]  # the main run's candidate is not taken
+    assert per_seed[1]["arms"][1]["test_ppl"] == 702.0 and per_seed[1]["arms"][1]["other_test_ppl"] == 701.0
+    out = lsvr.summarise(per_seed, {s: {"search_seconds": 10.0} for s in per_seed})
+    assert out["arms"]["autoskd"]["test_ppl"] == [520.0, 522.0, 524.0]
+    assert out["paired"]["best_single"]["test_ppl_diff_mean"] == pytest.approx(21.0)  # 520+2s - (500+s)
+    assert out["paired"]["uniform"]["verdict"] == "autoskd better"
+    assert [a["other_test_ppl"] for a in out["baselines_agree"]] == [700.0, 701.0, 702.0]
+    with pytest.raises(SystemExit, match="run that benchmark first"):
+        lsvr.with_baselines_from(mine, tmp_path / "nowhere" / "result.json")

@@ -152,7 +152,21 @@ def make_sampler(name: str, space: SearchSpace, seed: int = 0, multi_objective: 
         return samplers.TPESampler(seed=seed)
     if name == "cmaes":
         return samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
-    return samplers.NSGAIISampler(seed=seed)
+    return PicklableNSGAIISampler(seed=seed)
+
+
+class PicklableNSGAIISampler(optuna.samplers.NSGAIISampler):
+    """Optuna's NSGA-II sampler that pickles: Ray Tune pickles the searcher (and the sampler in
+    it) when a tune starts, and Optuna >= 5 gives the GA samplers a ``threading.Lock`` that cannot
+    be pickled. The lock only guards the generation cache, so a copy gets a fresh one."""
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_thread_lock"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if "_thread_lock" not in state:
+            self._thread_lock = threading.Lock()
 
 
 #: the study's user attributes recording what it ranks by: the metric's name (``accuracy``,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from pathlib import Path
 from ..atomic import write_json
 from ..errors import AutoSKDError
 from ..rerun import check_stamp, stamp
-from .arms import Arm, baseline_arms, candidate_arms
+from .arms import Arm, baseline_arms, candidate_arms, parse_baselines
 from .distribution import TeacherDistribution
 from .theta_step import ThetaConfig
 from .trials import TrialSpec, run_arms
@@ -35,6 +36,8 @@ from .trials import TrialSpec, run_arms
 #: The runner of every LM arm (``save_students=False``: :func:`score_lm_arm`, benchmarks).
 LM_RUNNER = "autoskd.search.lm_search:distill_lm_arm"
 LM_SCORE_RUNNER = "autoskd.search.lm_search:score_lm_arm"
+
+logger = logging.getLogger(__name__)
 
 
 def lm_theta_defaults() -> ThetaConfig:
@@ -229,6 +232,22 @@ def lm_bilevel_search(team, corpus, config: LMSearchConfig, theta_lr: float, cac
             "test_ppl": outcome.scores["test_ppl"]}
 
 
+def lm_baselines(team, baselines) -> set[str]:
+    """The baseline arms of an LM search on ``team`` (built). AvgKD averages next-token
+    distributions over one vocabulary, so on a team with a teacher that reads the text with its
+    own tokenizer it is left out of ``all`` and refused, in one line, when named."""
+    which = parse_baselines(baselines)
+    own = sorted(getattr(team, "own_tokenizers", None) or {})
+    if own and "avgkd" in which:
+        named = baselines.split(",") if isinstance(baselines, str) else list(baselines)
+        if [str(b).strip().lower() for b in named if str(b).strip()] != ["all"]:
+            raise AutoSKDError(f"baseline avgkd averages next-token distributions over one vocabulary, but teacher "
+                               f"'{own[0]}' has its own tokenizer; leave avgkd out of the baselines")
+        logger.info("AvgKD is left out of the baselines: teacher %s has its own tokenizer", own[0])
+        which.discard("avgkd")
+    return which
+
+
 def _lr_tag(lr: float) -> str:
     return f"{lr:.6g}".replace(".", "p").replace("-", "m")
 
@@ -250,6 +269,7 @@ def run_lm_search(team_path: str | Path, task: dict, config: LMSearchConfig, out
     corpus = corpus_of(task, config.seed)
     team = build_lm_team(team_path, task, config.seed, corpus, cache_dir, progress)
     names = list(team.teacher_specs)
+    baselines = lm_baselines(team, config.baselines)  # before anything trains: an impossible one is refused
     searches = []
     for lr in config.grid:
         path = out / (f"search-lr{_lr_tag(lr)}.json" if len(config.grid) > 1 else "search.json")
@@ -268,7 +288,7 @@ def run_lm_search(team_path: str | Path, task: dict, config: LMSearchConfig, out
         for j, c in enumerate(s["candidates"]):
             thetas.append(c["theta"])
             cand_names.append(f"candidate-{j:02d}" if len(searches) == 1 else f"candidate-lr{_lr_tag(s['theta_lr'])}-{j:02d}")
-    arms = candidate_arms(thetas, cand_names) + baseline_arms(names, config.baselines, config.n_random, config.seed)
+    arms = candidate_arms(thetas, cand_names) + baseline_arms(names, baselines, config.n_random, config.seed)
     spec = TrialSpec(team_path=str(team_path), task=task, root=str(out), cache_dir=str(cache_dir),
                      base_config=config.base_distill(config.eval_epochs).to_dict(),
                      runner=LM_RUNNER if config.save_students else LM_SCORE_RUNNER)

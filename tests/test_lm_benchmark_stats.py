@@ -1,0 +1,35 @@
+"""The figures of benchmarks/lm_distill.py: per-arm intervals, the paired difference to CE, and
+the target judged only on the KD arms named before the run (``--planned``); the other-tokenizer
+arm's team gives Gemma its own tokenizer."""
+
+import pytest
+
+from helpers import load_benchmark
+
+
+@pytest.fixture(scope="module")
+def lmd():
+    return load_benchmark("lm_distill")
+
+
+def _records():
+    test = {"ce": [560.0, 600.0, 580.0], "kd_ce": [400.0, 430.0, 410.0], "gemma_uld_ce": [300.0, 650.0, 200.0]}
+    return [{"arm": a, "seed": s, "val_ppl": v, "test_ppl": v, "steps": 156, "seconds": 1.0}
+            for a, vals in test.items() for s, v in enumerate(vals)]
+
+
+def test_the_target_is_judged_on_the_planned_arms_only(lmd):
+    seeds, arms = [0, 1, 2], ["ce", "kd_ce", "gemma_uld_ce"]
+    out = lmd.summarise(_records(), seeds, arms, planned=["kd_ce"])
+    assert out["best_kd_arm"] == "kd_ce" and out["target_best_kd_beats_ce"] is True
+    assert out["paired_vs_ce"]["kd_ce"]["test_ppl_diff_mean"] == pytest.approx(-500.0 / 3)
+    assert out["paired_vs_ce"]["kd_ce"]["verdict"] == "better than ce"
+    assert out["paired_vs_ce"]["gemma_uld_ce"]["verdict"] == "tie"  # lower mean, inside the noise
+    # by default post-hoc arms are never judged: nothing planned ran here
+    assert "best_kd_arm" not in lmd.summarise(_records(), seeds, arms)
+
+
+def test_the_other_tokenizer_arm_gets_gemma_with_its_own_tokenizer(lmd):
+    team = lmd.make_team(128, "gemma_uld_ce")
+    assert list(team.teacher_specs) == ["gemma"] and team.teacher_specs["gemma"].tokenizer == "own"
+    assert lmd.make_team(128).teacher_specs["smollm2"].tokenizer is None
