@@ -68,7 +68,7 @@ def _build_assistant(team, task, layers: int, seed: int) -> nn.Module:
 def run_chain(team, task, config: DistillConfig, assistants: list[int], *, out_dir: str | Path,
               cache_dir: str | Path = DEFAULT_CACHE, progress: bool = True) -> ChainOutcome:
     """Train ``teacher -> assistants (layer counts, deepest first) -> student``."""
-    from transformers import AutoModelForSequenceClassification
+    from .models.loading import load_classifier
 
     if config.method not in ("takd", "dgkd"):
         raise AutoSKDError(f"a chain runs 'takd' or 'dgkd', not {config.method!r}")
@@ -95,7 +95,7 @@ def run_chain(team, task, config: DistillConfig, assistants: list[int], *, out_d
         if result_file.exists():  # finished earlier: reload and go on, if it is this chain's hop
             saved = json.loads(result_file.read_text())
             check_stamp(saved, identity, f"finished hop {hop_dir}", out)
-            model = AutoModelForSequenceClassification.from_pretrained(hop_dir / "student")
+            model = load_classifier(str(hop_dir / "student"), num_labels=task.num_labels)  # with its own head
             hop = Hop(name, layers, list(speakers), saved["dev_acc"], saved["test_acc"], saved["seconds"], True)
         else:
             student = team.build_student(task, seed=config.seed) if layers is None else \

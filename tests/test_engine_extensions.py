@@ -226,8 +226,12 @@ def test_progressive_phases_of_mobilebert_and_sid():
     assert phases == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     assert [mb.layer_factor(p, 0) for p in (0, 1, 2)] == [0.0, 1.0, 0.1]
     assert [mb.layer_factor(p, 1) for p in (0, 1, 2)] == [0.0, 0.0, 1.0]
-    assert [sid.layer_factor(p, 1) for p in (0, 1, 2)] == [0.0, 1.0, 0.0]
-    assert [sid.other_factor(p, "soft_soft_ce") for p in (0, 1, 2)] == [0.0, 0.0, 1.0]
+    # SID: its last phase (soft labels) is a stage of its own (issue 25: it is the only phase that
+    # trains the classifier), so the intermediate stage is cut into L phases, one more layer each
+    assert [sid.phase(type("C", (), {"step": s, "total_steps": 8})()) for s in range(8)] == [0] * 4 + [1] * 4
+    assert [sid.layer_factor(p, 0) for p in (0, 1)] == [1.0, 1.0]
+    assert [sid.layer_factor(p, 1) for p in (0, 1)] == [0.0, 1.0]
+    assert sid.spec.stages == ("intermediate", "prediction")
 
 
 # ------------------------------------------------------------------ MLM path
@@ -277,7 +281,8 @@ def test_combination_runs_one_forward_per_model_and_sums_the_methods(tok, tmp_pa
     d.fit([Stage("task", loader(tok, False), epochs=1, lr=1e-3, evaluate=False)])
     assert calls == {"teacher": 2, "student": 2}  # 2 steps: one forward per model per step
     keys = set(terms[0])
-    assert {"minilm/attention_kl", "minilmv2/qq_relation_kl", "kd/soft_kl", "hard_ce", "loss"} <= keys
+    # minilmv2's terms carry their layer pair (teacher L12, or its last: issue 25)
+    assert {"minilm/attention_kl", "minilmv2/qq_relation_kl:s1-t3", "kd/soft_kl", "hard_ce", "loss"} <= keys
     assert float(terms[0]["loss"]) == approx(sum(float(v) for k, v in terms[0].items() if k != "loss"))
     # YAML form with weights and per-method options
     (tmp_path / "mix.yaml").write_text("methods:\n  - {name: kd, weight: 2.0, options: {temperature: 1}}\n"

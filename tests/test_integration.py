@@ -16,6 +16,8 @@ dev 0.695, test 0.715. With pure soft targets (alpha 1) and 2 epochs the student
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -74,7 +76,10 @@ def test_student_beats_majority(run):
 def test_saved_student_reloads_with_plain_transformers(run):
     _, team, outcome, dev_loader = run
     folder = outcome.out_dir / "student"
-    reloaded = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    # all-MiniLM-L6-v2's student has the mean-pooling head its checkpoint was trained with (issue
+    # 25); the folder carries that head's code, which transformers runs on trust_remote_code
+    assert json.loads((folder / "config.json").read_text())["classifier_pooling"] == "mean"
+    reloaded = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     assert tokenizer("a fine film")["input_ids"] == team.tokenizer("a fine film")["input_ids"]
     assert reloaded.config.num_hidden_layers == 1

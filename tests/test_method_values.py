@@ -82,8 +82,8 @@ def test_pkd():
 
 
 def test_takd_and_kd_family():
-    _, out = run("takd")
-    assert out == {"soft_kl": approx(0.5 * kl_t(S["logits"], TF["logits"], 10)), "hard_ce": approx(0.5 * ce())}
+    _, out = run("takd")  # GKD's catalogue (issue 25): KL_10 + hard, weights 1 and 1
+    assert out == {"soft_kl": approx(kl_t(S["logits"], TF["logits"], 10)), "hard_ce": approx(ce())}
     _, out = run("pd")
     assert out == {"soft_soft_ce": approx(soft_ce(S["logits"], TF["logits"], 1))}
 
@@ -110,7 +110,7 @@ def test_glmd_word_kl_over_every_real_token():
 
 
 def test_minilmv2_relations():
-    _, out = run("minilmv2", relation_heads=4)
+    _, out = run("minilmv2", relation_heads=4)  # a 4-layer teacher: its last layer stands in for L12
 
     def rel(x):  # [B, heads, T, d] -> concat heads -> 4 relation heads -> softmax(XX^T/sqrt(dr)), masked keys
         x = x.transpose(1, 2).reshape(B, T, H).view(B, T, 4, H // 4).transpose(1, 2)
@@ -121,8 +121,24 @@ def test_minilmv2_relations():
         a_s, a_t = rel(S[f"{k}:1"]), rel(TF[f"{k}:3"])
         rows = (a_t * (a_t.clamp_min(1e-38).log() - a_s.clamp_min(1e-38).log())).sum(-1)   # [B, R, T]
         w = MASK[:, None, :].expand_as(rows).float()
-        assert out[f"{k[0]}{k[0]}_relation_kl"] == approx((rows * w).sum() / w.sum())
+        assert out[f"{k[0]}{k[0]}_relation_kl:s1-t3"] == approx((rows * w).sum() / w.sum())
     assert out["hard_ce"] == approx(ce())
+
+
+def test_minilmv2_reads_the_teachers_twelfth_layer():
+    """GKD's catalogue (issue 25): teacher L12 <-> student last; a shallower teacher gives its last,
+    ``teacher_layer`` any other (0-based, negative from the end)."""
+    def teacher_layers(layers, **options):
+        geom = Geometry(num_layers=layers, hidden_size=H, num_heads=HEADS, vocab_size=V, num_labels=C)
+        aux = get_method("minilmv2", relation_heads=4, **options).build_auxiliary(GS, {"t": geom})
+        return {stage: aux.feature_requests(stage, "t") for stage in ("task", "pretrain")}
+
+    for stage, (student, teacher) in teacher_layers(24).items():
+        assert student[:3] == ["query:1", "key:1", "value:1"] and teacher == ["query:11", "key:11", "value:11"]
+    assert teacher_layers(12)["task"][1] == ["query:11", "key:11", "value:11"]
+    assert teacher_layers(6)["task"][1] == ["query:5", "key:5", "value:5"]
+    assert teacher_layers(24, teacher_layer=-1)["task"][1] == ["query:23", "key:23", "value:23"]
+    assert teacher_layers(24, teacher_layer=20)["pretrain"][1] == ["query:20", "key:20", "value:20"]
 
 
 def test_alp_kd():
@@ -136,6 +152,97 @@ def test_alp_kd():
     assert out["alp_mse"] == approx(0.2 * sum(terms) / 2)
     assert out["soft_soft_ce"] == approx(0.7 * soft_ce(S["logits"], TF["logits"], 20))
     assert out["hard_ce"] == approx(0.1 * ce())
+
+
+def test_minilm_terms_also_in_pretraining():
+    """GKD's catalogue (issue 25): MiniLM distils in pre-training (pt -> ft); the task stage keeps
+    the terms with gold labels (our deviation), and the pre-training stage has no labels."""
+    method, task = run("minilm")
+    _, pre = run("minilm", stage="pretrain")
+    assert method.spec.stages == ("task",)
+    assert set(pre) == {"attention_kl", "value_relation_kl"} and set(task) == set(pre) | {"hard_ce"}
+    assert pre["attention_kl"] == approx(task["attention_kl"])
+    a_s, a_t = S["attention_probs:1"], TF["attention_probs:3"]
+    rows = (a_t * (a_t.clamp_min(1e-38).log() - a_s.clamp_min(1e-38).log())).sum(-1)   # [B, heads, T]
+    w = MASK[:, None, :].expand_as(rows).float()
+    assert pre["attention_kl"] == approx((rows * w).sum() / w.sum())
+
+
+def test_universal_kd_attends_over_the_teachers_intermediate_layers():
+    """GKD's catalogue (issue 25): [CLS] of H_1..H_{L-1} on both sides, one Linear per teacher layer."""
+    method = get_method("universal_kd")
+    aux = method.build_auxiliary(GS, {"t": GT})
+    projections = aux.extra["proj_t"]
+    assert len(projections) == 3                                   # teacher H_1..H_3 of 4 layers
+    ctx = SimpleNamespace(stage="intermediate", auxiliary=aux, teacher_name="t", step=0, total_steps=1, epoch=0,
+                          hard_label_weight=None)
+    student, teacher = method.feature_requests(ctx, "t")
+    assert [f for f in teacher if f.startswith("hidden:")] == ["hidden:0", "hidden:1", "hidden:2"]
+    assert "hidden:0" in student and "hidden:1" not in student   # student H_1 of 2 layers
+    out = method.losses(ctx, S, TF, "t", {"attention_mask": MASK, "labels": LABELS})
+    with torch.no_grad():
+        t = torch.stack([projections[j](TF[f"hidden:{j}"][:, 0]) for j in range(3)], 1)
+        s = S["hidden:0"][:, 0]
+        a = torch.softmax(torch.einsum("bh,blh->bl", s, t), -1)
+        target = (a[..., None] * t).sum(1)
+        expected = (F.softmax(target, -1) * (F.log_softmax(target, -1) - F.log_softmax(s, -1))).sum(-1).mean()
+    assert float(out["universal_kl"].detach()) == approx(0.5 * expected)
+    assert float(out["soft_kl"].detach()) == approx(0.5 * kl_t(S["logits"], TF["logits"], 1))
+
+
+def _angles_by_hand(xs, xt, real, k):
+    """MGSKD's top-k triplet angles, written out: per anchor a, its k nearest others by the
+    teacher's cosine (real ones first), the angles at a among pairs of real neighbours."""
+    diffs = []
+    for b in range(xs.shape[0]):
+        for a in range(xs.shape[1]):
+            if not real[b, a]:
+                continue
+            others = [j for j in range(xs.shape[1]) if j != a]
+            sim = {j: float(F.cosine_similarity(xt[b, a], xt[b, j], dim=0)) if real[b, j] else -3.0 for j in others}
+            nb = sorted(others, key=lambda j: -sim[j])[:k]
+            for j in nb:
+                for l in nb:
+                    if j == l or not (real[b, j] and real[b, l]):
+                        continue
+                    cs = float(F.cosine_similarity(xs[b, j] - xs[b, a], xs[b, l] - xs[b, a], dim=0))
+                    ct = float(F.cosine_similarity(xt[b, j] - xt[b, a], xt[b, l] - xt[b, a], dim=0))
+                    diffs.append(float(F.smooth_l1_loss(torch.tensor(cs), torch.tensor(ct))))
+    return sum(diffs) / len(diffs)
+
+
+def test_mgskd_token_and_span_triplet_angles():
+    """GKD's catalogue (issue 25): lower layers match token and span pair relations *and* their
+    top-20 triplet angles (smooth L1), neighbours by the teacher's cosine similarity."""
+    _, out = run("mgskd", stage="intermediate", top_k=2)
+    assert {k.split(":")[0] for k in out} == {"token_pair_mse", "span_pair_mse", "token_angle_huber"}
+    for s, t in ((0, 1), (1, 3)):
+        assert out[f"token_angle_huber:s{s}-t{t}"] == approx(
+            _angles_by_hand(S[f"hidden:{s}"], TF[f"hidden:{t}"], MASK.bool(), 2))
+    # spans: 4-token windows of 12 tokens (3 spans; the second row's last span is padding)
+    g = torch.Generator().manual_seed(5)
+    student = {f"hidden:{i}": torch.randn(2, 12, H, generator=g) for i in range(2)}
+    teacher = {f"hidden:{j}": torch.randn(2, 12, H, generator=g) for j in range(4)}
+    student["logits"], teacher["logits"] = torch.randn(2, C, generator=g), torch.randn(2, C, generator=g)
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 7:] = 0
+    method = get_method("mgskd")
+    aux = method.build_auxiliary(GS, {"t": GT})
+    ctx = SimpleNamespace(stage="intermediate", auxiliary=aux, teacher_name="t", step=0, total_steps=1, epoch=0,
+                          hard_label_weight=None)
+    out = method.losses(ctx, student, teacher, "t", {"attention_mask": mask})
+
+    def spans(x):  # mean of the real tokens of each 4-token window
+        m = mask[:, :, None].float()
+        return (x * m).view(2, 3, 4, -1).sum(2) / m.view(2, 3, 4, 1).sum(2).clamp_min(1)
+
+    real = mask.view(2, 3, 4).sum(-1) > 0
+    assert real.tolist() == [[True, True, True], [True, True, False]]
+    for s, t in ((0, 1), (1, 3)):
+        xs, xt = spans(student[f"hidden:{s}"]), spans(teacher[f"hidden:{t}"])
+        assert float(out[f"span_angle_huber:s{s}-t{t}"]) == approx(_angles_by_hand(xs, xt, real, 20))
+        assert float(out[f"token_angle_huber:s{s}-t{t}"]) == approx(
+            _angles_by_hand(student[f"hidden:{s}"], teacher[f"hidden:{t}"], mask.bool(), 20))
 
 
 def test_continuation_kd_at_three_steps():

@@ -64,6 +64,18 @@ def test_describe_methods_lists_every_method():
     assert tiny["features"] == ["embeddings", "hidden", "attention_scores", "logits"]
 
 
+def test_every_method_module_says_how_it_follows_gkds_catalogue():
+    """Issue 25: each built-in method's module says it follows GKD's catalogue (or is not in it);
+    a deviation is stated in a "Deviations:" paragraph of that docstring."""
+    import sys
+
+    for name in METHODS.names():
+        module = sys.modules[METHODS.get(name).__module__]
+        if not module.__name__.startswith("autoskd.methods."):
+            continue  # the engine's own ``mlm``
+        assert "GKD's" in module.__doc__ and "catalogue" in module.__doc__, name
+
+
 def test_unknown_method_lists_known_ones():
     with pytest.raises(AutoSKDError, match="unknown method 'bogus'.*alp_kd, annealing_kd, ckd"):
         get_method("bogus")
@@ -137,9 +149,8 @@ def test_kd_width_mismatch_asks_for_projection():
 
 
 # ------------------------------------------------------------------ tinybert
-W_EMB, B_EMB = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), np.array([0.0, 0.0, 0.5])
-W_H0, B_H0 = np.array([[2.0, 0.0], [0.0, 1.0], [0.0, 0.0]]), np.zeros(3)
-W_H1, B_H1 = np.array([[1.0, 1.0], [0.0, 0.0], [1.0, -1.0]]), np.array([1.0, 0.0, 0.0])
+# TinyBERT's single fit_dense: one Linear shared by the embeddings and every hidden layer
+W_FIT, B_FIT = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), np.array([0.0, 0.0, 0.5])
 
 
 def _scores(rows):
@@ -176,10 +187,10 @@ def test_tinybert_losses_by_hand():
     method = get_method("tinybert")
     sg, tg = Geometry(2, 2, 1, num_labels=2), Geometry(6, 3, 1, num_labels=2)
     aux = method.build_auxiliary(sg, {"t": tg})
-    assert sorted(aux.projections) == ["t/embeddings_mse", "t/hidden_mse:s0-t2", "t/hidden_mse:s1-t5"]
-    _set_linear(aux.projections["t/embeddings_mse"], W_EMB, B_EMB)
-    _set_linear(aux.projections["t/hidden_mse:s0-t2"], W_H0, B_H0)
-    _set_linear(aux.projections["t/hidden_mse:s1-t5"], W_H1, B_H1)
+    # GKD's catalogue (issue 25): one shared Linear ds -> dt for H_0 and every mapped layer
+    assert sorted(aux.projections) == ["t/fit_dense"]
+    assert {l.projection for l in method.spec.losses if l.name in ("embeddings", "hidden")} == {"fit_dense"}
+    _set_linear(aux.projections["t/fit_dense"], W_FIT, B_FIT)
     assert aux.feature_requests("intermediate", "t") == (
         ["embeddings", "hidden:0", "hidden:1", "attention_scores:0", "attention_scores:1", "logits"],
         ["embeddings", "hidden:2", "hidden:5", "attention_scores:2", "attention_scores:5"],
@@ -195,10 +206,11 @@ def test_tinybert_losses_by_hand():
         d = np.array(s_rows)[:2, :2] - np.array(t_rows)[:2, :2]
         return float((d**2).sum() / 4)
 
-    emb = proj_mse(student["embeddings"], W_EMB, B_EMB, teacher["embeddings"])
+    emb = proj_mse(student["embeddings"], W_FIT, B_FIT, teacher["embeddings"])
     assert emb == approx((0.5**2 + 1 + 1.5**2) / 6)  # written out: diffs (0,0,.5), (0,1,1.5)
-    h0 = proj_mse(student["hidden:0"], W_H0, B_H0, teacher["hidden:2"])
-    h1 = proj_mse(student["hidden:1"], W_H1, B_H1, teacher["hidden:5"])
+    h0 = proj_mse(student["hidden:0"], W_FIT, B_FIT, teacher["hidden:2"])
+    h1 = proj_mse(student["hidden:1"], W_FIT, B_FIT, teacher["hidden:5"])
+    assert h0 == approx((1 + 0 + 0.25 + 4 + 0 + 12.25) / 6)  # written out: diffs (-1,0,.5), (-2,0,3.5)
     a0 = att_mse([[0.5, 1.0], [2.0, -1.0]], [[1.0, 0.0], [2.0, 2.0]])
     a1 = att_mse([[1.0, 1.0], [0.0, 0.0]], [[0.0, 1.0], [1.0, 0.0]])
     assert (a0, a1) == (approx((0.25 + 1 + 0 + 9) / 4), approx(0.5))
@@ -229,15 +241,16 @@ def test_tinybert_losses_by_hand():
 def test_tinybert_pretrain_stage_shares_projections():
     method = get_method("tinybert", pretrain=True)
     aux = method.build_auxiliary(Geometry(2, 2, 1), {"t": Geometry(6, 3, 1)})
-    assert len(aux.projections) == 3
+    assert list(aux.projections) == ["t/fit_dense"]  # one fit_dense for both stages
     assert aux.feature_requests("pretrain", "t") == aux.feature_requests("intermediate", "t")
 
 
 def test_tinybert_multi_teacher_projections_per_teacher():
     aux = get_method("tinybert").build_auxiliary(
         Geometry(2, 2, 1), {"big": Geometry(6, 3, 1), "deep.v2": Geometry(4, 5, 1)})
-    assert aux.projections["big/hidden_mse:s1-t5"].weight.shape == (3, 2)
-    assert aux.projections["deep_v2/hidden_mse:s1-t3"].weight.shape == (5, 2)
+    assert sorted(aux.projections) == ["big/fit_dense", "deep_v2/fit_dense"]  # one fit_dense per teacher
+    assert aux.projections["big/fit_dense"].weight.shape == (3, 2)
+    assert aux.projections["deep_v2/fit_dense"].weight.shape == (5, 2)
     assert aux.feature_requests("intermediate", "deep.v2")[1][:3] == ["embeddings", "hidden:1", "hidden:3"]
 
 
@@ -361,8 +374,13 @@ def theseus_pair(rate=None, **options):
 
 
 def test_theseus_schedule_values():
-    m = get_method("theseus")  # b = 0.3, linear to 1 at the last step
-    assert [m.replace_rate_at(s, 11) for s in (0, 5, 10)] == [approx(0.3), approx(0.65), approx(1.0)]
+    # default (GKD's catalogue, issue 25): b = 0.3, linear to 1 at 0.66 of the stage, then the
+    # successor alone; schedule_end=1 is the old default (1 at the last step)
+    m = get_method("theseus")
+    assert [m.replace_rate_at(s, 11) for s in (0, 5, 10)] == [approx(0.3), approx(0.3 + 0.7 * 0.5 / 0.66), 1.0]
+    assert m.replace_rate_at(7, 11) == 1.0
+    last = get_method("theseus", schedule_end=1.0)
+    assert [last.replace_rate_at(s, 11) for s in (0, 5, 10)] == [approx(0.3), approx(0.65), approx(1.0)]
     half = get_method("theseus", schedule_end=0.5)
     assert half.replace_rate_at(2, 11) == approx(0.3 + 0.7 * 0.2 / 0.5)
     assert half.replace_rate_at(5, 11) == approx(1.0) and half.replace_rate_at(8, 11) == 1.0

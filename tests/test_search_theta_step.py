@@ -15,6 +15,7 @@ from autoskd.data.tasks import load_task
 from autoskd.engine.batches import model_inputs
 from autoskd.engine.teachers import SampledTeacher, Teacher, theta_logit_scale
 from autoskd.engine.trainer import Distiller
+import autoskd.methods  # noqa: F401,E402 - registers "kd", which the engine looks up by name
 from autoskd.errors import AutoSKDError
 from autoskd.search.bilevel import named_trainable_params, unrolled_theta_grad
 from autoskd.search.distribution import TeacherDistribution, ThetaOptimizer

@@ -271,6 +271,9 @@ class AuxiliaryModel(nn.Module):
             if "mlm_logits" not in student_feats:
                 raise AutoSKDError("the MLM loss needs the student's 'mlm_logits'")
             logits = student_feats["mlm_logits"].float()
+            rows = batch.get("mlm_rows")
+            if rows is not None and logits.dim() == 2:  # [N, V] at the selected positions (Method.mlm_rows)
+                mlm_labels = mlm_labels[rows.to(mlm_labels.device)]
             out["mlm_ce"] = self.spec.mlm_weight * nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), mlm_labels.reshape(-1), ignore_index=-100)
         return out
@@ -311,6 +314,16 @@ class AuxiliaryModel(nn.Module):
                 t = zero_masked_scores(t)
         if loss.tokens == "masked":  # MLM-masked positions only (DistilBERT's soft loss)
             mask = (batch["mlm_labels"] != -100).long()
+        rows = batch.get("mlm_rows") if isinstance(batch, Mapping) else None
+        if rows is not None and term.student.kind == "mlm_logits" and s.dim() == 2:
+            # word predictions at the selected positions only ([N, V], Method.mlm_rows): this term
+            # reads those of them its mask keeps -- the same rows, and mean, as the [B, T, V] form
+            keep = (torch.ones_like(rows) if mask is None else mask.bool())[rows]  # both are the batch's
+            if not bool(keep.all()):
+                s, t = s[keep.to(s.device)], t[keep.to(t.device)]
+            if s.shape[0] == 0:  # no position to read: the masked mean of nothing is 0
+                return s.sum() * 0.0
+            mask = None
         feature_mask = None if getattr(transform, "own_mask", False) else self._feature_mask(term, s, mask, pairwise)
         tau = loss.temperature * schedule_value(loss.temperature_schedule, progress)
         return distance(s, t, temperature=tau, mask=feature_mask)

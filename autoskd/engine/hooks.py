@@ -13,7 +13,8 @@ requested features need -- ``attention_probs:-1`` hooks the last layer's query a
   ``finfo(dtype).min``; [B,heads,T,T].
 - ``attention_probs:i``: the same hooks; softmax of the scores.
 - ``mlm_logits``: hook on the last encoder layer; the model's ``mlm_head`` (BERT's MLM head,
-  see :mod:`autoskd.engine.mlm`) on the last hidden, or last hidden @ word_embeddingsᵀ without one.
+  see :mod:`autoskd.engine.mlm`) on the last hidden, or last hidden @ word_embeddingsᵀ without one;
+  [B,T,V], or [N,V] at the positions ``batch["mlm_rows"]`` selects when the batch has it.
 - ``logits``: no hook; ``output.logits`` (or the output itself when it is a tensor).
 - ``lm_logits``: no hook; a causal LM's ``output.logits``, [B,T,V] (the loss code masks tokens).
 
@@ -242,9 +243,11 @@ class FeatureExtractor:
         """The model-input keys of ``batch`` that this model accepts."""
         return {k: batch[k] for k in self._input_keys if k in batch and batch[k] is not None}
 
-    def __call__(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    def __call__(self, batch: Mapping[str, Any], sink: Callable[[dict[str, torch.Tensor], torch.Tensor], None]
+                 | None = None) -> dict[str, torch.Tensor]:
         """Run the model on ``batch``; return the requested features (keyed as requested)
-        and ``"logits"``."""
+        and ``"logits"``. ``sink(captured, logits)``, when given, also receives the hooked
+        modules' outputs (``{module path: tensor}``), e.g. to keep them for :meth:`derive`."""
         self._captured = {}
         self._recording = True
         attention = self._attention.recording() if self._attention is not None else contextlib.nullcontext()
@@ -255,12 +258,38 @@ class FeatureExtractor:
             self._recording = False
         try:
             logits = model_logits(output)
+            if sink is not None:
+                sink(dict(self._captured), logits)
             result = self._derive(batch, logits)
             result["logits"] = logits
         finally:
             self._captured = {}
             if self._attention is not None:
                 self._attention.clear()
+        return result
+
+    @property
+    def per_token_outputs(self) -> bool:
+        """Whether every hooked module's output is per row and per token of an encoder (embeddings,
+        layers, Q/K/V projections), so a row's outputs do not depend on the rest of its batch and
+        :meth:`derive` can rebuild the features from them (not MPNet's position bias, nor a causal
+        LM's attention capture)."""
+        return (self.adapter is not None and not self.adapter.causal and self._attention is None
+                and all(role in ("embeddings", "layer", "query", "key", "value") for role in self._paths.values()))
+
+    def derive(self, batch: Mapping[str, Any], captured: Mapping[str, torch.Tensor],
+               logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What :meth:`__call__` returns, from module outputs captured earlier (its ``sink``)
+        instead of a forward pass: the same derivation (heads, scores, MLM head) on them."""
+        missing = [p for p in self._paths if p not in captured]
+        if missing:
+            raise AutoSKDError(f"derive needs the outputs of {', '.join(missing)}")
+        self._captured = dict(captured)
+        try:
+            result = self._derive(batch, logits)
+            result["logits"] = logits
+        finally:
+            self._captured = {}
         return result
 
     def _derive(self, batch: Mapping[str, Any], logits: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -303,6 +332,9 @@ class FeatureExtractor:
                 t = lm_logits(logits)
             elif k == "mlm_logits":
                 last = captured(a.path("layer", a.geometry.num_layers - 1))
+                rows = batch.get("mlm_rows")
+                if rows is not None:  # only the positions a loss reads: [N, V] (Method.mlm_rows)
+                    last = last[rows.to(last.device)]
                 head = getattr(self.model, "mlm_head", None)
                 if isinstance(head, nn.Module):  # BERT's real MLM head (autoskd.engine.mlm)
                     t = head(last)

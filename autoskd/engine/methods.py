@@ -191,6 +191,37 @@ class Method:
         distillation replaces some batches by text the student generates."""
         return batch
 
+    #: Whether :meth:`mlm_rows` may narrow this method's word predictions to the rows its losses
+    #: read. A method whose own code needs ``mlm_logits`` as ``[B, T, V]`` sets it False.
+    select_mlm_rows: ClassVar[bool] = True
+
+    def mlm_rows(self, ctx, batch: dict) -> Tensor | None:
+        """The token positions (``[B, T]`` bool) at which this step's word predictions are read,
+        or None for all of them; the trainer puts them in ``batch["mlm_rows"]`` and every model's
+        ``mlm_logits`` is then ``[N, V]``, the selected positions in row-major order.
+
+        Why: the MLM head's ``[B, T, V]`` logits (V = 30,522 for MiniLM) and their softmax are
+        most of an MLM stage's step, yet the MLM loss reads only the masked tokens (~7% of the
+        positions of a padded batch) and a ``tokens="masked"`` term the same ones; ``"attention"``
+        terms (GLMD) read every real token (~half). Rows nothing reads change no loss value, so
+        they are not computed. None when a term transforms ``mlm_logits`` (a relation needs the
+        ``[B, T, V]`` layout) or the method opts out."""
+        if not self.select_mlm_rows or not isinstance(batch, dict) or batch.get("mlm_labels") is None:
+            return None
+        stage = getattr(ctx, "stage", "")
+        terms = [l for l in self.spec.losses_for(stage)
+                 if "mlm_logits" in (l.student.split(":")[0], l.teacher.split(":")[0])]
+        if not terms and not self.spec.uses_mlm(stage):
+            return None
+        if any(l.transform not in (None, "identity") for l in terms):
+            return None
+        rows = batch["mlm_labels"] != -100
+        if any(l.tokens != "masked" for l in terms):
+            if batch.get("attention_mask") is None:
+                return None
+            rows = rows | batch["attention_mask"].bool()
+        return rows
+
     def feature_requests(self, ctx, teacher_name: str | None) -> tuple[list[str], Any]:
         """(student feature names, what to ask the teacher(s) for) in this step."""
         return ctx.auxiliary.feature_requests(ctx.stage, teacher_name)

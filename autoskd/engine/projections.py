@@ -36,6 +36,12 @@ def per_teacher(teacher: str, key: str, base: str) -> str:
     return f"{_safe(teacher)}/{base}"
 
 
+@PROJECTIONS.register("fit_dense")
+def fit_dense(teacher: str, key: str, base: str) -> str:
+    """TinyBERT's ``fit_dense``: one Linear per teacher, shared by every term and layer naming it."""
+    return f"{_safe(teacher)}/fit_dense"
+
+
 @PROJECTIONS.register("shared")
 def shared(teacher: str, key: str, base: str) -> str:
     return f"shared/{base}"

@@ -65,6 +65,36 @@ def cos_matrix(x: Tensor) -> Tensor:
     return x @ x.transpose(-1, -2)
 
 
+def angles_at(gram: Tensor, anchor: Tensor, others: Tensor, eps: float = 1e-12) -> Tensor:
+    """Angles at anchor points from a Gram matrix: ``<e_ai, e_al>`` with
+    ``e_ai = normalize(x_i - x_a)`` (``F.normalize``: a zero difference gives 0) for ``i, l`` in
+    ``others``; ``gram`` [B, N, N] is ``x x^T``, ``anchor`` [B, M] and ``others`` [B, M, k] index
+    rows of x -> [B, M, k, k].
+
+    Why: CKD's window angles and MGSKD's top-k angles normalised the [B, M, k, H] differences
+    ``x_i - x_a`` and multiplied them, the largest tensors of their steps (and of the backward).
+    The same dot products and norms come from the Gram matrix,
+    ``(x_i - x_a).(x_l - x_a) = (G_il - G_ia) - (G_la - G_aa)``, divided by the norms after the
+    dot instead of before: the values of normalising first, up to float rounding
+    (tests/test_method_speedups.py)."""
+    b, n, _ = gram.shape
+    gram = (gram + gram.transpose(-1, -2)) * 0.5  # exactly symmetric: a zero difference stays exactly 0
+    flat = gram.reshape(b, n * n)
+
+    def at(rows: Tensor, cols: Tensor) -> Tensor:
+        rows, cols = torch.broadcast_tensors(rows, cols)
+        return flat.gather(1, (rows * n + cols).reshape(b, -1)).view(rows.shape)
+
+    a = anchor[..., None]                                                       # [B, M, 1]
+    g_il = at(others[..., :, None], others[..., None, :])                       # [B, M, k, k]
+    g_ia = at(others, a)                                                        # [B, M, k]
+    g_aa = at(anchor, anchor)[..., None]                                        # [B, M, 1]
+    dots = (g_il - g_ia[..., :, None]) - (g_ia[..., None, :] - g_aa[..., None])
+    sq = (g_il.diagonal(dim1=-2, dim2=-1) - g_ia) - (g_ia - g_aa)               # |x_i - x_a|^2
+    norms = sq.clamp_min(eps * eps).sqrt()                                      # max(|d|, eps), as F.normalize
+    return dots / (norms[..., :, None] * norms[..., None, :])
+
+
 def angle_tensor(x: Tensor) -> Tensor:
     """RKD/CKD angle relation among the rows of ``x`` [.., N, d]: cos of the angle at j
     between i and k, ``<e_ji, e_jk>`` with ``e_ji = normalize(x_i - x_j)`` -> [.., N, N, N]."""
@@ -133,16 +163,17 @@ def window_angle(x: Tensor, *, mask: Tensor | None = None, arg: str = "") -> Ten
     x = _f32(x)
     b, t, h = x.shape
     half = w // 2
-    padded = F.pad(x, (0, 0, half, half))                                    # [B, T+2h, H]
-    windows = padded.unfold(1, w, 1).transpose(-1, -2)                       # [B, T, w, H]
-    e = F.normalize(windows - x.unsqueeze(2), dim=-1)                        # e_ji for i in window
-    angles = e @ e.transpose(-1, -2)                                         # [B, T, w, w]
+    padded = F.pad(x, (0, 0, half, half))                                    # [B, T+2h, H], zeros past the ends
+    window = torch.arange(t, device=x.device)[:, None] + torch.arange(w, device=x.device)  # [T, w] padded positions
+    anchor = torch.arange(t, device=x.device) + half
+    # e_ji = normalize(x_i - x_j) for i in the window of j, angles <e_ji, e_jk>: from the Gram matrix
+    angles = angles_at(padded @ padded.transpose(-1, -2), anchor.expand(b, t), window.expand(b, t, w))
     m = mask.to(x.device, x.dtype) if mask is not None else x.new_ones(b, t)
     mw = F.pad(m, (half, half)).unfold(1, w, 1) * m.unsqueeze(-1)            # [B, T, w]
     return angles * mw.unsqueeze(-1) * mw.unsqueeze(-2)
 
 
-def _span_means(x: Tensor, mask: Tensor | None, n: int) -> tuple[Tensor, Tensor]:
+def span_means(x: Tensor, mask: Tensor | None, n: int) -> tuple[Tensor, Tensor]:
     """Mean vectors of consecutive n-token spans over real tokens, [B, T, H] -> [B, S, H]
     (S = ceil(T/n)), and which spans hold any real token, [B, S] (bool)."""
     x = _f32(x)
@@ -158,7 +189,7 @@ def _span_means(x: Tensor, mask: Tensor | None, n: int) -> tuple[Tensor, Tensor]
 def span_relation(x: Tensor, *, mask: Tensor | None = None, arg: str = "") -> Tensor:
     """MGSKD's span-level relation: mean vectors of consecutive n-token spans (n = 4), then
     their cosine matrix: [B, T, H] -> [B, S, S] (S = ceil(T/n)); empty spans contribute 0."""
-    spans, real = _span_means(x, mask, int(arg or 4))
+    spans, real = span_means(x, mask, int(arg or 4))
     rel = cos_matrix(spans)
     real = real.to(rel.dtype)
     return rel * real[:, :, None] * real[:, None, :]
@@ -205,7 +236,7 @@ _attrs(gram, pairwise=True, own_mask=True, merges_heads=False)
 def span_angle(x: Tensor, *, mask: Tensor | None = None, arg: str = "") -> Tensor:
     """MGSKD's span triplet angles: angle relation among the n-token span vectors
     [B, T, H] -> [B, S, S, S]; triples touching an empty span are zeroed."""
-    spans, real = _span_means(x, mask, int(arg or 4))
+    spans, real = span_means(x, mask, int(arg or 4))
     ang = angle_tensor(spans)
     real = real.to(ang.dtype)
     return ang * real[:, :, None, None] * real[:, None, :, None] * real[:, None, None, :]

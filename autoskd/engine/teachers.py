@@ -18,11 +18,85 @@ from torch.utils.data import DataLoader
 from ..errors import AutoSKDError
 from ..models.lazy import LazyModel, LazyModels
 from ..models.loading import freeze
-from .teacher_cache import TeacherOutputCache, compute_logits_table, loader_rows, model_fingerprint
+from .batches import to_device
+from .teacher_cache import TeacherOutputCache, compute_logits_table, loader_rows, model_fingerprint, sequential_loader
+
+
+class TeacherRows:
+    """A frozen teacher's hooked module outputs, per row of one training split.
+
+    Why: a method that matches intermediate features (hidden states, Q/K/V, attention scores)
+    ran the frozen, eval-mode teacher forward in every step, although a row's outputs are the
+    same in every epoch; the logits table (:mod:`.teacher_cache`) covers logits only. The first
+    step that asks for a set of modules runs the teacher once over the split in order (as the
+    logits table does) and keeps each row's outputs of those modules at its real tokens, and its
+    logits; every batch is then rebuilt from them and the extractor derives the features from
+    those outputs as after a forward (:meth:`~autoskd.engine.hooks.FeatureExtractor.derive`).
+    Values at real tokens are a forward's in the split's order (they differ from an in-batch
+    forward's by float rounding only; they do not depend on the data order, so a resumed run
+    sees the unbroken run's); padded positions come back as zeros (every loss masks them; live,
+    they depend on the batch's padding, not the row). A row is served only when its token ids
+    are the kept ones. Rows past ``max_bytes`` run live. Only stages with a ``data_id`` keep
+    rows: MLM-masked text changes every epoch, and the one method that changes the teacher's
+    forward (DIITO's interchange, operation hooks) does so in its masked pre-training stage."""
+
+    def __init__(self, loader: DataLoader | None = None, max_bytes: int = 1 << 30):
+        self.loader = loader  # the split, passed over in order to fill
+        self.filled: set[str] = set()  # module paths one pass has kept
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.tokens: dict[int, torch.Tensor] = {}  # idx -> the row's real token ids (and token types)
+        self.logits: dict[int, torch.Tensor] = {}
+        self.outputs: dict[str, dict[int, torch.Tensor]] = {}  # module path -> idx -> [real tokens, ...]
+
+    @staticmethod
+    def _row_tokens(batch: dict, j: int, real: torch.Tensor) -> torch.Tensor:
+        ids = batch["input_ids"][j][real]
+        types = batch.get("token_type_ids")
+        return ids if types is None else torch.stack([ids, types[j][real]])
+
+    def lookup(self, batch: dict, paths: list[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor] | None:
+        """``(captured outputs, logits)`` for ``batch`` when every row has every path, else None."""
+        if any(p not in self.outputs for p in paths):
+            return None
+        idx, mask = batch["idx"].tolist(), batch["attention_mask"].bool()
+        for j, i in enumerate(idx):
+            kept = self.tokens.get(i)
+            if kept is None or any(i not in self.outputs[p] for p in paths) \
+                    or not torch.equal(kept, self._row_tokens(batch, j, mask[j])):
+                return None
+        captured = {}
+        for p in paths:
+            rows = [self.outputs[p][i] for i in idx]
+            out = rows[0].new_zeros((*mask.shape, *rows[0].shape[1:]), device=mask.device)
+            out[mask] = torch.cat(rows).to(mask.device)  # row-major: each row's real tokens in order
+            captured[p] = out
+        return captured, torch.stack([self.logits[i] for i in idx]).to(mask.device)
+
+    def store(self, batch: dict, captured: dict[str, torch.Tensor], logits: torch.Tensor) -> None:
+        """Keep each row's real-token outputs of a live forward (per-token outputs only)."""
+        mask = batch["attention_mask"].bool()
+        if logits.dim() != 2 or any(t.dim() < 3 or tuple(t.shape[:2]) != tuple(mask.shape) for t in captured.values()):
+            return
+        for j, i in enumerate(batch["idx"].tolist()):
+            real = mask[j]
+            tokens = self._row_tokens(batch, j, real)
+            if i in self.tokens and not torch.equal(self.tokens[i], tokens):  # another row under this idx
+                for rows in self.outputs.values():
+                    rows.pop(i, None)
+            outs = {p: t[j][real].detach() for p, t in captured.items() if i not in self.outputs.get(p, {})}
+            size = sum(o.numel() * o.element_size() for o in outs.values())
+            if self.bytes + size > self.max_bytes:
+                return
+            self.bytes += size
+            self.tokens[i], self.logits[i] = tokens.clone(), logits[j].detach().clone()
+            for p, o in outs.items():
+                self.outputs.setdefault(p, {})[i] = o
 
 
 class Teacher:
-    """A frozen teacher model and, once ``prepare``d, its logits table for a training split."""
+    """A frozen teacher model and, once ``prepare``d, its logits table for a training split
+    (and the per-row store of its intermediate outputs, :class:`TeacherRows`)."""
 
     def __init__(self, name: str, model: nn.Module | LazyModel, fingerprint: str | None = None):
         self.name = name
@@ -34,6 +108,8 @@ class Teacher:
         self._fingerprint = fingerprint
         self.logits_table: torch.Tensor | None = None
         self._extractor = None
+        self.rows: TeacherRows | None = None  # this split's kept outputs (feature methods)
+        self._rows_id: str | None = None
 
     @property
     def model(self) -> nn.Module:
@@ -75,8 +151,15 @@ class Teacher:
 
     def prepare(self, loader: DataLoader, data_id: str | None, cache: TeacherOutputCache | None,
                 device: torch.device | str = "cpu", progress: bool = True) -> None:
-        """Load (or compute once and store) this teacher's logits for ``loader``'s split."""
+        """Load (or compute once and store) this teacher's logits for ``loader``'s split, and keep
+        its intermediate outputs per row from now on (:class:`TeacherRows`; for a split with a
+        ``data_id`` and a cache: a sharded teacher, which gets none, runs every step on every rank)."""
         self.logits_table = None if data_id is None else self.logits_for(loader, data_id, cache, device, progress)
+        if data_id is None or cache is None:
+            self.rows = None
+        elif self.rows is None or self._rows_id != data_id:
+            self.rows = TeacherRows(loader)
+        self._rows_id = data_id
 
     def logits_for(self, loader: DataLoader, data_id: str | None, cache: TeacherOutputCache | None,
                    device: torch.device | str = "cpu", progress: bool = True) -> torch.Tensor:
@@ -105,7 +188,21 @@ class Teacher:
             self._extractor = FeatureExtractor(self.model, names)
         elif set(self._extractor.features) != set(names):
             self._extractor.set_features(names)
-        return {k: v.detach() for k, v in self._extractor(batch).items()}
+        rows = getattr(self, "rows", None)
+        if rows is None or "idx" not in batch or batch.get("attention_mask") is None \
+                or not self._extractor.per_token_outputs:
+            return {k: v.detach() for k, v in self._extractor(batch).items()}
+        paths = self._extractor.hooked_paths
+        if not set(paths) <= rows.filled and rows.loader is not None:  # first ask: one pass over the split
+            device = batch["input_ids"].device
+            for part in sequential_loader(rows.loader):
+                part = to_device(part, device)
+                self._extractor(part, sink=lambda captured, logits, part=part: rows.store(part, captured, logits))
+            rows.filled.update(paths)
+        kept = rows.lookup(batch, paths)
+        if kept is None:  # a row the pass did not keep (memory bound, another split): live
+            return {k: v.detach() for k, v in self._extractor(batch).items()}
+        return {k: v.detach() for k, v in self._extractor.derive(batch, *kept).items()}
 
 
 class TeacherPolicy(ABC):

@@ -275,6 +275,9 @@ class Distiller:
         ctx = self.ctx
         self.method.on_step(ctx)
         batch = self.method.prepare_batch(ctx, batch)  # e.g. on-policy: the student writes the batch
+        rows = self.method.mlm_rows(ctx, batch)  # word predictions only where a loss reads them
+        if rows is not None:
+            batch = {**batch, "mlm_rows": rows}
         for cb in self.callbacks:
             cb.on_step_begin(self, ctx, batch)
         teacher_name = self.policy.choose(ctx.global_step) if self.policy is not None else None

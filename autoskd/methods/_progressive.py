@@ -1,5 +1,6 @@
-"""Progressive layer-wise distillation (MobileBERT, SID): the stage is cut into L + 1 phases
-(L = student layers) and each phase switches layer terms on or down by their student layer.
+"""Progressive layer-wise distillation (MobileBERT, SID): the stage is cut into phases (L + 1,
+L = student layers, unless the method says otherwise) and each phase switches layer terms on or
+down by their student layer.
 
 The resolved term keys carry the student layer (``attention_kl:s1-t3``); a subclass says,
 per phase, which factor a layer's terms get (``layer_factor``) and whether the non-layer
@@ -22,10 +23,14 @@ class Progressive(Method):
     #: Stages that run in phases; other stages are left as they are.
     progressive_stages: tuple[str, ...] = ("pretrain",)
 
+    def num_phases(self) -> int:
+        """How many phases the progressive stage is cut into (L + 1: the embeddings, then each layer)."""
+        return max(1, int(self.num_layers)) + 1
+
     def phase(self, ctx) -> int:
-        """0..L: the phase of the current step within the stage."""
-        layers = max(1, int(self.num_layers))
-        return min(layers, int(ctx.step * (layers + 1) // max(1, ctx.total_steps)))
+        """0..num_phases-1: the phase of the current step within the stage."""
+        phases = self.num_phases()
+        return min(phases - 1, int(ctx.step * phases // max(1, ctx.total_steps)))
 
     def setup(self, student, teachers) -> None:
         from ..models.adapters import ArchitectureAdapter

@@ -1,6 +1,7 @@
 """Annealing-KD (Jafari et al. 2021): the student first regresses the teacher's logits scaled
 by phi(t) = 1 - (ceil(7(1 - t/N)) - 1)/7 -- a gentle 1/7 of them at first, the full logits at
-the end (MSE, stage ``annealing``) -- then fine-tunes on gold labels (stage ``task``)."""
+the end (MSE, stage ``annealing``) -- then fine-tunes on gold labels (stage ``task``). Follows
+GKD's catalogue."""
 
 from ..engine.methods import METHODS, Method
 from ..engine.spec import FeatureLoss, MethodSpec

@@ -4,8 +4,10 @@ On uniformly mapped layers: word relation -- KL between softmaxed token-token co
 matrices (x1) -- and the local word angle within a 21-token window (smooth L1, x10); across
 the mapped layers: the layer relation of each token's representations (cosine matrix over
 layers, MSE x1) and their angle (smooth L1, x10); plus 0.9 x soft CE at tau 3 on the logits
-and 0.1 x hard labels. Relations are T x T / L x L, so widths may differ. The same terms run
-in pre-training with ``--pretrain-epochs``.
+and 0.1 x hard labels. Relations are T x T / L x L, so widths may differ. Follows GKD's
+catalogue: its pt -> ft needs no unlabelled corpus (GLMD App. A.1 ran CKD's task-specific
+loss only), so pt is the student's pre-trained start, the team's ``init``; the same terms also
+run in a pre-training stage when ``--pretrain-epochs`` asks for one.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ Loss = psi(t) x hard cross-entropy + (1 - psi(t)) x mean_i [m_i > phi(t)] m_i, w
 m_i = MSE(z_s,i, phi(t) z_t,i) is sample i's regression to the annealed teacher logits
 (phi as Annealing-KD) and only samples still further away than phi count; psi(t) rises
 linearly to 1/2 at 0.666 of the stage (t/(1.333 N)) and is 1 after it, so the stage ends on
-gold labels alone. The paper's pre-training stage is not part of this task-stage method.
+gold labels alone. Follows GKD's catalogue: its pt -> ft needs no unlabelled corpus, so pt is
+the student's pre-trained start (the team's ``init``), and this is the ft stage.
 """
 
 from __future__ import annotations

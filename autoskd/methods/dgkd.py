@@ -1,7 +1,8 @@
 """DGKD (Son et al. 2021): densely guided KD. Every earlier model of a teacher-assistant
 chain (the teacher and each assistant) teaches the student at once: 0.5 x soft CE at tau 10
 per teacher, each teacher kept with probability 0.75 per step (stochastic teacher dropout,
-at least one kept), summed, plus 0.5 x hard labels. ``autoskd chain --method dgkd`` runs it."""
+at least one kept), summed, plus 0.5 x hard labels. ``autoskd chain --method dgkd`` runs it.
+Follows GKD's catalogue."""
 
 from ..engine.multi_teacher import MultiTeacherMethod
 from ..engine.methods import METHODS

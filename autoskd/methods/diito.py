@@ -9,7 +9,8 @@ Pre-training stage, two passes per step:
    of the next example in the batch (operation hooks, no model code touched), and the
    student matches the intervened teacher's word predictions (0.25 x KL at tau 2).
 
-The task stage fine-tunes on gold labels. Needs MLM heads and one width/tokenizer.
+The task stage fine-tunes on gold labels. Needs MLM heads and one width/tokenizer. Follows GKD's
+catalogue.
 """
 
 from __future__ import annotations
@@ -101,7 +102,15 @@ class DIITO(Method):
             s_logits = fx(batch)["mlm_logits"]
         from ..engine.losses import kl
 
-        mask = (batch["mlm_labels"] != -100).float()[:, :, None]
-        out["interchange_kl"] = self.options["interchange_weight"] * kl(
-            s_logits, teacher_feats["ii:mlm_logits"], temperature=self.options["temperature_ii"], mask=mask)
+        masked, t_logits = batch["mlm_labels"] != -100, teacher_feats["ii:mlm_logits"]
+        rows = batch.get("mlm_rows")
+        if rows is not None and s_logits.dim() == 2:  # [N, V] at the selected positions (Method.mlm_rows)
+            keep = masked[rows]
+            if not bool(keep.all()):
+                s_logits, t_logits = s_logits[keep], t_logits[keep]
+            loss = kl(s_logits, t_logits, temperature=self.options["temperature_ii"]) if len(s_logits) else \
+                s_logits.sum() * 0.0
+        else:
+            loss = kl(s_logits, t_logits, temperature=self.options["temperature_ii"], mask=masked.float()[:, :, None])
+        out["interchange_kl"] = self.options["interchange_weight"] * loss
         return out

@@ -1,7 +1,8 @@
 """DistilBERT (Sanh et al. 2019): pre-training distillation on unlabelled text with
 5 x KL at tau 2 on the masked tokens' word-prediction logits, 2 x the student's own MLM
 loss and 1 x (1 - cos) between the final hidden states; then fine-tuning on gold labels.
-Needs MLM heads (the teacher's is adapted first) and equal hidden widths."""
+Needs MLM heads (the teacher's is adapted first) and equal hidden widths. Follows GKD's
+catalogue."""
 
 from ..engine.methods import METHODS, Method
 from ..engine.spec import FeatureLoss, MethodSpec

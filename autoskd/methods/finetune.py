@@ -1,6 +1,7 @@
 """Fine-tuning: cross-entropy on the gold labels, no teacher.
 
 The engine has one training loop; teachers are fine-tuned by running it with this method.
+Not a distillation method, so not in GKD's catalogue.
 """
 
 from __future__ import annotations

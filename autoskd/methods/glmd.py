@@ -10,6 +10,11 @@ adaptation stage first (:func:`autoskd.engine.mlm.adapt_teacher_mlm`).
 Vocabulary compression (``vocab_alpha`` < 1, :mod:`.glmd_vocab`): :meth:`GLMD.compress`
 shrinks the student's embedding to the kept tokens before training; each step the student's
 input ids and MLM labels are remapped and the teacher's word logits sliced to the kept ids.
+Follows GKD's catalogue.
+
+Deviations: ``vocab_alpha`` defaults to 1, the paper's GLMD-vc (no compression), not 0.5: a
+compressed student has its own vocabulary and tokenizer, so it would no longer share the team's
+or be the same architecture as every other method's student; ``vocab_alpha=0.5`` compresses.
 """
 
 from __future__ import annotations

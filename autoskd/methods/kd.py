@@ -3,6 +3,11 @@
 Loss: ``alpha * tau^2 * KL(softmax(z_T/tau) || softmax(z_S/tau)) + (1 - alpha) * CE(z_S, y)``.
 The default ``alpha=1`` is pure prediction-layer distillation (no gold labels), as the
 teacher -> student distillation step of AutoSKDBERT; ``tau`` defaults to 2.
+
+Deviations: GKD's catalogue has KD as soft CE at tau 10 (no tau^2) plus gold labels. ``kd`` is
+kept as AutoSKDBERT's distillation step, the method this project implements: the search, its
+baselines and the decoder-LM recipes run ``kd`` and read its ``alpha``/``temperature``, so its
+defaults are that step's; ``alpha`` and ``temperature`` set other mixes.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ towards its own sample's teacher representation and away from the other samples'
 batch (COS-NCE on mean-pooled hidden states). Stages: MLM pre-training of the student
 (``pretrain``, with ``--pretrain-epochs``), then COS-NCE alone (``intermediate``), then
 COS-NCE + KL at tau 1.1 on logits + 3 x hard labels (``prediction``). Batches need >= 2 rows.
+Follows GKD's catalogue; as GLMD App. A.1, without the paper's gradient perturbation.
 """
 
 from ..engine.methods import METHODS, Method

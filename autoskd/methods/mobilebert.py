@@ -4,8 +4,11 @@ Terms: per-layer attention KL and 0.5 x hidden-state MSE (embeddings H_0 and eve
 one-to-one when depths are equal, else the uniform map). The pre-training stage is cut into
 L + 1 phases: phase 0 trains the embeddings, phase k the layers up to k, with the terms of
 layers before k down-weighted x0.1 (the paper freezes them). The task stage fine-tunes on
-gold labels. MobileBERT's bottleneck architecture itself is not reproduced: any student
-with the teacher's head count works (widths are bridged by linear projections).
+gold labels. Follows GKD's catalogue.
+
+Deviations: MobileBERT's inverted-bottleneck architecture is not reproduced (GKD pre-trained one
+for a week): any student with the teacher's head count works, widths bridged by linear
+projections.
 """
 
 from ..engine.methods import METHODS

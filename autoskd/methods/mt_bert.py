@@ -2,8 +2,10 @@
 
 Per teacher k and sample i: soft cross-entropy (tau 1) between teacher and student logits,
 weighted by w_ik = 1 / (1 + CE(teacher k's logits, gold label)) -- a teacher that is wrong on
-a sample speaks less for it; plus PKD-style MSE of the L2-normalised [CLS] states of skip-
-mapped layers through one Linear per teacher; terms averaged over teachers; plus hard labels.
+a sample speaks less for it; plus PKD-style MSE (x100) of the L2-normalised [CLS] states of
+uniformly mapped layers (GKD's catalogue: map ``u``) through one Linear per teacher; terms
+averaged over teachers; plus hard labels. As GLMD's runs, no co-finetuning of the teachers (the
+team's teachers are fine-tuned apart).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ class MTBERT(MultiTeacherMethod):
         name="mt_bert",
         description="MT-BERT: per-teacher soft CE weighted per sample by 1/(1 + teacher CE), PKD-style hidden "
                     "MSE through a Linear per teacher, plus hard labels.",
-        losses=(FeatureLoss("hidden:{s}", "hidden:{t}", "mse", weight=100.0, layers="skip", projection="per_teacher",
+        losses=(FeatureLoss("hidden:{s}", "hidden:{t}", "mse", weight=100.0, layers="uniform", projection="per_teacher",
                             transform="cls_l2", name="patient"),),
         hard_label_weight=1.0, extra={"teachers": "all"},
         reference="Wu et al. 2021, One Teacher is Enough? Pre-trained Language Model Distillation from Multiple "

@@ -6,7 +6,7 @@ with probability ``lmbda`` a step's batch is replaced by the student's sampled c
 the batch's prompts (its first ``prompt_tokens`` tokens), and the teacher grades every written
 token. The loss is the generalised JSD with ``beta`` (0: forward KL, 1: reverse KL) at the
 written positions; other steps use the corpus batch. The teacher runs live on written batches
-(the cache only covers the corpus).
+(the cache only covers the corpus). Not in GKD's (Tan et al.) catalogue: a decoder-LM method.
 """
 
 from __future__ import annotations

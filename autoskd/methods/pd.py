@@ -1,6 +1,7 @@
 """PD, Pre-trained Distillation (Turc et al. 2019): pre-train the student with MLM, then
 distil the task with the teacher's soft labels only (soft cross-entropy at tau = 1, no gold
-labels). The pre-training stage runs on unlabelled text with ``--pretrain-epochs``."""
+labels). The pre-training stage runs on unlabelled text with ``--pretrain-epochs``. Follows
+GKD's catalogue."""
 
 from ..engine.methods import METHODS, Method
 from ..engine.spec import FeatureLoss, MethodSpec

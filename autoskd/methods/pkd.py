@@ -1,7 +1,8 @@
 """Patient KD, PKD-skip (Sun et al. 2019): the student's intermediate [CLS] vectors,
 L2-normalised, match every k-th teacher layer's (k = Lt/Ls, last layer excluded) by MSE x100,
 plus 0.5 x KL at tau 10 on the logits and 0.5 x cross-entropy on gold labels. The paper
-initialises the student from the teacher's first layers (team ``init: truncated-teacher``)."""
+initialises the student from the teacher's first layers (team ``init: truncated-teacher``).
+Follows GKD's catalogue (half-depth student: teacher layers 2, 4, .., Lt-2)."""
 
 from ..engine.methods import METHODS, Method
 from ..engine.spec import FeatureLoss, MethodSpec

@@ -4,6 +4,7 @@ At the start of every epoch, L_s - 1 teacher layers are drawn at random (sorted,
 excluded); the mean-pooled hidden states of the student's first L_s - 1 layers and of the
 drawn teacher layers are each concatenated, mapped by a Linear to 128 dims, L2-normalised
 and matched by MSE (x1/3), beside 1/3 x soft CE at tau 10 on the logits and 1/3 x hard labels.
+Follows GKD's catalogue (the student starts from a DistilBERT-style model: the team's ``init``).
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ cross-entropy on the gold label and its logits, then a sigmoid -- samples a Bern
 per (sample, teacher); the student learns from the selected teachers only (soft CE at tau
 10, averaged over the selected ones; a sample with none selected learns from gold labels
 alone) and the agent is trained by REINFORCE with reward -CE(student, gold) per sample
-(mean reward as the baseline). The agent's parameters live in the auxiliary model.
+(mean reward as the baseline). The agent's parameters live in the auxiliary model. Follows
+GKD's catalogue; the agent starts by selecting every teacher (bias 2, ours: the catalogue is silent).
 """
 
 from __future__ import annotations

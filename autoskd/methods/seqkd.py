@@ -4,7 +4,8 @@ The student is trained with plain next-token cross-entropy on the *teacher's* gr
 continuations of the training prompts (the first ``prompt_tokens`` of each training block),
 instead of on the corpus: it learns the teacher's mode, not the data's. Kim & Rush decode with
 beam search; greedy decoding (beam 1) is their cheapest variant and what runs here. The
-continuations are generated once and cached (:mod:`autoskd.lm.generation`).
+continuations are generated once and cached (:mod:`autoskd.lm.generation`). Not in GKD's
+catalogue (a decoder-LM method).
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ Replacement rate (curriculum), ``t`` = 0-based step in the stage, ``T`` = its st
 
 * default: ``p(t) = min(1, b + (1 - b) * t / ((T - 1) * schedule_end))`` -- from
   ``base_rate`` b = 0.3 linearly to 1, reached at the ``schedule_end`` fraction of the stage
-  (1.0: at the last step); after it, every group is replaced (the successor trains alone);
+  (0.66, GKD's catalogue: p(t) = .3 + .7t/(.66N); 1.0: at the last step); after it, every group
+  is replaced (the successor trains alone, the paper's post-replacement fine-tuning);
 * ``rate_slope=r``: ``p(t) = min(1, b + r * t)`` (the paper's linear scheduler, r per step);
 * ``replace_rate=p``: constant p (the paper's constant scheduler).
 
@@ -53,7 +54,7 @@ class Theseus(Method):
         reference="Xu et al. 2020, BERT-of-Theseus: Compressing BERT by Progressive Module Replacing (EMNLP)",
         extra={"needs_teacher_modules": True},
     )
-    OPTIONS = {"base_rate": 0.3, "schedule_end": 1.0, "rate_slope": None, "replace_rate": None, "seed": 0}
+    OPTIONS = {"base_rate": 0.3, "schedule_end": 0.66, "rate_slope": None, "replace_rate": None, "seed": 0}
 
     def configure(self, spec: MethodSpec, options: dict[str, Any]) -> MethodSpec:
         o = options

@@ -1,6 +1,7 @@
 """TMKD (Yang et al. 2020): multi-teacher KD. The student regresses every teacher's logits
 (MSE), averaged over the teachers, in a pre-training stage on unlabelled text and in the task
-stage, where gold labels add a cross-entropy weighted 1/n (n teachers)."""
+stage, where gold labels add a cross-entropy weighted 1/n (n teachers). Follows GKD's
+catalogue; as GLMD App. A.1, without the paper's multi-header output layer."""
 
 from ..engine.multi_teacher import MultiTeacherMethod
 from ..engine.methods import METHODS

@@ -1,7 +1,8 @@
 """Uncertainty-driven teacher assignment (Li et al. 2021, "dynamic KD"): the batch is sorted
 by the student's prediction entropy and cut into n groups (n teachers ordered by size); the
 most uncertain group learns from the smallest teacher and the most confident from the largest
-(as methods.md states GKD's setting), each group by KL (tau 1); plus hard labels."""
+(as methods.md states GKD's setting), each group by KL (tau 1); plus hard labels. Follows GKD's
+catalogue (the paper's hard selection)."""
 
 from __future__ import annotations
 

@@ -1,10 +1,12 @@
 """Universal-KD (Wu et al. 2021): attention over teacher layers with learned projections.
 
-For each intermediate student layer i (1..L-1), its [CLS] vector queries the teacher's
-intermediate layers' [CLS] vectors, each mapped to the student width by its own Linear;
-the student's vector matches the attention-weighted teacher vector by KL between their
-softmaxes over the hidden dimension (x0.5), beside 0.5 x KL (tau 1) on logits (stage
-``intermediate``); stage ``task`` then fine-tunes on gold labels.
+For each intermediate student layer i (H_1..H_{L-1}), its [CLS] vector queries the teacher's
+intermediate layers' [CLS] vectors (H_1..H_{L-1}, the last excluded), each mapped to the
+student width by its own Linear; the student's vector matches the attention-weighted teacher
+vector by KL between their softmaxes over the hidden dimension (x0.5), beside 0.5 x KL (tau 1)
+on logits (stage ``intermediate``); stage ``task`` then fine-tunes on gold labels. Follows
+GKD's catalogue (Universal-KD(IL), GLMD App. A.1; student from the truncated teacher: the
+team's ``init``).
 """
 
 from __future__ import annotations
@@ -36,11 +38,14 @@ class UniversalKD(LayerAttention):
     def student_layers(self, num_layers: int) -> range:
         return range(max(1, num_layers - 1))  # intermediate layers (layer 0 for a 2-layer student)
 
+    def teacher_layers(self, num_layers: int) -> range:
+        return range(max(1, num_layers - 1))  # H_1..H_{L-1}: the last layer speaks through the logits
+
     def build_auxiliary(self, student_geom, teacher_geoms):
         aux = super().build_auxiliary(student_geom, teacher_geoms)
         for name, geom in teacher_geoms.items():
             aux.extra[f"proj_{name}".replace(".", "_")] = nn.ModuleList(
-                nn.Linear(geom.hidden_size, student_geom.hidden_size) for _ in range(geom.num_layers))
+                nn.Linear(geom.hidden_size, student_geom.hidden_size) for _ in self.teacher_layers(geom.num_layers))
         return aux
 
     def losses(self, ctx, student_feats, teacher_feats, teacher_name, batch) -> dict[str, Tensor]:
@@ -49,8 +54,9 @@ class UniversalKD(LayerAttention):
             return out
         name = teacher_name or next(iter(ctx.auxiliary.teacher_geoms))
         projections = ctx.auxiliary.extra[f"proj_{name}".replace(".", "_")]
+        layers = self.teacher_layers(ctx.auxiliary.teacher_geoms[name].num_layers)
         teachers = torch.stack([proj(teacher_feats[f"hidden:{j}"][:, 0].float())
-                                for j, proj in enumerate(projections)], dim=1)
+                                for j, proj in zip(layers, projections)], dim=1)
         terms = []
         for i in self.student_layers(ctx.auxiliary.student_geom.num_layers):
             s = student_feats[f"hidden:{i}"][:, 0].float()

@@ -13,6 +13,17 @@ from one of:
 ``layers=k`` keeps the first ``k`` encoder layers (how the default team cuts a 1..6 layer
 ladder out of one 6-layer checkpoint); the config is updated so the saved model reloads with
 plain ``transformers``.
+
+The classifier head pools the way the checkpoint was trained (:func:`checkpoint_pooling`): a
+sentence-transformers checkpoint whose ``Pooling`` module averages the tokens (all-MiniLM-L6-v2)
+gets a *mean-pooling* head (:class:`MeanPooler` in place of BERT's [CLS] pooler); any other
+checkpoint keeps its own head. Why: the [CLS] pooler of a sentence-embedding checkpoint was never
+trained, and on the ladder team's task a cut MiniLM fine-tuned through it sits at the majority
+class for 32-40 steps at lr 5e-4 where the mean-pooled head leaves it by step 24 and ends higher
+(``benchmarks/README.md``, methods table). A model with the mean head records
+``classifier_pooling: mean`` in its config; :func:`save_student` also writes the head's code
+beside the weights, so ``AutoModelForSequenceClassification.from_pretrained(folder,
+trust_remote_code=True)`` (or :func:`load_classifier`) reloads it exactly.
 """
 
 from __future__ import annotations
@@ -66,6 +77,10 @@ MODEL_ALIASES: dict[str, str] = _LazyAliases({"minilm-l6": _minilm_l6_path})
 
 #: Accepted values of ``init`` for a student (teachers always use ``pretrained``).
 INIT_CHOICES = ("pretrained", "random", "truncated-teacher")
+
+#: How a classifier turns the last hidden states into one vector per row: ``cls`` (the model's
+#: own head, BERT's [CLS] pooler) or ``mean`` (the average over real tokens, :class:`MeanPooler`).
+POOLING_CHOICES = ("cls", "mean")
 
 #: Config attributes that hold the layer count, by model family.
 _LAYER_COUNT_ATTRS = ("num_hidden_layers", "n_layers", "num_layers")
@@ -171,14 +186,17 @@ def config_num_layers(config) -> int | None:
 
 
 def load_classifier(source: str | os.PathLike | nn.Module, *, num_labels: int, layers: int | None = None,
-                    init: str = "pretrained", seed: int = 0, teacher: nn.Module | None = None) -> nn.Module:
+                    init: str = "pretrained", seed: int = 0, teacher: nn.Module | None = None,
+                    pooling: str | None = None) -> nn.Module:
     """A sequence classifier with ``num_labels`` outputs.
 
     ``init``: ``pretrained`` loads the checkpoint's weights (a fresh, seeded classifier head when
     the checkpoint has none or a different label count); ``random`` builds the architecture from
     its config with seeded random weights; ``truncated-teacher`` builds the architecture and then
     copies ``teacher``'s embeddings, first layers, pooler and classifier (:func:`init_from_teacher`).
-    ``layers=k`` keeps the first ``k`` encoder layers. An ``nn.Module`` passes through untouched.
+    ``layers=k`` keeps the first ``k`` encoder layers. ``pooling`` (``cls``/``mean``) overrides
+    the head :func:`checkpoint_pooling` reads from the checkpoint. An ``nn.Module`` passes through
+    untouched.
     """
     if isinstance(source, nn.Module):
         if layers is not None:
@@ -186,6 +204,8 @@ def load_classifier(source: str | os.PathLike | nn.Module, *, num_labels: int, l
         return source
     if init not in INIT_CHOICES:
         raise AutoSKDError(f"unknown init '{init}'; use one of: {', '.join(INIT_CHOICES)}")
+    if pooling is not None and pooling not in POOLING_CHOICES:
+        raise AutoSKDError(f"unknown pooling '{pooling}'; use one of: {', '.join(POOLING_CHOICES)}")
     if not isinstance(num_labels, int) or num_labels < 1:
         raise AutoSKDError(f"num_labels must be a positive integer (got {num_labels!r})")
     if init == "truncated-teacher" and teacher is None:
@@ -216,6 +236,8 @@ def load_classifier(source: str | os.PathLike | nn.Module, *, num_labels: int, l
                 model = AutoModelForSequenceClassification.from_config(config)
     if layers is not None:
         truncate_layers(model, layers)
+    if (pooling or checkpoint_pooling(resolved, config)) == "mean":
+        use_mean_pooling(model)
     if init == "truncated-teacher":
         init_from_teacher(model, teacher)
     return model
@@ -387,6 +409,8 @@ def save_student(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike,
                  label_names: Sequence[str] | None = None) -> Path:
     """Write a model that reloads with plain ``AutoModelForSequenceClassification.from_pretrained``:
     safetensors weights + config (with ``id2label``/``label2id`` from ``label_names``) + tokenizer.
+    A model with the mean-pooling head also gets the head's code (:func:`write_pooling_code`):
+    it reloads with ``from_pretrained(folder, trust_remote_code=True)`` or :func:`load_classifier`.
 
     A user's own ``nn.Module`` (no ``save_pretrained``) is saved as ``model.safetensors`` only.
     """
@@ -403,6 +427,8 @@ def save_student(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike,
     if callable(getattr(model, "save_pretrained", None)):
         with quiet_transformers():
             model.save_pretrained(str(out))
+        if pooling_of(model) == "mean":
+            write_pooling_code(out)
     else:
         from safetensors.torch import save_model
 
@@ -410,3 +436,131 @@ def save_student(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike,
     if tokenizer is not None and callable(getattr(tokenizer, "save_pretrained", None)):
         tokenizer.save_pretrained(str(out))
     return out
+
+
+
+# ----------------------------------------------------------------------------------------------
+# The classifier head's pooling
+
+
+class MeanPooler(nn.Module):
+    """Mean of the last hidden states over the real tokens of each row: the sentence vector a
+    sentence-transformers checkpoint was trained to produce, in place of BERT's [CLS] pooler
+    (whose dense layer such a checkpoint never trained). The encoder's ``attention_mask`` reaches
+    it through :meth:`capture_mask`, a forward pre-hook on the encoder (the pooler itself is
+    called with the hidden states only); without a mask every position counts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mask: torch.Tensor | None = None
+
+    def capture_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask")
+        self.mask = args[1] if mask is None and len(args) > 1 else mask
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        mask = self.mask
+        if mask is None or mask.dim() != 2 or tuple(mask.shape) != tuple(hidden_states.shape[:2]):
+            return hidden_states.mean(1)
+        weights = mask.to(hidden_states.dtype).unsqueeze(-1)
+        return (hidden_states * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
+def use_mean_pooling(model: nn.Module) -> nn.Module:
+    """Give a BERT-style classifier (its encoder has a ``pooler`` whose output the classifier
+    reads) the mean-pooling head, in place; returns the model. The config records
+    ``classifier_pooling: mean`` so a saved copy reloads with the same head."""
+    base = base_model(model)
+    if isinstance(getattr(base, "pooler", None), MeanPooler):
+        return model
+    if not isinstance(getattr(base, "pooler", None), nn.Module):
+        raise AutoSKDError(f"{type(model).__name__} has no [CLS] pooler to replace; mean pooling is built for "
+                           "BERT-style classifiers, use pooling 'cls' for this model")
+    pooler = MeanPooler()
+    base.pooler = pooler
+    # a bound method: a deep copy of the model hooks the copy's own pooler
+    base.register_forward_pre_hook(pooler.capture_mask, with_kwargs=True)
+    for config in _configs(model):
+        config.classifier_pooling = "mean"
+    return model
+
+
+def pooling_of(model: nn.Module) -> str:
+    """``mean`` when the model's head is a :class:`MeanPooler`, else ``cls``."""
+    return "mean" if isinstance(getattr(base_model(model), "pooler", None), MeanPooler) else "cls"
+
+
+def _checkpoint_file(resolved: str, name: str) -> Path | None:
+    """``name`` inside a local folder, or inside a hub model already in the local cache (never
+    downloaded: a checkpoint read offline pools the same way as online)."""
+    path = Path(resolved) / name
+    if Path(resolved).is_dir():
+        return path if path.is_file() else None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(resolved, name)
+    except Exception:  # noqa: BLE001 - not a repo id: nothing cached
+        return None
+    return Path(found) if isinstance(found, (str, os.PathLike)) else None
+
+
+def checkpoint_pooling(resolved: str, config: Any = None) -> str:
+    """How the checkpoint at ``resolved`` pools a row into one vector: ``classifier_pooling`` of
+    its config when set (a model autoskd saved), else ``mean`` for a sentence-transformers
+    checkpoint whose ``Pooling`` module averages the tokens and nothing else (``modules.json``
+    -> ``<path>/config.json``: ``pooling_mode_mean_tokens`` only), else ``cls``."""
+    import json
+
+    recorded = getattr(config, "classifier_pooling", None)
+    if recorded in POOLING_CHOICES:
+        return recorded
+    modules_file = _checkpoint_file(resolved, "modules.json")
+    if modules_file is None:
+        return "cls"
+    try:
+        modules = json.loads(modules_file.read_text())
+        pooling = next((m for m in modules if str(m.get("type", "")).endswith("models.Pooling")), None)
+        if pooling is None:
+            return "cls"
+        pool_file = _checkpoint_file(resolved, f"{pooling.get('path', '')}/config.json".lstrip("/"))
+        modes = json.loads(pool_file.read_text()) if pool_file is not None else {}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return "cls"
+    on = {k for k, v in modes.items() if k.startswith("pooling_mode_") and v is True}
+    return "mean" if on == {"pooling_mode_mean_tokens"} else "cls"
+
+
+#: The module ``save_student`` writes beside a mean-pooled model's weights (transformers' remote code).
+POOLING_CODE_FILE = "modeling_autoskd_pooling.py"
+_POOLED_CLASS = "BertMeanPooledForSequenceClassification"
+
+
+def write_pooling_code(out_dir: str | os.PathLike) -> Path:
+    """Make a saved mean-pooled BERT classifier reload with its head through transformers: the
+    :class:`MeanPooler` code in :data:`POOLING_CODE_FILE` and ``auto_map`` in ``config.json``, so
+    ``AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)``
+    builds the same model (the code imports only torch and transformers)."""
+    import inspect
+    import json
+
+    out = Path(out_dir)
+    code = "\n".join([
+        '"""Written by autoskd: a BERT sequence classifier whose head is the mean of the last hidden states',
+        "over real tokens (how a sentence-transformers checkpoint pools), in place of the [CLS] pooler.",
+        'Load with AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)."""',
+        "", "from __future__ import annotations", "", "import torch", "from torch import nn", "from transformers import BertForSequenceClassification",
+        "", "", inspect.getsource(MeanPooler), "",
+        f"class {_POOLED_CLASS}(BertForSequenceClassification):",
+        "    def __init__(self, config):",
+        "        super().__init__(config)",
+        "        pooler = MeanPooler()",
+        "        self.bert.pooler = pooler",
+        "        self.bert.register_forward_pre_hook(pooler.capture_mask, with_kwargs=True)", ""])
+    (out / POOLING_CODE_FILE).write_text(code)
+    config_file = out / "config.json"
+    config = json.loads(config_file.read_text())
+    config["auto_map"] = {"AutoModelForSequenceClassification": f"{POOLING_CODE_FILE[:-3]}.{_POOLED_CLASS}"}
+    config["classifier_pooling"] = "mean"
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return out / POOLING_CODE_FILE

@@ -20,7 +20,7 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import AutoSKDError
-from ..models.loading import freeze, load_classifier, resolve_source
+from ..models.loading import checkpoint_pooling, freeze, load_classifier, resolve_source
 from ..rerun import path_identity
 from .probe import tokenizer_fingerprint
 from .spec import ModelSpec, TeamSpec, _sha256
@@ -69,12 +69,21 @@ def tokenizer_identity(tokenizer) -> dict:
 
 
 def teacher_cache_key(spec: ModelSpec, task, max_length: int, seed: int, tokenizer) -> str:
-    """Hash of everything a spec teacher's fine-tuned weights depend on."""
+    """Hash of everything a spec teacher's fine-tuned weights depend on (a mean-pooling head,
+    :func:`~autoskd.models.loading.checkpoint_pooling`, too: such a teacher is another model)."""
+    head = {"pooling": "mean"} if _pooling(spec.source) == "mean" else {}  # [CLS] teachers keep their keys
     return _sha256({"version": 2, "teacher": spec.to_dict(), "spec_hash": spec.spec_hash(),
                     "source": source_identity(spec.source),
                     "train": task.fingerprint("train_full"), "dev": task.fingerprint("dev"),
                     "num_labels": task.num_labels, "max_length": max_length, "seed": seed,
-                    "tokenizer": tokenizer_identity(tokenizer)})
+                    "tokenizer": tokenizer_identity(tokenizer), **head})
+
+
+def _pooling(source: str | None) -> str:
+    try:
+        return checkpoint_pooling(resolve_source(source)) if source is not None else "cls"
+    except AutoSKDError:
+        return "cls"
 
 
 def team_spec_identity(spec: TeamSpec) -> dict:
