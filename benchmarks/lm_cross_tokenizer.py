@@ -11,6 +11,10 @@ own (``autoskd/lm/cross_tokenizer.py``): KL on the tokens both vocabularies shar
 seed) writes ``results/lm_cross_tokenizer/<arm>-s<seed>.json`` and is skipped when there.
 
     python benchmarks/lm_cross_tokenizer.py                 # 3 seeds (about 30 min here)
+
+At this budget even the same-tokenizer teachers only tie CE (docs/lm.md), so the question is
+measured where distillation pays: ``lm_distill.py --name lm_distill_long --arms ce
+gemma_uld_ce`` (four epochs, 3 seeds) is the reported cross-tokenizer result.
 """
 
 from __future__ import annotations
