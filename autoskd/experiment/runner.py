@@ -190,10 +190,6 @@ def run_lm_search(resolved: dict) -> int:
     if unknown:
         raise AutoSKDError(f"search.method_options {', '.join(unknown)} do not apply to a language-model search; "
                            "use loss, alpha, temperature, beta")
-    for key in ("deepspeed", "tensor_parallel"):
-        if (resolved.get("scale") or {}).get(key) not in (None, 1, False):
-            raise AutoSKDError(f"scale.{key} is not supported by the language-model search yet; drop it "
-                               "(autoskd distill --task lm:... trains under DeepSpeed)")
     config = LMSearchConfig(search_epochs=s["search_epochs"], eval_epochs=s["eval_epochs"], max_steps=s["max_steps"],
                             lr=s["lr"], batch_size=s["batch_size"], seed=resolved["seed"], m=s["m"] or 0,
                             theta=s["theta"], theta_lrs=s["theta_lrs"], baselines=s["baselines"],
