@@ -23,6 +23,7 @@ from .data.tasks import TaskData, load_task
 from .defaults import DEFAULT_BATCH_SIZE, DEFAULT_LR, DEFAULT_WARMUP_RATIO, DEFAULT_WEIGHT_DECAY
 from .engine.methods import Method
 from .engine.teachers import AverageTeachers, SampledTeacher, SingleTeacher, TeacherPolicy
+from .engine.backends import parallel_options
 from .engine.trainer import Distiller, Stage, TrainResult, evaluate
 from .errors import AutoSKDError
 from .methods import get_method
@@ -281,7 +282,8 @@ def distill(team, task: TaskData | str, config: DistillConfig | None = None, *, 
             loaders = Loaders(train=loaders.train, dev=small.dev, test=small.test, train_id=loaders.train_id)
     distiller = Distiller(student, method, policy, out_dir=out_dir, seed=config.seed, progress=progress,
                           callbacks=callbacks, teacher_cache=Path(cache_dir) / "teacher_outputs",
-                          checkpoint=out_dir is not None, **parallel_options(config))
+                          checkpoint=out_dir is not None,
+                          **parallel_options(config.deepspeed, config.tensor_parallel))
     result = distiller.fit(stages, dev=loaders.dev, resume=out_dir is not None)
     start = time.perf_counter()
     dev = result.student_dev_acc  # fit scored these very weights on dev already
@@ -295,18 +297,6 @@ def distill(team, task: TaskData | str, config: DistillConfig | None = None, *, 
         save_run(outcome, config, team, task, identity)
     distiller.backend.barrier()
     return outcome
-
-
-def parallel_options(config: DistillConfig) -> dict:
-    """Distiller keywords for DeepSpeed / tensor parallelism (nothing for a plain run)."""
-    options: dict = {}
-    if config.deepspeed is not None:
-        options["deepspeed"] = config.deepspeed
-    if config.tensor_parallel and config.tensor_parallel > 1:
-        from .engine.tensor_parallel import TensorParallel
-
-        options["tensor_parallel"] = TensorParallel(config.tensor_parallel)
-    return options
 
 
 def save_run(outcome: DistillOutcome, config: DistillConfig, team, task: TaskData,

@@ -18,11 +18,12 @@ from typing import Callable
 
 from .data.collate import make_loader, tokenize_split, unlabelled_split
 from .data.tasks import TaskData, load_task
+from .engine.backends import parallel_options
 from .engine.stages import StageOutcome, StageSpec, check_plan, load_stage_plan, run_stages
 from .engine.trainer import TrainResult, evaluate
 from .errors import AutoSKDError
 from .pipeline import (DEFAULT_CACHE, DistillConfig, DistillOutcome, Loaders, mlm_loaders, build_policy,
-                       make_loaders, method_stages, parallel_options, prepare_mlm_teachers, run_identity, save_run)
+                       make_loaders, method_stages, prepare_mlm_teachers, run_identity, save_run)
 
 
 class _StageData:
@@ -105,7 +106,7 @@ def distill_stages(team, task: TaskData | str, plan, config: DistillConfig | Non
 
     outcomes = run_stages(student, specs, prepare, dev=loaders.dev, out_dir=out_dir, seed=config.seed,
                           progress=progress, callbacks=callbacks, teacher_cache=Path(cache_dir) / "teacher_outputs",
-                          distiller_options=parallel_options(config), identity=identity)
+                          distiller_options=parallel_options(config.deepspeed, config.tensor_parallel), identity=identity)
     dev = evaluate(student, loaders.dev)["accuracy"]
     scored = evaluate(student, loaders.test, predictions=True)
     results = [o.result for o in outcomes if o.result is not None]

@@ -1,6 +1,8 @@
 """Decoder-LM cases for tests/dist_worker.py (2 processes, gloo): a Llama teacher beside a Llama
 student under ZeRO-3 (+ offload, + a top-k cache built under the partitioned teacher, models
 built partitioned) and tensor parallelism; :func:`run_lm` is also the one-process reference.
+``lm_cli_zero3`` / ``lm_cli_tp`` run the product path: ``autoskd distill`` on an ``lm:`` task with
+``--deepspeed`` / ``--tensor-parallel 2`` (:func:`run_lm_cli`; its plain one-process run is the reference).
 
 Tiny random-init Llamas (grouped KV heads, gated MLP, RMSNorm): the teacher's embeddings are
 untied (so tensor parallelism splits its vocabulary too) and initialised wide
@@ -33,8 +35,8 @@ ZERO3_OFFLOAD = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device
 ZERO2 = {"zero_optimization": {"stage": 2}}
 
 
-def llama_config(layers: int, hidden: int, *, tied: bool, init: float = 0.02) -> LlamaConfig:
-    return LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+def llama_config(layers: int, hidden: int, *, tied: bool, init: float = 0.02, vocab: int = VOCAB) -> LlamaConfig:
+    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                        tie_word_embeddings=tied, initializer_range=init, eos_token_id=0, bos_token_id=0)
 
@@ -122,4 +124,58 @@ def run_lm_case(case: str, out_dir: Path) -> dict:
         result = run_lm(deepspeed=ZERO3, teacher=teacher, student=student, fingerprint=None)
         result["whole_fingerprint"] = model_fingerprint(teacher_model())
         return result
+    if case in ("lm_cli_zero3", "lm_cli_tp"):
+        from autoskd.engine.deepspeed_backend import init_distributed
+
+        init_distributed()  # the barrier below may be this launch's first collective
+        root = out_dir / "cli-inputs"
+        if _rank() == 0 and not root.exists():
+            write_cli_inputs(root)
+        torch.distributed.barrier()
+        scale = ["--deepspeed", str(root / "zero3.json")] if case == "lm_cli_zero3" else ["--tensor-parallel", "2"]
+        return run_lm_cli(root, out_dir / case, scale)
     raise SystemExit(f"unknown case {case}")
+
+
+def write_cli_inputs(root: Path) -> None:
+    """What a user brings, as files: a team YAML (a sharp 3-layer Llama teacher, a 1-layer Llama
+    student, a byte-level BPE tokenizer), a text corpus and a ZeRO-3 config."""
+    import json
+
+    from lm_helpers import bpe_tokenizer, documents
+
+    tok = bpe_tokenizer()
+    torch.manual_seed(1)
+    teacher = LlamaForCausalLM(llama_config(3, 48, tied=False, init=0.5, vocab=len(tok))).eval()
+    torch.manual_seed(2)
+    student = LlamaForCausalLM(llama_config(1, 32, tied=True, vocab=len(tok)))
+    for name, model in (("teacher", teacher), ("student", student)):
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    (root / "team.yaml").write_text(f"kind: lm\nmax_length: 16\nstudent: {{source: {root / 'student'}}}\n"
+                                    f"teachers:\n  - {{name: t, source: {root / 'teacher'}}}\n")
+    (root / "docs.txt").write_text("\n".join(documents(160, seed=5)))
+    (root / "zero3.json").write_text(json.dumps(ZERO3))
+
+
+def run_lm_cli(root: Path, out: Path, scale: list[str] = ()) -> dict:
+    """``autoskd distill --task lm:docs.txt --team team.yaml`` (kd, top-64 cache built by the
+    teacher, 3 global batches of 8 blocks: every batch full, so 2 ranks' halves average to the
+    global batch's loss) with the ``scale`` flags (``--deepspeed zero3.json``, ``--tensor-parallel
+    2``): its scores and saved student."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from autoskd.cli import main
+
+    argv = ["distill", "--task", f"lm:{root / 'docs.txt'}", "--team", str(root / "team.yaml"), "--method", "kd",
+            "--option", "alpha=0.5", "--epochs", "1", "--max-steps", "3", "--batch-size", "8", "--lr", "3e-3",
+            "--top-k", "64", "--out", str(out), "--cache-dir", str(out.parent / f"{out.name}-cache"),
+            "--no-progress", *scale]
+    code = main(argv)
+    assert code == 0, f"autoskd distill exited {code}"
+    weights, start = load_file(out / "student" / "model.safetensors"), load_file(root / "student" / "model.safetensors")
+    return {"scores": json.loads((out / "result.json").read_text()), "weights": weights, "start": start,
+            "moved": max(float((weights[k] - start[k]).abs().max()) for k in start),
+            "files": sorted(p.name for p in out.iterdir())}

@@ -222,7 +222,8 @@ def test_lm_experiment_file_resolves(capsys, tmp_path):
     d = resolved["distill"]
     assert (d["options"], d["max_steps"], d["top_k"], d["precision"], d["layout"]) == \
         ({"loss": "reverse_kl"}, 2, 16, "bf16", "packed")
-    assert "policy" not in d and "scale" not in resolved and resolved["team"]["kind"] == "lm"
+    assert "policy" not in d and resolved["team"]["kind"] == "lm"
+    assert resolved["scale"] == {"deepspeed": None, "tensor_parallel": 1}  # LM distill scales too (test_lm_scale)
     assert set(resolved["task"]) >= {"prompt_column", "completion_column"}
     # the command line's LM form, with the bundled LM team as the default
     resolved = dry_run(capsys, "distill", "--task", "lm:rotten_tomatoes", "--option", "loss=reverse_kl",
@@ -236,9 +237,19 @@ def test_lm_experiment_file_resolves(capsys, tmp_path):
     (["--set", "task.name=lm:"], ("needs a corpus after the colon",)),
     (["--method", "pkd"], ("cannot distil a decoder LM",)),
     (["--teacher", "nope"], ("distill.teacher 'nope' is not in team smollm2",)),
+    (["--precision", "bf16", "--set", "scale.deepspeed={zero_optimization: {stage: 3}}"],
+     ("precision applies to one-process runs", "DeepSpeed config")),
 ])
 def test_lm_mistakes_are_one_line(capsys, edit, words):
     assert_one_error(capsys, ["distill", "--task", "lm:rotten_tomatoes", "--dry-run", *edit], *words)
+
+
+def test_scale_serves_lm_distill_but_not_an_lm_search_yet(capsys):
+    resolved = dry_run(capsys, "distill", "--task", "lm:rotten_tomatoes", "--set",
+                       "scale.deepspeed={zero_optimization: {stage: 3}}")
+    assert resolved["scale"]["deepspeed"] == {"zero_optimization": {"stage": 3}}
+    assert_one_error(capsys, ["search", "--task", "lm:rotten_tomatoes", "--dry-run", "--set",
+                              "scale.deepspeed={zero_optimization: {stage: 3}}"], "scale does not apply here")
 
 
 def test_classification_task_refuses_an_lm_team(capsys):

@@ -250,6 +250,19 @@ def test_bf16_autocast_runs_on_cpu_and_fp16_needs_cuda(tok, corpus, trained_teac
                        progress=False)
 
 
+@pytest.mark.parametrize("config, words", [
+    (dict(method="on_policy", deepspeed={"zero_optimization": {"stage": 3}}), "every rank must stop together"),
+    (dict(method="on_policy", tensor_parallel=2), "every rank must stop together"),
+    (dict(method="kd", precision="bf16", deepspeed={"zero_optimization": {"stage": 2}}), "set bf16 or fp16 in the"),
+])
+def test_scale_settings_that_cannot_work_are_refused_before_any_work(config, words):
+    """(The working ones, ZeRO-3 and a tensor-parallel teacher under ``autoskd distill``, are
+    checked against one process in tests/test_lm_scale.py.)"""
+    with pytest.raises(AutoSKDError, match=words):
+        LMDistillConfig(**config).check()
+    LMDistillConfig(method="on_policy", deepspeed={"zero_optimization": {"stage": 2}}).check()  # ZeRO-1/2: fine
+
+
 # ---------------------------------------------------------------------------------------- generation
 def test_written_rows_carry_targets_only_on_written_tokens(tok):
     model = tiny_llama(len(tok), seed=9)

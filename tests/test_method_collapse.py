@@ -12,8 +12,8 @@ import torch
 from transformers import AutoModelForSequenceClassification, BertModel
 
 from autoskd.errors import AutoSKDError
-from autoskd.models.loading import (MeanPooler, checkpoint_pooling, load_classifier, pooling_of, save_student,
-                                    use_mean_pooling)
+from autoskd.models.loading import load_classifier, pooling_of, save_student, use_mean_pooling
+from autoskd.models.pooling import MeanPooler, checkpoint_pooling
 from helpers import load_benchmark, tiny_config
 
 

@@ -176,7 +176,10 @@ class TorchBackend:
             self.tensor_parallel.finish(distiller)
 
     def barrier(self) -> None:
-        """Nothing to wait for in one process."""
+        """Nothing to wait for in one process; a tensor-parallel run's ranks wait for each other
+        (one rank writes the student, the others must not read or return before it is there)."""
+        if self.tensor_parallel is not None and torch.distributed.is_initialized():
+            torch.distributed.barrier()
 
 
 @torch.no_grad()
@@ -217,3 +220,17 @@ def make_backend(deepspeed: Any = None, tensor_parallel: Any = None):
     from .deepspeed_backend import DeepSpeedBackend
 
     return DeepSpeedBackend(deepspeed, tensor_parallel=tensor_parallel)
+
+
+def parallel_options(deepspeed: Any = None, tensor_parallel: int = 1) -> dict:
+    """:class:`~autoskd.engine.trainer.Distiller` keywords for a run's ``scale`` settings (a
+    DeepSpeed config and a tensor-parallel degree): nothing for a plain one-process run. Shared by
+    classification and LM distillation, so both read the same two settings the same way."""
+    options: dict = {}
+    if deepspeed is not None:
+        options["deepspeed"] = deepspeed
+    if tensor_parallel and tensor_parallel > 1:
+        from .tensor_parallel import TensorParallel
+
+        options["tensor_parallel"] = TensorParallel(tensor_parallel)
+    return options

@@ -82,11 +82,14 @@ def _resolve(raw: Any, problems: list[str]) -> dict:
             out["out"] = f"runs/tune/{out['tune']['study'] or name}"
     else:
         out["chain"] = _chain(section, team, problems)
-    if kind in S.SCALED and not lm:
+    if kind in S.SCALED and (not lm or kind == "distill"):
         out["scale"] = _scale(raw.get("scale"), kind, problems)
+        if lm and out["scale"]["deepspeed"] is not None and out["distill"].get("precision", "fp32") != "fp32":
+            problems.append("distill.precision applies to one-process runs; under DeepSpeed set bf16 or fp16 in "
+                            "the DeepSpeed config (\"bf16\": {\"enabled\": true}) and drop precision")
     elif "scale" in raw:
-        problems.append("scale does not apply here (DeepSpeed and tensor parallelism serve classification "
-                        "distill, stages and search)")
+        problems.append("scale does not apply here (DeepSpeed and tensor parallelism serve distill, on "
+                        "classification and language-model tasks, and classification stages and search)")
     out["team"] = team
     out["cache_dir"], out["progress"] = top["cache_dir"], top["progress"]
     return out

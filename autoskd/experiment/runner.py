@@ -133,7 +133,7 @@ def run_lm_distill(resolved: dict) -> int:
                              epochs=d["epochs"], max_steps=d["max_steps"], lr=d["lr"], batch_size=d["batch_size"],
                              warmup_ratio=d["warmup_ratio"], weight_decay=d["weight_decay"], seed=seed,
                              max_length=d["max_length"], layout=d["layout"], top_k=d["top_k"],
-                             precision=d["precision"])
+                             precision=d["precision"], **_scale(resolved))
     write_experiment(resolved)
     outcome = distill_lm(team, corpus, config, out_dir=out, cache_dir=resolved["cache_dir"],
                          progress=resolved["progress"])

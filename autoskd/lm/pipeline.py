@@ -10,6 +10,7 @@ targets, a teacher served from a top-k cache, the method's decoder recipe
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from ..defaults import DEFAULT_LR
+from ..engine.backends import parallel_options
 from ..engine.teachers import THETA_SCALINGS, SingleTeacher, TeacherPolicy
 from ..engine.trainer import Distiller, Stage, TrainResult
 from ..errors import AutoSKDError
@@ -43,6 +45,9 @@ class LMDistillConfig:
     compare at equal student steps). ``top_k`` tokens per position of the teacher are cached
     (0: run the teacher live every step). ``layout``: ``packed`` blocks of ``max_length``
     tokens, or ``padded`` documents. ``max_steps`` caps each stage (benchmarks at equal steps).
+    ``deepspeed`` (a DeepSpeed config dict or JSON/YAML path) trains the student under ZeRO with
+    the decoder teachers partitioned beside it under ZeRO-3; ``tensor_parallel`` > 1 splits the
+    teacher over that many ranks (launch with ``torchrun``; docs/scale.md).
     """
 
     method: str = "kd"
@@ -65,6 +70,8 @@ class LMDistillConfig:
     precision: str = "fp32"
     samples: int = 3
     agreement: bool = True  # top-1 agreement with the teacher on test (one more teacher pass)
+    deepspeed: dict | str | None = None
+    tensor_parallel: int = 1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -78,6 +85,21 @@ class LMDistillConfig:
             raise AutoSKDError(f"policy {self.policy!r} unknown; use single, average (AvgKD) or sampled")
         if self.theta_scaling not in THETA_SCALINGS:
             raise AutoSKDError(f"theta_scaling {self.theta_scaling!r} unknown; choose one of: {', '.join(THETA_SCALINGS)}")
+        if self.method == "on_policy" and (self.tensor_parallel > 1 or self._zero_stage() == 3):
+            raise AutoSKDError("on_policy writes batches by generation, which stops at a different step on each rank; "
+                               "under ZeRO-3 or a tensor-parallel teacher every rank must stop together. Run it in "
+                               "one process or under ZeRO-1/2")
+        if self.deepspeed is not None and self.precision != "fp32":
+            raise AutoSKDError("--precision applies to one-process runs; under DeepSpeed set bf16 or fp16 in the "
+                               "DeepSpeed config (\"bf16\": {\"enabled\": true}) and drop --precision")
+
+
+    def _zero_stage(self) -> int | None:
+        if self.deepspeed is None:
+            return None
+        from ..engine.deepspeed_backend import load_deepspeed_config, zero_stage
+
+        return zero_stage(load_deepspeed_config(self.deepspeed))
 
 
 @dataclass
@@ -200,7 +222,8 @@ def distill_lm(team: LMTeam, corpus: LMCorpus | str, config: LMDistillConfig | N
         callbacks = [*callbacks, *search(policy, loaders, student)]
     distiller = Distiller(student, method, policy, out_dir=out_dir, seed=config.seed, progress=progress,
                           callbacks=callbacks, teacher_cache=None, checkpoint=out_dir is not None,
-                          metric=perplexity_metric(), precision=config.precision)
+                          metric=perplexity_metric(), precision=config.precision,
+                          **parallel_options(config.deepspeed, config.tensor_parallel))
     result = distiller.fit(method_stages(method, config, loaders), dev=loaders.dev, resume=out_dir is not None)
     agreement = config.agreement and vocab is None  # a compressed student predicts other ids
     outcome = LMOutcome(student, tokenizer, score_student(student, loaders, policy if agreement else None,
@@ -211,10 +234,13 @@ def distill_lm(team: LMTeam, corpus: LMCorpus | str, config: LMDistillConfig | N
         prompts = [" ".join(doc.split()[:6]) if isinstance(doc, str) else doc[0]
                    for doc in corpus.split("test")[: config.samples]]
         outcome.samples = greedy_samples(student, tokenizer, prompts, device=distiller.device, vocab=vocab)
-    if out_dir is not None:
+    # every rank scored and sampled the same whole student (the backend leaves plain modules after
+    # fit); one rank writes it, and no rank returns before the files are there
+    if out_dir is not None and distiller.backend.is_main:
         save_lm_run(outcome, config, team, corpus)
         if vocab is not None:
             save_vocab_map(vocab, out_dir / "student")
+    distiller.backend.barrier()
     return outcome
 
 
@@ -261,3 +287,4 @@ def save_lm_run(outcome: LMOutcome, config: LMDistillConfig, team: LMTeam, corpu
     ckpt = out / "checkpoint.pt"
     if ckpt.exists():  # finished: the saved student supersedes the resume point
         ckpt.unlink()
+    shutil.rmtree(out / "deepspeed", ignore_errors=True)  # DeepSpeed's part of that resume point

@@ -20,7 +20,8 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import AutoSKDError
-from ..models.loading import checkpoint_pooling, freeze, load_classifier, resolve_source
+from ..models.loading import freeze, load_classifier, resolve_source
+from ..models.pooling import checkpoint_pooling
 from ..rerun import path_identity
 from .probe import tokenizer_fingerprint
 from .spec import ModelSpec, TeamSpec, _sha256
@@ -70,7 +71,7 @@ def tokenizer_identity(tokenizer) -> dict:
 
 def teacher_cache_key(spec: ModelSpec, task, max_length: int, seed: int, tokenizer) -> str:
     """Hash of everything a spec teacher's fine-tuned weights depend on (a mean-pooling head,
-    :func:`~autoskd.models.loading.checkpoint_pooling`, too: such a teacher is another model)."""
+    :func:`~autoskd.models.pooling.checkpoint_pooling`, too: such a teacher is another model)."""
     head = {"pooling": "mean"} if _pooling(spec.source) == "mean" else {}  # [CLS] teachers keep their keys
     return _sha256({"version": 2, "teacher": spec.to_dict(), "spec_hash": spec.spec_hash(),
                     "source": source_identity(spec.source),
