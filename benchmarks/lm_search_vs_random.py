@@ -206,7 +206,8 @@ def main(argv=None) -> int:
     p.add_argument("--theta-lr", type=float, default=None)
     p.add_argument("--theta-every", type=int, default=2)
     p.add_argument("--candidates", type=int, default=2)
-    p.add_argument("--theta-center", action="store_true", help="centre the θ-gradient (ThetaConfig.center)")
+    p.add_argument("--theta-center", action="store_true", help="centre the θ-gradient (ThetaConfig.center; off in the main run, which "
+                   "predates it, on in lm-quick since this ablation)")
     p.add_argument("--baselines", default="all", help="which baselines to train (none: candidates only, an ablation)")
     p.add_argument("--n-random", type=int, default=1)
     p.add_argument("--top-k", type=int, default=64)

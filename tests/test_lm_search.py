@@ -234,6 +234,7 @@ def test_autoskd_search_on_an_lm_task_runs_from_the_cli_and_says_what_it_kept(lm
     assert "best:" in printed and "AutoModelForCausalLM" in printed
     resolved = yaml.safe_load((out / "experiment.yaml").read_text())
     assert resolved["search"]["preset"] == "lm-quick" and resolved["search"]["theta"]["strategy"] == "expected"
+    assert resolved["search"]["theta"]["center"] is True  # the centred θ-gradient (lm_theta_defaults says why)
     config = json.loads((out / "config.json").read_text())
     assert config["loss"] == "reverse_kl" and config["max_steps"] == 6 and config["top_k"] == 8
     result = json.loads((out / "result.json").read_text())
