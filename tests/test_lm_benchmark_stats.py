@@ -25,8 +25,22 @@ def test_the_target_is_judged_on_the_planned_arms_only(lmd):
     assert out["paired_vs_ce"]["kd_ce"]["test_ppl_diff_mean"] == pytest.approx(-500.0 / 3)
     assert out["paired_vs_ce"]["kd_ce"]["verdict"] == "better than ce"
     assert out["paired_vs_ce"]["gemma_uld_ce"]["verdict"] == "tie"  # lower mean, inside the noise
-    # by default post-hoc arms are never judged: nothing planned ran here
-    assert "best_kd_arm" not in lmd.summarise(_records(), seeds, arms)
+    # by default every main arm is judged (kd_ce among them since the 4-epoch table), post-hoc ones never
+    assert lmd.summarise(_records(), seeds, arms)["best_kd_arm"] == "kd_ce"
+    assert "best_kd_arm" not in lmd.summarise(_records(), seeds, ["ce", "gemma_uld_ce"])
+
+
+def test_a_record_made_at_other_settings_is_refused_not_resumed(lmd, tmp_path):
+    import argparse
+    import json
+
+    args = argparse.Namespace(epochs=4.0, steps=156, block=128, batch_size=8, lr=2e-4, top_k=64,
+                              max_train_docs=1500, max_eval_docs=250)
+    record = {"arm": "ce", "seed": 0, "test_ppl": 600.0, "settings": lmd.run_settings(args)}
+    (tmp_path / "ce-s0.json").write_text(json.dumps(record))
+    assert lmd.run_arm("ce", 0, args, tmp_path) == record  # same budget: resumed, nothing trained
+    with pytest.raises(SystemExit, match="measured at .*pass another --name"):
+        lmd.run_arm("ce", 0, argparse.Namespace(**{**vars(args), "epochs": 1.0, "steps": 44}), tmp_path)
 
 
 def test_the_other_tokenizer_arm_gets_gemma_with_its_own_tokenizer(lmd):

@@ -136,6 +136,8 @@ def test_decoder_recipes_read_next_token_features():
     assert db.spec.hard_weight("pretrain") == 2.0 and db.spec.mlm_weight == 0.0
     tiny = decoder_method("tinybert")
     assert not any(l.student == "logits" for l in tiny.spec.losses)
+    # a stage that reads hidden states runs the teacher live: no top-k table for its logits terms
+    assert lm_temperatures(db) == [] and lm_temperatures(tiny) == [1.0]  # TinyBERT's prediction stage only
 
 
 @pytest.mark.parametrize("name", ["pkd", "pd", "tmkd", "theseus"])
@@ -226,6 +228,10 @@ def test_every_decoder_method_trains_a_llama_student(tok, corpus, trained_teache
     out = distill_lm(team, corpus, LMDistillConfig(method=method, method_options=options, epochs=1, lr=3e-3,
                                                    samples=0, agreement=False), cache_dir=tmp_path, progress=False)
     assert math.isfinite(out.scores["test_ppl"]) and out.result.steps > 0
+    tables = list((tmp_path / "lm_topk").glob("*.safetensors"))
+    # a table only for a stage whose teacher terms are all next-token ones (DistilBERT's pre-training
+    # stage also reads hidden states, so it runs the teacher live and builds none)
+    assert bool(tables) == (method in ("glmd", "tinybert", "on_policy"))
 
 
 def test_hidden_state_terms_project_across_widths_on_gpt2(tok, corpus, tmp_path):
