@@ -12,7 +12,8 @@ order.
 
 Arms: ``ce`` (no teacher), ``forward_kl``, ``reverse_kl``, ``jsd`` (beta 0.5), ``glmd`` (two
 stages, half the steps each), ``kd_hidden`` (DistilBERT's triple loss as DistilGPT2:
-5 KL_2 + 2 CE + cosine on the final hidden state), ``seqkd`` (CE on the teacher's greedy
+5 KL_2 + 2 CE + cosine on the final hidden state; the KL from the top-k cache, the teacher's
+hidden states kept per row after one pass), ``seqkd`` (CE on the teacher's greedy
 continuations), and ``kd_ce`` (forward KL + CE, alpha 0.5; named before the 4-epoch run that
 first trained it, ``lm_distill_long``). Cost: a cached-teacher KD step vs a CE step, and the
 engine's KD step vs a hand-written loop doing the same work (tokens/s in one process,

@@ -136,8 +136,7 @@ def test_decoder_recipes_read_next_token_features():
     assert db.spec.hard_weight("pretrain") == 2.0 and db.spec.mlm_weight == 0.0
     tiny = decoder_method("tinybert")
     assert not any(l.student == "logits" for l in tiny.spec.losses)
-    # a stage that reads hidden states runs the teacher live: no top-k table for its logits terms
-    assert lm_temperatures(db) == [] and lm_temperatures(tiny) == [1.0]  # TinyBERT's prediction stage only
+    assert lm_temperatures(db) == [2.0] and lm_temperatures(tiny) == [1.0]
 
 
 @pytest.mark.parametrize("name", ["pkd", "pd", "tmkd", "theseus"])
@@ -229,9 +228,45 @@ def test_every_decoder_method_trains_a_llama_student(tok, corpus, trained_teache
                                                    samples=0, agreement=False), cache_dir=tmp_path, progress=False)
     assert math.isfinite(out.scores["test_ppl"]) and out.result.steps > 0
     tables = list((tmp_path / "lm_topk").glob("*.safetensors"))
-    # a table only for a stage whose teacher terms are all next-token ones (DistilBERT's pre-training
-    # stage also reads hidden states, so it runs the teacher live and builds none)
-    assert bool(tables) == (method in ("glmd", "tinybert", "on_policy"))
+    assert bool(tables) == (method in ("glmd", "tinybert", "on_policy", "distilbert"))  # a next-token term
+
+
+def test_hidden_state_terms_read_kept_rows_not_a_teacher_forward_per_step(tok, corpus, trained_teacher, tmp_path):
+    """DistilBERT's triple loss on a decoder: the next-token term from the top-k cache, the cosine
+    on the last hidden state from the teacher's outputs kept per row after one pass, so the teacher
+    runs two passes over the split (table, rows) instead of one forward per step; the loss is the
+    live teacher's (to float rounding: a pass batches rows in order) at the same cached logits."""
+    from autoskd.engine.trainer import Distiller, Stage
+    from autoskd.engine.teachers import SingleTeacher
+    from autoskd.lm.data import make_lm_loader, tokenize_lm_split
+    from autoskd.lm.teachers import LMTeacher
+    from autoskd.lm.topk_cache import TopKCache
+
+    calls = []
+    hook = trained_teacher.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        student = tiny_llama(len(tok), layers=1, hidden=48, seed=21)
+        team = team_of(tok, student=student, teacher=trained_teacher)
+        out = distill_lm(team, corpus, LMDistillConfig(method="distilbert", epochs=3, lr=3e-3, samples=0,
+                                                       agreement=False), cache_dir=tmp_path, progress=False)
+    finally:
+        hook.remove()
+    stages = decoder_method("distilbert").spec.stages  # pre-training (the triple loss), then plain LM training
+    batches = out.result.steps // (3 * len(stages))  # the training split's batches: 3 epochs per stage
+    assert len(stages) == 2 and len(calls) == 2 * batches  # top-k table + kept rows; live: 1 + 3 passes
+
+    rows = tokenize_lm_split(corpus.split("train"), tok, 16, layout="packed", kind=corpus.kind)
+    loader = make_lm_loader(rows, 8, shuffle=False)
+    batch = next(iter(loader))
+    method = decoder_method("distilbert")
+    kept = LMTeacher("t", trained_teacher, "fp", top_k=16, temperatures=[2.0], cache=TopKCache(tmp_path / "t"))
+    kept.prepare(loader, "split", device="cpu", progress=False)
+    live = LMTeacher("t", trained_teacher, "fp", top_k=16, temperatures=[2.0], cache=TopKCache(tmp_path / "t"))
+    live.prepare(loader, "split", device="cpu", progress=False)
+    live.rows = None  # as a partitioned teacher: hidden states from a forward
+    a, b = kept.features(batch, ["lm_logits", "hidden:-1"]), live.features(batch, ["lm_logits", "hidden:-1"])
+    torch.testing.assert_close(a["hidden:-1"], b["hidden:-1"], atol=1e-5, rtol=1e-4)
+    assert a["lm_logits"].at(2.0) is not None and kept.rows.filled and len(kept.rows.tokens) == len(rows)
 
 
 def test_hidden_state_terms_project_across_widths_on_gpt2(tok, corpus, tmp_path):

@@ -39,11 +39,11 @@ def adamw(params: list[tuple[str, nn.Parameter]], lr: float, weight_decay: float
 
     Fused: one kernel over all tensors; on CPU ~4-8x faster than torch's default per-tensor loop
     (the 11.7M-entry word embedding dominates a small student's step); same numbers."""
-    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") and not _is_dtensor(p) for _, p in params)
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") and not is_dtensor(p) for _, p in params)
     return torch.optim.AdamW(param_groups(params, weight_decay), lr=lr, fused=fused or None)
 
 
-def _is_dtensor(p: torch.Tensor) -> bool:
+def is_dtensor(p: torch.Tensor) -> bool:
     """A tensor-parallel (DTensor) parameter: the fused kernel refuses a mix with plain tensors."""
     try:
         from torch.distributed.tensor import DTensor

@@ -270,11 +270,12 @@ class FeatureExtractor:
 
     @property
     def per_token_outputs(self) -> bool:
-        """Whether every hooked module's output is per row and per token of an encoder (embeddings,
-        layers, Q/K/V projections), so a row's outputs do not depend on the rest of its batch and
-        :meth:`derive` can rebuild the features from them (not MPNet's position bias, nor a causal
-        LM's attention capture)."""
-        return (self.adapter is not None and not self.adapter.causal and self._attention is None
+        """Whether every hooked module's output is per row and per token (embeddings, layers, Q/K/V
+        projections), so a row's outputs do not depend on the rest of its batch and :meth:`derive`
+        can rebuild the features from them (not MPNet's position bias, nor a causal LM's attention
+        capture). A causal LM's hidden states qualify: its rows are right-padded (lm/data.py), so a
+        real token attends to real tokens only, at the same positions in any batch."""
+        return (self.adapter is not None and self._attention is None
                 and all(role in ("embeddings", "layer", "query", "key", "value") for role in self._paths.values()))
 
     def derive(self, batch: Mapping[str, Any], captured: Mapping[str, torch.Tensor],

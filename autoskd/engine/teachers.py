@@ -40,8 +40,12 @@ class TeacherRows:
     rows: MLM-masked text changes every epoch, and the one method that changes the teacher's
     forward (DIITO's interchange, operation hooks) does so in its masked pre-training stage."""
 
-    def __init__(self, loader: DataLoader | None = None, max_bytes: int = 1 << 30):
+    def __init__(self, loader: DataLoader | None = None, max_bytes: int = 1 << 30, keep_logits: bool = True):
         self.loader = loader  # the split, passed over in order to fill
+        #: False for a causal LM: its ``[T, V]`` logits per row would dwarf everything else, and its
+        #: next-token distribution comes from the top-k cache (lm/teachers.py), so only the hooked
+        #: outputs are kept and :meth:`lookup` returns no logits
+        self.keep_logits = keep_logits
         self.filled: set[str] = set()  # module paths one pass has kept
         self.max_bytes = max_bytes
         self.bytes = 0
@@ -71,12 +75,14 @@ class TeacherRows:
             out = rows[0].new_zeros((*mask.shape, *rows[0].shape[1:]), device=mask.device)
             out[mask] = torch.cat(rows).to(mask.device)  # row-major: each row's real tokens in order
             captured[p] = out
-        return captured, torch.stack([self.logits[i] for i in idx]).to(mask.device)
+        logits = torch.stack([self.logits[i] for i in idx]).to(mask.device) if self.keep_logits else None
+        return captured, logits
 
     def store(self, batch: dict, captured: dict[str, torch.Tensor], logits: torch.Tensor) -> None:
         """Keep each row's real-token outputs of a live forward (per-token outputs only)."""
         mask = batch["attention_mask"].bool()
-        if logits.dim() != 2 or any(t.dim() < 3 or tuple(t.shape[:2]) != tuple(mask.shape) for t in captured.values()):
+        if (self.keep_logits and logits.dim() != 2) \
+                or any(t.dim() < 3 or tuple(t.shape[:2]) != tuple(mask.shape) for t in captured.values()):
             return
         for j, i in enumerate(batch["idx"].tolist()):
             real = mask[j]
@@ -89,7 +95,9 @@ class TeacherRows:
             if self.bytes + size > self.max_bytes:
                 return
             self.bytes += size
-            self.tokens[i], self.logits[i] = tokens.clone(), logits[j].detach().clone()
+            self.tokens[i] = tokens.clone()
+            if self.keep_logits:
+                self.logits[i] = logits[j].detach().clone()
             for p, o in outs.items():
                 self.outputs.setdefault(p, {})[i] = o
 
@@ -202,7 +210,7 @@ class Teacher:
         kept = rows.lookup(batch, paths)
         if kept is None:  # a row the pass did not keep (memory bound, another split): live
             return {k: v.detach() for k, v in self._extractor(batch).items()}
-        return {k: v.detach() for k, v in self._extractor.derive(batch, *kept).items()}
+        return {k: v.detach() for k, v in self._extractor.derive(batch, *kept).items() if v is not None}
 
 
 class TeacherPolicy(ABC):

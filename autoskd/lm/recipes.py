@@ -141,13 +141,8 @@ def cross_tokenizer_method(method: Method, teacher: str) -> Method:
 
 
 def lm_temperatures(method: Method) -> list[float]:
-    """Temperatures at which the teacher's next-token distribution is read from its top-k cache
-    (one table each). A stage whose terms also read other teacher features (DistilBERT's hidden
-    cosine) runs the teacher live for all of them, so its temperatures get no table: building one
-    would cost a teacher pass over the split that no step reads."""
-    live = {l.stage for l in method.spec.losses if l.teacher != "lm_logits"}
-    return sorted({float(l.temperature) for l in method.spec.losses
-                   if l.teacher == "lm_logits" and l.stage not in live})
+    """Temperatures at which the teacher's next-token distribution is read (one cache each)."""
+    return sorted({float(l.temperature) for l in method.spec.losses if l.teacher == "lm_logits"})
 
 
 def is_decoder_only(method: Method) -> bool:

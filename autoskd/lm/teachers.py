@@ -5,8 +5,11 @@ it is run once per (weights, tokenised split, temperature) and its top-k next-to
 distribution stored (:mod:`.topk_cache`). A method's loss terms may read the teacher at more
 than one temperature (GLMD: 15 in its first stage, 1 in its second), so the teacher keeps one
 table per temperature and hands the loss a :class:`TopKSet`; the loss picks the table made at
-its own temperature. Batches the cache cannot serve (on-policy text the student just wrote,
-features other than the logits) run the teacher live.
+its own temperature. A term on other per-token features (DistilBERT's cosine on the last hidden
+state) reads them from the teacher's outputs kept per row after one in-order pass over the split
+(:class:`~autoskd.engine.teachers.TeacherRows`, logits left to the cache), so such a method runs
+no teacher forward in its steps either. Batches neither can serve (on-policy text the student
+just wrote, attention features, a partitioned teacher's other features) run the teacher live.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Iterable
 import torch
 from torch.utils.data import DataLoader
 
-from ..engine.teachers import AverageTeachers, SampledTeacher, Teacher, theta_logit_scale
+from ..engine.teachers import AverageTeachers, SampledTeacher, Teacher, TeacherRows, theta_logit_scale
 from ..errors import AutoSKDError
 from .topk_cache import TopKCache, TopKTable, check_dense_size, compute_topk_table
 
@@ -60,8 +63,23 @@ class LMTeacher(Teacher):
         return int(size) if size else int(self.model.get_output_embeddings().weight.shape[0])
 
     def prepare(self, loader: DataLoader, data_id: str | None, cache=None, device="cpu", progress: bool = True) -> None:
-        """Top-k tables of this split at every temperature the method reads (none: live teacher)."""
+        """Top-k tables of this split at every temperature the method reads (none: live teacher),
+        and a per-row store of its other per-token features, filled on the first step that asks.
+        A partitioned teacher (ZeRO-3, tensor parallel) keeps no rows: its ranks compute in
+        lockstep, and a row one rank served while another ran live would stall the gather."""
         self.tables = self.tables_for(loader, data_id, device=device, progress=progress)
+        if data_id is None or not self.tables or self._partitioned():
+            self.rows = None
+        elif self.rows is None or self._rows_id != data_id:
+            self.rows = TeacherRows(loader, keep_logits=False)
+        self._rows_id = data_id
+
+    def _partitioned(self) -> bool:
+        if not self.loaded:  # partitioning loads a teacher: one not loaded yet is whole
+            return False
+        from ..engine.backends import is_dtensor
+
+        return any(hasattr(p, "ds_id") or is_dtensor(p) for p in self.model.parameters())
 
     def tables_for(self, loader: DataLoader, data_id: str | None, device="cpu", progress: bool = True) -> dict:
         """``{temperature: TopKTable}`` of one split (cached), without changing the split the
@@ -106,9 +124,14 @@ class LMTeacher(Teacher):
     @torch.no_grad()
     def features(self, batch: dict, names: Iterable[str]) -> dict:
         names = list(names)
-        if self.tables and set(names) <= {"lm_logits"} and "idx" in batch and not batch.get("on_policy"):
-            return {"lm_logits": self.rows_of(self.tables, batch)}
-        return super().features(batch, names)
+        if not (self.tables and "lm_logits" in names and "idx" in batch and not batch.get("on_policy")):
+            return super().features(batch, names)
+        others = [n for n in names if n != "lm_logits"]
+        if others and self.rows is None:  # a partitioned teacher: one live forward serves them all
+            return super().features(batch, names)
+        out = super().features(batch, others) if others else {}  # from the kept rows (or live)
+        out["lm_logits"] = self.rows_of(self.tables, batch)
+        return out
 
 
 def average_topk(parts: list, vocab_size: int, weights=None):
