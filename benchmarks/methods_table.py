@@ -46,6 +46,8 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 sys.path.insert(0, str(ROOT))
 
+from gkd_directions import check_directions  # noqa: E402
+
 # Word-prediction methods (full-vocabulary MLM logits: the slowest on a CPU) run last.
 METHODS = ["finetune", "kd", "pkd", "theseus", "tinybert", "mobilebert", "sid", "minilm", "minilmv2", "alp_kd",
            "lrc_bert", "annealing_kd", "ckd", "universal_kd", "continuation_kd", "rail_kd", "mgskd", "tmkd",
@@ -400,12 +402,14 @@ def report(args, team) -> int:
     settings = settings_of(args)
     seeds = sorted({s for r in table.values() for s in r["seeds"]})
     collapsed = [n for n, r in table.items() if r["test_majority_share"] >= 0.99]
+    directions = check_directions(table)  # GKD's headline comparisons this task can test (gkd_directions.py)
     path = write_result(args.name, {"settings": settings, "seeds": seeds, "majority_test_acc": majority,
                                     "majority_dev_acc": majority_rate(test_labels(args, "dev")),
                                     "teacher": "minilm-L6", "multi_teachers": TEACHERS,
                                     "teacher_dev_acc": team.dev_accuracy if team else None,
                                     "missing": [m for m in args.methods.split(",") if m not in table],
-                                    "at_majority_class": collapsed, "methods": table})
+                                    "at_majority_class": collapsed, "gkd_directions": directions,
+                                    "methods": table})
     plot(table, majority, RESULTS / f"{args.name}.png")
     plot_curves(runs, RESULTS / f"{args.name}_curves.png", majority_rate(test_labels(args, "dev")))
     print(markdown(table))
@@ -414,6 +418,14 @@ def report(args, team) -> int:
                     for v in ("win", "tie", "loss")}
         print(f"vs {base} (paired over seeds, 95%): " +
               "; ".join(f"{v}: {', '.join(ns) or 'none'}" for v, ns in verdicts.items()))
+    rho = directions["spearman_vs_gkd_table2"]
+    print(f"GKD's headline directions: {directions['counts']}" +
+          (f"; Spearman with GKD Table 2 {rho['rho']:+.2f} over {rho['methods']} methods (p {rho['p_value']:.2g})"
+           if rho else ""))
+    for pair in directions["pairs"]:
+        lo, hi = pair["test_acc_diff_ci"]
+        print(f"  {pair['better']} > {pair['worse']}: {pair['test_acc_diff_mean']:+.3f} [{lo:+.3f}, {hi:+.3f}] "
+              f"{pair['direction']}")
     print(f"at the majority class: {', '.join(collapsed) or 'none'}; wrote {path}")
     return 0
 

@@ -126,6 +126,28 @@ def test_methods_table_pairs_every_method_with_kd_and_finetune():
     assert table["kd"]["test_vs_finetune"]["mcnemar"]["rows"] == 12  # 3 seeds x 4 rows, pooled
 
 
+def test_gkd_headline_directions_are_paired_over_seeds():
+    """GKD's comparisons (TinyBERT above each single-teacher method; task-stage distillation above
+    hard labels alone): same / opposite / tie from the paired interval, and the rank correlation
+    with GKD's Table 2 over the methods both ran."""
+    gkd = load_benchmark("gkd_directions")
+
+    def runs(accs):
+        return {"runs": [{"seed": s, "test_acc": a} for s, a in enumerate(accs)], "test_acc_mean": sum(accs) / 3}
+
+    table = {"tinybert": runs([0.80, 0.82, 0.81]), "kd": runs([0.70, 0.71, 0.69]), "pkd": runs([0.81, 0.84, 0.80]),
+             "minilm": runs([0.85, 0.86, 0.84]), "finetune": runs([0.72, 0.70, 0.71])}
+    out = gkd.check_directions(table)
+    by = {(p["better"], p["worse"]): p for p in out["pairs"]}
+    assert by[("tinybert", "kd")]["direction"] == "same"           # +0.11 on every seed
+    assert by[("tinybert", "minilm")]["direction"] == "opposite"   # -0.04 on every seed
+    assert by[("tinybert", "pkd")]["direction"] == "tie"           # -0.01, +/- 0.02
+    assert by[("kd", "finetune")]["direction"] == "tie"            # -0.01, 0, -0.02 ... inside the noise
+    assert ("tinybert", "sid") not in by and out["counts"] == {"same": 1, "tie": 2, "opposite": 1}
+    rho = out["spearman_vs_gkd_table2"]
+    assert rho["methods"] == 4 and -1 <= rho["rho"] <= 1  # finetune is not in GKD's Table 2
+
+
 # ---------------------------------------------------------------------------------------------- stages
 FILLERS = ["movie", "film", "plot", "story", "cast", "show", "script", "scene"]
 
