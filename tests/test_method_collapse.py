@@ -126,6 +126,17 @@ def test_methods_table_pairs_every_method_with_kd_and_finetune():
     assert table["kd"]["test_vs_finetune"]["mcnemar"]["rows"] == 12  # 3 seeds x 4 rows, pooled
 
 
+def test_the_step_a_run_left_the_majority_class_counts_earlier_stages():
+    table_mod = load_benchmark("methods_table")
+    run = {"stages": [{"stage": "intermediate", "epochs": 2.0, "steps": 64}, {"stage": "prediction", "epochs": 2.0,
+                                                                            "steps": 64}],
+           "history": [{"stage": "intermediate", "epoch": 0, "dev_acc": 0.59}, {"stage": "intermediate", "epoch": 1,
+                                                                               "dev_acc": 0.60},
+                       {"stage": "prediction", "epoch": 0, "dev_acc": 0.70}, {"stage": "prediction", "epoch": 1}]}
+    assert table_mod.leaving_majority(run, 0.59) == {"stage": "prediction", "epoch": 0, "step": 96}
+    assert table_mod.leaving_majority(run, 0.69) is None
+
+
 def test_gkd_headline_directions_are_paired_over_seeds():
     """GKD's comparisons (TinyBERT above each single-teacher method; task-stage distillation above
     hard labels alone): same / opposite / tie from the paired interval, and the rank correlation
