@@ -47,3 +47,28 @@ def test_the_other_tokenizer_arm_gets_gemma_with_its_own_tokenizer(lmd):
     team = lmd.make_team(128, "gemma_uld_ce")
     assert list(team.teacher_specs) == ["gemma"] and team.teacher_specs["gemma"].tokenizer == "own"
     assert lmd.make_team(128).teacher_specs["smollm2"].tokenizer is None
+
+
+def test_the_prepared_gpu_script_runs_end_to_end_on_tiny_models(tmp_path):
+    """benchmarks/gpu_lm.py is run where a GPU is lent, once, with no time to debug it there: its
+    --smoke mode runs every measurement (matmul rate, teacher forward, KD/CE/ZeRO-3 steps, the θ
+    search against sampled KD) on tiny random models on the CPU, in a process of its own (it
+    starts DeepSpeed's process group)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "gpu_lm.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu_lm.py"), "--smoke", "--quiet", "--json",
+                           str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    for key in ("teacher_forward_tokens_per_s", "kd_step_tokens_per_s", "ce_step_tokens_per_s",
+                "kd_zero3_step_tokens_per_s", "matmul_tflops", "kd_step_matmul_fraction"):
+        assert r[key] > 0, key
+    assert r["search"]["theta_steps"] > 0 and r["search"]["search_over_sampled_kd"] > 0
+    assert out.with_suffix(".png").stat().st_size > 0
