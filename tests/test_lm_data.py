@@ -82,6 +82,15 @@ def test_rotten_tomatoes_is_the_builtin_corpus():
     assert all(isinstance(doc, str) and doc.strip() for doc in corpus.split("dev"))
 
 
+def test_the_genre_corpora_are_synopses_and_synopses_with_reviews():
+    reviews, plots, both = (set(load_corpus(n).split("train_full") + load_corpus(n).split("dev")
+                                + load_corpus(n).split("test"))
+                            for n in ("rotten_tomatoes", "rotten_tomatoes_plots", "rotten_tomatoes_all"))
+    assert 1000 < len(plots) < 1200 and not plots & reviews and both == plots | reviews
+    mean_chars = sum(map(len, plots)) / len(plots)
+    assert mean_chars > 3 * sum(map(len, reviews)) / len(reviews)  # synopses: a longer, other genre
+
+
 def test_max_documents_keeps_the_first_documents(tmp_path):
     path = tmp_path / "c.txt"
     path.write_text("\n".join(DOCS), encoding="utf-8")

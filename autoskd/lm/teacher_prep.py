@@ -13,6 +13,13 @@ from), so a rerun reuses it and a changed spec rebuilds only that member.
       - {name: half, source: smollm2-135m, layers: 15,
          train: {method: kd, teacher: full, steps: 40, lr: 2.0e-4}}
       - {name: domain, source: smollm2-135m, train: {method: finetune, steps: 40, lr: 5.0e-5}}
+      - {name: plots, source: smollm2-135m,
+         train: {method: finetune, corpus: rotten_tomatoes_plots, steps: 40, lr: 1.0e-4}}
+
+``corpus:`` trains a member on another corpus than the task's (a specialist of one genre, as a
+user's code or chat model would be). Its train split is used minus every document the task holds
+out (the task's val, dev and test), so a teacher never saw the text the student is selected and
+scored on.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from typing import Any, Mapping
 
 from ..errors import AutoSKDError
 
-_TRAIN_KEYS = ("method", "teacher", "steps", "lr", "batch_size", "options")
+_TRAIN_KEYS = ("method", "teacher", "steps", "lr", "batch_size", "options", "corpus")
 
 
 @dataclass
@@ -42,6 +49,8 @@ class TrainSettings:
     lr: float = 1e-4
     batch_size: int = 8
     options: dict = field(default_factory=dict)
+    #: Train on this corpus (a source :func:`~autoskd.lm.data.load_corpus` reads) instead of the task's.
+    corpus: str | None = None
 
     @classmethod
     def from_value(cls, value: Any, where: str) -> "TrainSettings":
@@ -61,10 +70,32 @@ class TrainSettings:
             raise AutoSKDError(f"{where}.train.lr must be > 0 (got {out.lr})")
         if isinstance(out.batch_size, bool) or not isinstance(out.batch_size, int) or out.batch_size < 1:
             raise AutoSKDError(f"{where}.train.batch_size must be a whole number >= 1 (got {out.batch_size!r})")
+        if out.corpus is not None and (not isinstance(out.corpus, str) or not out.corpus.strip()):
+            raise AutoSKDError(f"{where}.train.corpus must be a corpus name or path such as rotten_tomatoes_plots "
+                               f"(got {out.corpus!r})")
         return out
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if out["corpus"] is None:  # members without one keep the keys they were cached under
+            del out["corpus"]
+        return out
+
+
+def member_corpus(settings: TrainSettings, task_corpus):
+    """The corpus a member trains on: the task's, or ``settings.corpus`` split at seed 0 with the
+    task's held-out documents (val, dev, test) removed from its train split."""
+    if settings.corpus is None:
+        return task_corpus
+    from .data import LMCorpus, load_corpus
+
+    own = load_corpus(settings.corpus.removeprefix("lm:").strip(), seed=0)
+    held_out = {json.dumps(doc) for role in ("val", "dev", "test") for doc in task_corpus.split(role)}
+    train = [doc for doc in own.split("train") if json.dumps(doc) not in held_out]
+    if not train:
+        raise AutoSKDError(f"train.corpus {settings.corpus} has no training document outside the task's held-out "
+                           "splits; give the member a corpus of its own")
+    return LMCorpus(own.name, {**own.splits, "train": train}, own.kind)
 
 
 def member_key(member, settings: TrainSettings, corpus, tokenizer, block: int, seed: int,
@@ -93,6 +124,7 @@ def train_member(team, name: str, corpus, seed: int, cache_dir: Path, progress: 
         if teacher_key is None:
             raise AutoSKDError(f"teacher '{name}' trains from '{settings.teacher}': list '{settings.teacher}' "
                                "before it in the team file")
+    corpus = member_corpus(settings, corpus)
     key = member_key(member, settings, corpus, team.tokenizer, team.max_length, seed, teacher_key)
     folder = Path(cache_dir) / "lm_teachers" / f"{name}-{key[:12]}"
     if (folder / "config.json").is_file():
