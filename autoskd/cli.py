@@ -39,7 +39,7 @@ SEARCH_FLAGS = {"preset": "search.preset", "strategy": "search.theta.strategy", 
                 "theta_scaling": "search.theta.scaling", "theta_warmup": "search.theta.warmup",
                 "theta_center": "search.theta.center", "val_objective": "search.theta.val_objective",
                 "m": "search.m", "candidates": "search.theta.num_candidates", "search_epochs": "search.search_epochs",
-                "theta_only": "search.theta_only", "eval_epochs": "search.eval_epochs", "baselines": "search.baselines",
+                "theta_only": "search.theta_only", "candidate_policy": "search.candidate_policy", "eval_epochs": "search.eval_epochs", "baselines": "search.baselines",
                 "random": "search.n_random", "executor": "search.executor", "address": "search.address",
                 "cpus_per_trial": "search.cpus_per_trial", "gpus_per_trial": "search.gpus_per_trial",
                 "max_concurrent": "search.max_concurrent", "scheduler": "search.scheduler", **SCALE_FLAGS}
@@ -257,8 +257,9 @@ def _add_search(sub) -> None:
                    help="fraction of phase 1 with theta held fixed (paper: 0)")
     g.add_argument("--theta-center", action="store_true", default=None,
                    help="centre theta's gradient on the team's mean (not in the paper)")
-    g.add_argument("--val-objective", choices=["distill", "task"],
-                   help="theta's validation loss (default: distill; task needs --order second)")
+    g.add_argument("--val-objective", choices=["distill", "task", "teacher_mixture"],
+                   help="theta's validation loss (default: distill; task needs --order second; teacher_mixture: "
+                        "the val labels' likelihood under the teachers' theta-mixture, the student not read)")
     g.add_argument("--candidates", type=positive_int, metavar="K", help="K candidate distributions from phase 2")
     g.add_argument("--search-epochs", type=positive_float, metavar="N", help="epochs of the bilevel search")
     g.add_argument("--theta-only", action="store_true", default=None,
@@ -271,6 +272,9 @@ def _add_search(sub) -> None:
     g.add_argument("--baselines", type=baseline_list, metavar="LIST",
                    help="all (default), none, or a comma list of single,avgkd,uniform,random")
     g.add_argument("--random", type=non_negative_int, metavar="N", help="number of random Dirichlet(1) distributions")
+    g.add_argument("--candidate-policy", choices=["sampled", "mixture"],
+                   help="how candidates train on their theta: sampled (default: one teacher drawn per step) or "
+                        "mixture (every step the theta-weighted mixture of the teachers' distributions; LM teams)")
     g.add_argument("--executor", choices=["ray", "local"], help="run trials on Ray Tune (default) or in-process")
     g.add_argument("--address", type=ray_address, metavar="URL",
                    help="existing Ray cluster, e.g. ray://head:10001 (checked reachable at once; default: local Ray "

@@ -208,6 +208,12 @@ def main(argv=None) -> int:
     p.add_argument("--candidates", type=int, default=2)
     p.add_argument("--theta-center", action="store_true", help="centre the θ-gradient (ThetaConfig.center; off in the main run, which "
                    "predates it, on in lm-quick since this ablation)")
+    p.add_argument("--strategy", default="expected", choices=["expected", "cr"],
+                   help="θ strategy (cr: the search's student trains on the θ-mixture, see lm_theta)")
+    p.add_argument("--val-objective", default="task", choices=["task", "teacher_mixture"],
+                   help="θ's val objective (teacher_mixture: the val text's likelihood under the teachers' θ-mixture)")
+    p.add_argument("--candidate-policy", default="sampled", choices=["sampled", "mixture"],
+                   help="how candidates train on their θ (mixture: the θ-weighted mixture every step)")
     p.add_argument("--baselines", default="all", help="which baselines to train (none: candidates only, an ablation)")
     p.add_argument("--n-random", type=int, default=1)
     p.add_argument("--top-k", type=int, default=64)
@@ -225,6 +231,7 @@ def main(argv=None) -> int:
 
     theta = lm_theta_defaults()
     theta.num_candidates, theta.every, theta.center = args.candidates, args.theta_every, args.theta_center
+    theta.strategy, theta.val_objective = args.strategy, args.val_objective
     if args.theta_lr is not None:
         theta.lr = args.theta_lr
     root = RESULTS_DIR / args.name
@@ -239,7 +246,7 @@ def main(argv=None) -> int:
             config = LMSearchConfig(search_epochs=100, eval_epochs=100, max_steps=args.steps, lr=args.lr,
                                     batch_size=args.batch_size, seed=seed, split_seed=args.split_seed,
                                     top_k=args.top_k, theta=theta, n_random=args.n_random, max_train=args.max_train,
-                                    baselines=args.baselines,
+                                    baselines=args.baselines, candidate_policy=args.candidate_policy,
                                     max_eval=args.max_eval, save_students=False, executor="local",
                                     # one team for every seed (its trained members built once, at the
                                     # team seed; that seed's own runs need not name it)
@@ -264,7 +271,8 @@ def main(argv=None) -> int:
               "settings": {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "theta_lr", "theta_every",
                                                           "candidates", "n_random", "top_k", "max_train", "max_eval",
                                                           "split_seed", "theta_center", "baselines",
-                                                          "baselines_from")},
+                                                          "baselines_from", "strategy", "candidate_policy",
+                                                          "val_objective")},
               "theta_config": theta.to_dict(),
               "teacher_ppl": teacher_perplexities(args, root) if args.teacher_ppl else None,
               **summarise(per_seed, costs)}

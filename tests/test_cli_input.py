@@ -156,6 +156,15 @@ def test_search_theta_center_flag_reaches_the_config(tmp_path, monkeypatch, flag
     assert seen["c"].theta.center is center
 
 
+def test_a_classifier_search_refuses_mixture_candidates_in_one_line(tmp_path, monkeypatch, capsys):
+    import autoskd.search.run as search_run
+
+    monkeypatch.setattr(search_run, "run_search", lambda *a, **k: pytest.fail("the search started"))
+    assert main(["search", "--task", "x.csv", "--out", str(tmp_path / "s"), "--candidate-policy", "mixture"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "candidate_policy" in err[0] and "language-model" in err[0]
+
+
 @pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl"])
 def test_load_task_decodes_with_the_given_encoding(tmp_path, suffix):
     frame = rows(40)

@@ -156,6 +156,92 @@ def test_sampled_lm_policy_tempers_the_drawn_teacher_and_mixes_distributions(lm_
     assert isinstance(mixed, TopKSet) and mixed.at(1.0).k == 24  # the union of three top-8 sets
 
 
+def test_a_mixture_arm_trains_every_step_on_the_theta_mixture_and_a_sampled_one_draws(lm_setup, tmp_path):
+    """``candidate_policy: mixture``: the arm's policy is the θ-mixture at every step (no draw),
+    weighted by the arm's θ; a ``candidate`` arm with the same θ draws one teacher per step. A
+    team with an own-tokenizer teacher cannot be mixed; a classifier arm refuses the kind."""
+    from types import SimpleNamespace
+
+    from autoskd.lm.pipeline import LMDistillConfig, lm_policy
+    from autoskd.lm.recipes import decoder_method
+    from autoskd.pipeline import DistillConfig
+    from autoskd.search.arms import Arm, candidate_arms
+    from autoskd.search.lm_search import lm_arm_config
+
+    tok, _, _, teachers = lm_setup
+    team = SimpleNamespace(teachers={n: t.model for n, t in teachers.items()}, own_tokenizers={},
+                           fingerprints={n: f"fp-{n}" for n in teachers}, tokenizer=tok)
+    base = LMDistillConfig(top_k=8)
+    mixed, drawn = candidate_arms([[1, 1, 2]], kind="mixture")[0], candidate_arms([[1, 1, 2]])[0]
+    assert (mixed.kind, mixed.group, drawn.kind, drawn.group) == ("mixture", "autoskd", "candidate", "autoskd")
+    policy = lm_policy(team, lm_arm_config(mixed, base), decoder_method("kd"), tmp_path)
+    assert policy.mixture and policy.choose(0) == policy.MIXTURE and policy.step_names() == [policy.MIXTURE]
+    assert torch.allclose(policy.theta, torch.tensor([0.25, 0.25, 0.5], dtype=torch.float64))
+    sampled = lm_policy(team, lm_arm_config(drawn, base), decoder_method("kd"), tmp_path)
+    assert not sampled.mixture and sampled.choose(0) in teachers
+    with pytest.raises(AutoSKDError, match="cannot be mixed"):
+        lm_policy(SimpleNamespace(**{**vars(team), "own_tokenizers": {"t2": tok}}), lm_arm_config(mixed, base),
+                  decoder_method("kd"), tmp_path)
+    with pytest.raises(AutoSKDError, match="classifier search samples"):
+        Arm("candidate-00", "mixture", theta=[0.5, 0.5]).distill_config(DistillConfig())
+    with pytest.raises(AutoSKDError, match="candidate_policy"):
+        LMSearchConfig(candidate_policy="dirichlet")
+    stamp = LMSearchConfig().computed()  # the default leaves the stamps of earlier searches as they were
+    assert "candidate_policy" not in stamp and LMSearchConfig(candidate_policy="mixture").computed()[
+        "candidate_policy"] == "mixture"
+
+
+def test_teacher_mixture_objective_reads_each_teachers_probability_of_the_next_token(lm_setup):
+    """The LM ``teacher_mixture`` objective: each teacher's probability of the actual next token
+    from its cached val rows (the cached probability in the top k, else the tail's even share),
+    mixed by θ; its θ-gradient is that likelihood's, and θ steps on it reach the mixture weights
+    EM finds (the likelihood is concave in θ)."""
+    tok, _, val, teachers = lm_setup
+    config = ThetaConfig(strategy="expected", scaling="none", val_objective="teacher_mixture", lr=0.05, center=True)
+    step, dist, batch, val_batch = _theta_step(lm_setup, config)
+    targets = val_batch["target_ids"]
+    counted = targets != -100
+    rows = []
+    for t in teachers.values():
+        probs = torch.softmax(t.model(input_ids=val_batch["input_ids"]).logits.float(), -1)
+        top = probs.topk(8, -1)
+        p_true = probs.gather(-1, targets.clamp_min(0)[..., None])[..., 0]
+        inside = (top.indices == targets.clamp_min(0)[..., None]).any(-1)
+        rows.append(torch.where(inside, p_true, (1 - top.values.sum(-1)) / (len(tok) - 8))[counted])
+    live = torch.stack(rows).double()
+    got = step._token_likelihoods(step._teacher_logits(val_batch, step.val_tables), val_batch)
+    assert got.shape == live.shape and torch.allclose(got, live, rtol=2e-2, atol=1e-6)  # fp16 cache
+    student = tiny_llama(len(tok), layers=1, seed=7).eval()
+    theta = dist.theta.detach().clone().requires_grad_(True)
+    want = torch.autograd.grad(-(theta[:, None] * got).sum(0).log().mean(), theta)[0]
+    grad = step.theta_grad(student, batch, val_batch, None, xi=0.1)
+    assert torch.allclose(grad, want - want.mean(), atol=1e-6)  # centred
+    with pytest.raises(AutoSKDError, match="theta.center"):
+        ThetaConfig(strategy="expected", scaling="none", val_objective="teacher_mixture")
+
+
+def test_theta_steps_on_the_mixture_likelihood_reach_ems_weights_inside_the_simplex():
+    """Complementary teachers (each right on its own share of the tokens, one useless): Adam on θ
+    with the centred ``teacher_mixture`` gradient ends where EM does, an interior point, the useless
+    teacher at 0 and the two specialists in proportion to their shares."""
+    from autoskd.search.distribution import ThetaOptimizer
+    from autoskd.search.theta_step import mixture_nll, support_centred
+
+    likelihoods = torch.tensor([[0.6] * 70 + [0.05] * 30, [0.05] * 70 + [0.6] * 30, [0.02] * 100],
+                               dtype=torch.float64)
+    em = torch.full((3,), 1 / 3, dtype=torch.float64)
+    for _ in range(500):
+        em = torch.softmax(likelihoods.log() + em.log()[:, None], 0).mean(1)
+    dist = TeacherDistribution([1 / 3] * 3)
+    opt = ThetaOptimizer(dist, strategy="expected", lr=0.02, weight_decay=0.0)
+    for _ in range(400):
+        theta = dist.theta.detach().clone().requires_grad_(True)
+        grad = torch.autograd.grad(mixture_nll(likelihoods, theta), theta)[0]
+        opt.step(support_centred(grad, dist.theta, dist.active))  # as the θ step centres it
+    assert em[2] < 1e-3 and 0.6 < float(em[0]) < 0.8  # EM: interior on the specialists' edge
+    assert torch.allclose(dist.probs().double(), em, atol=0.03), (dist.probs(), em)
+
+
 def test_sswo_needs_a_scaling_and_cross_tokenizer_teachers_refuse_tempering():
     with pytest.raises(AutoSKDError, match="none: expected or cr only"):
         ThetaConfig(strategy="sswo", scaling="none")
@@ -227,19 +313,25 @@ def test_autoskd_search_on_an_lm_task_runs_from_the_cli_and_says_what_it_kept(lm
     out = tmp_path / "run"
     code = main(["search", "--team", str(team), "--task", f"lm:{corpus}", "--out", str(out), "--candidates", "1",
                  "--random", "0", "--baselines", "single,avgkd", "--cache-dir", str(tmp_path / "cache"),
+                 "--candidate-policy", "mixture", "--strategy", "cr", "--val-objective", "teacher_mixture",
                  "--set", "search.max_steps=6", "--set", "search.lr=0.003", "--set", "search.top_k=8",
                  "--set", "search.method_options.loss=reverse_kl", "--no-progress"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "best:" in printed and "AutoModelForCausalLM" in printed
     resolved = yaml.safe_load((out / "experiment.yaml").read_text())
-    assert resolved["search"]["preset"] == "lm-quick" and resolved["search"]["theta"]["strategy"] == "expected"
+    assert resolved["search"]["preset"] == "lm-quick" and resolved["search"]["theta"]["strategy"] == "cr"
+    assert resolved["search"]["theta"]["val_objective"] == "teacher_mixture"
     assert resolved["search"]["theta"]["center"] is True  # the centred θ-gradient (lm_theta_defaults says why)
     config = json.loads((out / "config.json").read_text())
     assert config["loss"] == "reverse_kl" and config["max_steps"] == 6 and config["top_k"] == 8
     result = json.loads((out / "result.json").read_text())
     assert {a["name"] for a in result["arms"]} == {"candidate-00", "single-big", "single-adapted", "single-small",
                                                   "avgkd"}
+    assert resolved["search"]["candidate_policy"] == "mixture"
+    assert {a["kind"] for a in result["arms"] if a["group"] == "autoskd"} == {"mixture"}  # trained on the θ-mixture
+    search = json.loads((out / "search.json").read_text())
+    assert search["theta_steps"] > 0 and search["theta"] != [1 / 3] * 3  # θ moved on the mixture's likelihood
     assert all(a["steps"] == 6 for a in result["arms"])
     # bad input: one line, exit 2, nothing trained
     assert main(["search", "--team", str(team), "--task", f"lm:{corpus}", "--out", str(tmp_path / "bad"),
@@ -248,7 +340,7 @@ def test_autoskd_search_on_an_lm_task_runs_from_the_cli_and_says_what_it_kept(lm
     assert "gamma" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["smollm2", "smollm2-ladder", "smollm2-gemma"])
+@pytest.mark.parametrize("name", ["smollm2", "smollm2-ladder", "smollm2-gemma", "smollm2-genres"])
 def test_bundled_lm_teams_parse_and_the_ladder_and_mixed_team_are_what_the_issue_asks(name):
     from autoskd.lm.team import LMTeam
 
@@ -257,6 +349,10 @@ def test_bundled_lm_teams_parse_and_the_ladder_and_mixed_team_are_what_the_issue
         specs = team.teacher_specs
         assert len(specs) == 4 and {specs["half"].layers, len(specs["quarter"].layers)} == {15, 8}
         assert specs["domain"].train.method == "finetune" and specs["half"].train.teacher == "full"
+    if name == "smollm2-genres":  # two specialists, each trained on one genre of the two-genre corpus
+        specs = team.teacher_specs
+        assert list(specs) == ["full", "reviews", "plots"] and specs["full"].train is None
+        assert (specs["reviews"].train.corpus, specs["plots"].train.corpus) == ("rotten_tomatoes", "rotten_tomatoes_plots")
     if name == "smollm2-gemma":  # one teacher reads the text with its own tokenizer
         assert team.teacher_specs["gemma"].tokenizer == "own" and team.teacher_specs["smollm2"].tokenizer is None
 

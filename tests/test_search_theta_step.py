@@ -91,6 +91,27 @@ def test_every_accepted_combination_matches_finite_differences(setup, strategy, 
     assert torch.allclose(grad, fd, atol=2e-2 * scale, rtol=0), (grad, fd)
 
 
+@pytest.mark.parametrize("strategy", ["cr", "expected"])
+def test_teacher_mixture_objective_is_the_val_labels_likelihood_under_the_theta_mixture(setup, strategy):
+    """``teacher_mixture``: θ's gradient is the (centred) direct gradient of −mean log Σ θ_j p_j(y)
+    over the val batch (teachers' softmax at the true label), whatever ``order`` and ``xi`` say,
+    and the student is not read (a different student gives the same gradient)."""
+    config = ThetaConfig(strategy=strategy, scaling="theta", val_objective="teacher_mixture", order="second", lr=0.5,
+                         center=True)
+    step = make_step(setup, config)
+    batch, val_batch = next(iter(setup["train"])), next(iter(setup["val"]))
+    theta = step.dist.theta.detach().clone().requires_grad_(True)
+    probs = torch.stack([torch.softmax(t.model(**model_inputs(val_batch)).logits.float(), -1)
+                         .gather(-1, val_batch["labels"][:, None])[:, 0] for t in setup["teachers"].values()])
+    want = torch.autograd.grad(-(theta[:, None] * probs).sum(0).log().mean(), theta)[0]
+    grads = [step.theta_grad(tiny_bert(setup["tok"], layers=1, seed=s, dropout=0.0).eval(), batch, val_batch, None,
+                             xi=0.3) for s in (3, 4)]
+    want = want - want.mean()  # centred: the objective needs it (ThetaConfig)
+    assert torch.allclose(grads[0], want.to(grads[0].dtype), atol=1e-5) and torch.equal(grads[0], grads[1])
+    with pytest.raises(AutoSKDError, match="theta.center"):
+        ThetaConfig(strategy=strategy, scaling="theta", val_objective="teacher_mixture")
+
+
 def test_task_objective_with_first_order_is_refused():
     with pytest.raises(AutoSKDError, match="--order second"):
         ThetaConfig(val_objective="task", order="first")

@@ -237,8 +237,12 @@ def _search(given: Any, task: dict, task_raw: Mapping, problems: list[str]) -> d
     for key in ("max_train", "max_eval"):  # the preset's row limits unless the task sets its own
         if task_raw.get(key) is None:
             task[key] = base[key]
-    try:
-        SearchConfig(**{k: v for k, v in s.items() if k != "theta"}, theta=ThetaConfig(**s["theta"]))
+    if s.get("candidate_policy") == "mixture" and not is_lm_task(task.get("name", "")):
+        problems.append("search.candidate_policy: mixture trains on mixed next-token distributions (a language-"
+                        "model task, lm:...); a classifier search samples its candidates: drop the setting")
+    try:  # the classifier's settings (candidate_policy is the LM search's)
+        SearchConfig(**{k: v for k, v in s.items() if k not in ("theta", "candidate_policy")},
+                     theta=ThetaConfig(**s["theta"]))
     except AutoSKDError as err:
         problems.append(f"search: {err}")
     return s

@@ -152,6 +152,7 @@ def search_config(resolved: dict):
     from ..search.theta_step import ThetaConfig
 
     s, scale = dict(resolved["search"]), resolved["scale"]
+    s.pop("candidate_policy")  # the LM search's (resolve refuses mixture on a classifier task)
     theta = ThetaConfig(**s.pop("theta"))
     return SearchConfig(**s, theta=theta, seed=resolved["seed"], max_train=resolved["task"]["max_train"],
                         max_eval=resolved["task"]["max_eval"], deepspeed=scale["deepspeed"],
@@ -197,7 +198,7 @@ def run_lm_search(resolved: dict) -> int:
                             executor="ray" if s["address"] else s["executor"],  # a cluster named: arms run there
                             cpus_per_trial=s["cpus_per_trial"], max_concurrent=s["max_concurrent"],
                             max_train=t["max_train"], max_eval=t["max_eval"], top_k=s["top_k"],
-                            theta_only=s["theta_only"], **options)
+                            theta_only=s["theta_only"], candidate_policy=s["candidate_policy"], **options)
     team_path = write_team(resolved["team"], out / "team.yaml")  # arms read the team from a file
     write_experiment(resolved)
     task = {"name_or_path": t["name"], "text_column": t["text_column"], "prompt_column": t["prompt_column"],

@@ -150,6 +150,7 @@ def search_table(preset: dict) -> dict[str, Field]:
             "method_options": Field(get("method_options"), mapping),
             "group_by_length": Field(get("group_by_length"), flag),
             "theta_only": Field(get("theta_only"), flag),
+            "candidate_policy": Field(get("candidate_policy", "sampled"), one_of("sampled", "mixture")),
             "max_steps": Field(get("max_steps"), optional(whole(1))), "top_k": Field(get("top_k", 64), whole(0))}
 
 
@@ -161,12 +162,12 @@ def _search_scheduler(value):
 def theta_table(preset_theta: dict) -> dict[str, Field]:
     """θ's optimiser (:class:`autoskd.search.theta_step.ThetaConfig`), defaults from the preset."""
     from ..search.distribution import STRATEGIES
-    from ..search.theta_step import ThetaConfig
+    from ..search.theta_step import VAL_OBJECTIVES, ThetaConfig
 
     t = {**_defaults(ThetaConfig), **preset_theta}
     return {"strategy": Field(t["strategy"], one_of(*STRATEGIES)), "order": Field(t["order"], one_of("first", "second")),
             "lr": Field(t["lr"], number(above=0)), "weight_decay": Field(t["weight_decay"], number(at_least=0)),
-            "xi": Field(t["xi"], _xi), "val_objective": Field(t["val_objective"], one_of("distill", "task")),
+            "xi": Field(t["xi"], _xi), "val_objective": Field(t["val_objective"], one_of(*VAL_OBJECTIVES)),
             "scaling": Field(t["scaling"], one_of("theta", "max", "n", "none")),
             "num_candidates": Field(t["num_candidates"], whole(1)),
             "candidate_span": Field(t["candidate_span"], number(above=0, at_most=1)),

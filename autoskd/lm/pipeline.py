@@ -37,6 +37,13 @@ DEFAULT_CACHE = Path(".cache/autoskd")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
+#: How the team teaches: ``single`` (one teacher), ``average`` (AvgKD: the mean of the teachers'
+#: next-token distributions), ``sampled`` (each step one teacher drawn from Cat(θ)), ``mixture``
+#: (every step the θ-weighted mixture of the distributions: AvgKD with weights θ, the target a
+#: CR search trains its own student on).
+POLICIES = ("single", "average", "sampled", "mixture")
+
+
 @dataclass
 class LMDistillConfig:
     """Settings of one LM distillation run besides the team and the corpus.
@@ -53,6 +60,7 @@ class LMDistillConfig:
     method: str = "kd"
     method_options: dict = field(default_factory=dict)
     teacher: str | None = None
+    #: see :data:`POLICIES`; ``theta`` weighs the teachers of ``sampled`` and ``mixture``
     policy: str = "single"
     theta: list[float] | None = None
     #: SSWO's θ-scaling of the sampled teacher (``none``: plain sampled KD; see SampledLMTeachers)
@@ -81,8 +89,8 @@ class LMDistillConfig:
             raise AutoSKDError(f"--precision {self.precision!r} unknown; choose one of: {', '.join(PRECISIONS)}")
         if self.top_k < 0:
             raise AutoSKDError(f"top_k must be >= 0 (0 runs the teacher live); got {self.top_k}")
-        if self.policy not in ("single", "average", "sampled"):
-            raise AutoSKDError(f"policy {self.policy!r} unknown; use single, average (AvgKD) or sampled")
+        if self.policy not in POLICIES:
+            raise AutoSKDError(f"policy {self.policy!r} unknown; use single, average (AvgKD), sampled or mixture")
         if self.theta_scaling not in THETA_SCALINGS:
             raise AutoSKDError(f"theta_scaling {self.theta_scaling!r} unknown; choose one of: {', '.join(THETA_SCALINGS)}")
         if self.method == "on_policy" and (self.tensor_parallel > 1 or self._zero_stage() == 3):
@@ -162,16 +170,18 @@ def lm_policy(team: LMTeam, config: LMDistillConfig, method, cache_dir: Path) ->
         else:
             teachers[name] = LMTeacher(name, model, team.fingerprints.get(name), top_k=config.top_k,
                                        temperatures=temps, cache=cache)
+    if config.policy in ("average", "mixture") and team.own_tokenizers:
+        raise AutoSKDError(f"policy {config.policy} mixes distributions over one vocabulary; teachers with their own "
+                           "tokenizer cannot be mixed (use policy single or sampled)")
     if config.policy == "average":
-        if team.own_tokenizers:
-            raise AutoSKDError("AvgKD averages distributions over one vocabulary; teachers with their own "
-                               "tokenizer cannot be averaged (use policy single or sampled)")
         return AverageLMTeachers(teachers)
-    if config.policy == "sampled":
+    if config.policy in ("sampled", "mixture"):
         theta = torch.tensor(config.theta or [1.0] * len(teachers), dtype=torch.float64)
         if len(theta) != len(teachers) or (theta < 0).any() or float(theta.sum()) <= 0:
             raise AutoSKDError(f"theta must have {len(teachers)} non-negative weights with a positive sum")
-        return SampledLMTeachers(teachers, theta / theta.sum(), seed=config.seed, scaling=config.theta_scaling)
+        policy = SampledLMTeachers(teachers, theta / theta.sum(), seed=config.seed, scaling=config.theta_scaling)
+        policy.mixture = config.policy == "mixture"  # every step the θ-mixture, no draw
+        return policy
     name = config.teacher or next(iter(teachers))
     if name not in teachers:
         raise AutoSKDError(f"teacher {name!r} is not in the team; choose one of: {', '.join(teachers)}")

@@ -8,11 +8,17 @@ parameter (``theta`` or ``teacher``). ``group`` is the arm's family in tables an
 kind        teacher policy (``DistillConfig``)                     group
 ==========  =====================================================  ===========
 candidate   ``sampled`` with a theta delivered by the search       ``autoskd``
+mixture     ``mixture`` (every step the θ-mixture; LM searches)    ``autoskd``
 single      ``single`` with one team member (single-teacher KD)    ``single``
 average     ``average`` (AvgKD)                                    ``average``
 uniform     ``sampled`` with theta = 1/n for every teacher         ``uniform``
 random      ``sampled`` with theta ~ Dirichlet(1) (paper, fig. 3)  ``random``
 ==========  =====================================================  ===========
+
+A ``mixture`` candidate trains on the θ-weighted mixture of the teachers' next-token
+distributions instead of one drawn teacher per step: the same expected target without the draw's
+variance (what AvgKD has over uniform sampling), and the target a CR search's own student learns
+from. The LM search trains its candidates so with ``candidate_policy: mixture``.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ if TYPE_CHECKING:  # pipeline imports torch; arms stay light so workers and test
 __all__ = ["Arm", "KINDS", "GROUPS", "BASELINES", "candidate_arms", "baseline_arms", "parse_baselines"]
 
 #: kind -> group
-KINDS = {"candidate": "autoskd", "single": "single", "average": "average", "uniform": "uniform", "random": "random"}
+KINDS = {"candidate": "autoskd", "mixture": "autoskd", "single": "single", "average": "average", "uniform": "uniform", "random": "random"}
 GROUPS = ("autoskd", "single", "average", "uniform", "random")
 #: baseline names accepted by :func:`parse_baselines` / :func:`baseline_arms`, in build order
 BASELINES = ("single", "avgkd", "uniform", "random")
@@ -57,7 +63,7 @@ class Arm:
             raise AutoSKDError(f"unknown arm group {self.group!r}; choose one of: {', '.join(GROUPS)}")
         if not self.name or not re.fullmatch(r"[A-Za-z0-9._-]+", self.name) or self.name in (".", ".."):
             raise AutoSKDError(f"arm name {self.name!r} must be a non-empty folder name of letters, digits, '.', '_', '-'")
-        if self.kind in ("candidate", "uniform", "random"):
+        if self.kind in ("candidate", "mixture", "uniform", "random"):
             if not self.theta:
                 raise AutoSKDError(f"arm {self.name!r} ({self.kind}) needs theta, one weight per teacher")
             self.theta = [float(t) for t in self.theta]
@@ -70,6 +76,9 @@ class Arm:
             return dataclasses.replace(base, policy="single", teacher=self.teacher, theta=None)
         if self.kind == "average":
             return dataclasses.replace(base, policy="average", teacher=None, theta=None)
+        if self.kind == "mixture":
+            raise AutoSKDError(f"arm {self.name!r}: mixture candidates train language models (next-token "
+                               "distributions); a classifier search samples its candidates")
         return dataclasses.replace(base, policy="sampled", teacher=None, theta=list(self.theta))
 
     def to_dict(self) -> dict:
@@ -89,7 +98,8 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "teacher"
 
 
-def candidate_arms(thetas: Iterable[Iterable[float]], names: Iterable[str] | None = None) -> list[Arm]:
+def candidate_arms(thetas: Iterable[Iterable[float]], names: Iterable[str] | None = None,
+                   kind: str = "candidate") -> list[Arm]:
     """One arm per distribution delivered by the search (in the given order), named
     ``candidate-NN`` unless ``names`` are given."""
     thetas = [list(t) for t in thetas]
@@ -97,7 +107,9 @@ def candidate_arms(thetas: Iterable[Iterable[float]], names: Iterable[str] | Non
     names = list(names) if names is not None else [f"candidate-{i:0{w}d}" for i in range(len(thetas))]
     if len(names) != len(thetas):
         raise AutoSKDError(f"{len(names)} candidate names for {len(thetas)} distributions")
-    return [Arm(n, "candidate", theta=t) for n, t in zip(names, thetas)]
+    if KINDS.get(kind) != "autoskd":
+        raise AutoSKDError(f"candidate kind {kind!r} unknown; use candidate (sampled) or mixture")
+    return [Arm(n, kind, theta=t) for n, t in zip(names, thetas)]
 
 
 def parse_baselines(text: str | Iterable[str] | None) -> set[str]:

@@ -61,13 +61,19 @@ def lm_theta_defaults() -> ThetaConfig:
                        xi="student_lr", lr=0.05, num_candidates=2, warmup=0.1, center=True)
 
 
+#: How the candidates train on their θ: ``sampled`` (AutoSKD's: one teacher drawn per step) or
+#: ``mixture`` (every step the θ-mixture of the distributions; :mod:`.arms` says why).
+CANDIDATE_POLICIES = ("sampled", "mixture")
+
+
 @dataclass
 class LMSearchConfig:
     """All settings of one LM search. ``max_steps`` caps the search run and every arm (compare
     at equal student steps); ``loss``/``alpha``/``temperature``: the ``kd`` method's options the
     search and every arm distil with; ``split_seed`` draws the document split and ``team_seed``
     the team members trained on the corpus (both default ``seed``), so seeds of a benchmark can
-    share one team and the teachers' caches on one split."""
+    share one team and the teachers' caches on one split. ``candidate_policy``: how the candidates
+    train on their θ (:data:`CANDIDATE_POLICIES`)."""
 
     search_epochs: float = 1.0
     eval_epochs: float = 1.0
@@ -97,6 +103,7 @@ class LMSearchConfig:
     max_eval: int | None = None
     save_students: bool = True
     theta_only: bool = False
+    candidate_policy: str = "sampled"
 
     def __post_init__(self) -> None:
         if isinstance(self.theta, dict):
@@ -108,6 +115,9 @@ class LMSearchConfig:
             raise AutoSKDError(f"max_steps must be at least 1 (got {self.max_steps})")
         if not 0.0 < self.alpha <= 1.0:
             raise AutoSKDError(f"alpha must be in (0, 1]: at 0 no teacher reaches the student (got {self.alpha})")
+        if self.candidate_policy not in CANDIDATE_POLICIES:
+            raise AutoSKDError(f"candidate_policy {self.candidate_policy!r} unknown; use "
+                               f"{' or '.join(CANDIDATE_POLICIES)}")
 
     @property
     def grid(self) -> list[float]:
@@ -137,6 +147,8 @@ class LMSearchConfig:
         out = {k: v for k, v in self.to_dict().items() if k not in free}
         if out["team_seed"] is None:  # unset: the seed's own team, as before the setting existed
             del out["team_seed"]
+        if out["candidate_policy"] == "sampled":  # the default keeps the stamps of searches made before it
+            del out["candidate_policy"]
         if self.loss != "jsd":  # β is read by the jsd loss only
             del out["beta"]
         return out
@@ -175,7 +187,8 @@ def lm_arm_config(arm: Arm, base):
         return dataclasses.replace(base, policy="single", teacher=arm.teacher, theta=None)
     if arm.kind == "average":
         return dataclasses.replace(base, policy="average", teacher=None, theta=None)
-    return dataclasses.replace(base, policy="sampled", teacher=None, theta=list(arm.theta))
+    policy = "mixture" if arm.kind == "mixture" else "sampled"
+    return dataclasses.replace(base, policy=policy, teacher=None, theta=list(arm.theta))
 
 
 def _train_arm(spec: TrialSpec, arm: Arm, out_dir: Path | None) -> dict:
@@ -293,7 +306,8 @@ def run_lm_search(team_path: str | Path, task: dict, config: LMSearchConfig, out
         for j, c in enumerate(s["candidates"]):
             thetas.append(c["theta"])
             cand_names.append(f"candidate-{j:02d}" if len(searches) == 1 else f"candidate-lr{_lr_tag(s['theta_lr'])}-{j:02d}")
-    arms = candidate_arms(thetas, cand_names) + baseline_arms(names, baselines, config.n_random, config.seed)
+    kind = "mixture" if config.candidate_policy == "mixture" else "candidate"
+    arms = candidate_arms(thetas, cand_names, kind) + baseline_arms(names, baselines, config.n_random, config.seed)
     spec = TrialSpec(team_path=str(team_path), task=task, root=str(out), cache_dir=str(cache_dir),
                      base_config=config.base_distill(config.eval_epochs).to_dict(),
                      runner=LM_RUNNER if config.save_students else LM_SCORE_RUNNER)

@@ -17,7 +17,9 @@ how the losses read the teachers, so :class:`LMThetaStep` overrides exactly that
   Soft cross-entropy is linear in the target, so CR's loss is ``Σ θ_j CE(p_j, q)`` and no union of
   the teachers' top-k ids is built;
 * the ``task`` val objective is the student's next-token cross-entropy on val text: the log of
-  the perplexity the search is judged by.
+  the perplexity the search is judged by; ``teacher_mixture`` is the val text's log-likelihood
+  under the teachers' θ-mixture (from the cached val rows: a token outside a teacher's top k gets
+  its share of the tail).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from ..engine.token_losses import TopK, soft_cross_entropy
 from ..errors import AutoSKDError
 from ..lm.cross_tokenizer_loss import uld_hybrid
 from ..lm.teachers import LMTeacher, TopKSet, tempered
-from .theta_step import ThetaStep
+from .theta_step import ThetaStep, mixture_nll
 
 __all__ = ["LMThetaStep", "next_token_ce", "lm_distillation_loss"]
 
@@ -150,12 +152,38 @@ class LMThetaStep(ThetaStep):
             return self._student_loss(logits_of(params, batch), train_t(), theta, batch, i, scales)
 
         def val_loss(params, theta):
+            if self.config.val_objective == "teacher_mixture":  # the student is not read
+                return mixture_nll(self._token_likelihoods(val_t(), val_batch), theta)
             logits = logits_of(params, val_batch)
             if self.config.val_objective == "task":
                 return next_token_ce(logits, val_batch)  # θ reaches it through w' only
             return self._student_loss(logits, val_t(), theta, val_batch, i, scales)
 
         return train_loss, val_loss
+
+    def _token_likelihoods(self, targets: list, batch: dict) -> torch.Tensor:
+        """``[n, N]``: each teacher's probability of the actual next token at the N counted
+        positions of ``batch``. From a top-k row: the cached probability when the token is among
+        the k, else the tail mass spread evenly over the other V − k tokens (the same spread
+        :func:`~autoskd.engine.token_losses.temper_topk` assumes)."""
+        tokens = batch["target_ids"]
+        counted = tokens != -100
+        vocab = self._vocab()
+        out = []
+        for target in targets:
+            if isinstance(target, TopK):
+                ids = target.ids.to(tokens.device)
+                hit = ids == tokens.clamp_min(0)[..., None]
+                p_hit = (target.logprobs.float().exp() * hit).sum(-1)
+                p = torch.where(hit.any(-1), p_hit, target.tail / max(1, vocab - target.k))
+            elif isinstance(target, torch.Tensor):
+                logp = torch.log_softmax(target.float() / self.temperature, -1)
+                p = logp.gather(-1, tokens.clamp_min(0)[..., None].to(logp.device))[..., 0].exp()
+            else:
+                raise AutoSKDError("the teacher_mixture objective mixes next-token probabilities over one vocabulary; "
+                                   "a teacher with its own tokenizer cannot join it (use val objective task)")
+            out.append(p[counted.to(p.device)])
+        return torch.stack(out).double()
 
     def direct_grads(self, student, val_batch: dict) -> torch.Tensor:
         """Entry j: ∂/∂θ_j of teacher j's own SSWO loss on ``val_batch`` (``center``)."""

@@ -41,7 +41,20 @@ class ThetaConfig:
     scheduled rate (DARTS; 0 at the start of warm-up, where second order then equals first
     order); a number fixes it. ``val_objective``: ``distill`` (the paper's: the student's
     distillation loss on val data) or ``task`` (the student's cross-entropy on labelled val
-    data; it reaches θ only through the virtual step, so it needs ``order="second"``).
+    data; it reaches θ only through the virtual step, so it needs ``order="second"``) or
+    ``teacher_mixture`` (not in the paper): the negative log-likelihood of the val labels (LM: the
+    val text's next tokens) under the teachers' θ-mixture ``Σ_j θ_j p_j``, the held-out
+    interpolation weights of Jelinek & Mercer (1980). It does not read the student, so ``order``
+    and ``xi`` do not apply (each θ step is one direct gradient, no virtual step). Why: the
+    one-step task gradient is linear in θ (``−ξ ∇L_val · Σ θ_j ∇L_j``), so it ranks teachers and
+    drives θ to a vertex or an edge; this likelihood is concave in θ, and its maximum is inside the
+    simplex exactly when the teachers are complementary (each better on part of the val text).
+    It needs ``center``, taken over the teachers with θ_j > 0: at the maximum the gradient is the
+    same for every teacher in the mixture (the simplex constraint's multiplier), so the centred
+    gradient is 0 there; a teacher at 0 whose gradient is above that mean stays out, and one whose
+    gradient falls below it comes back. (Centring over every active teacher would let one teacher
+    held at 0 push the others' centred gradients to one sign, which Adam's per-entry step and the
+    projection then cancel.)
     ``warmup`` is the fraction of phase 1 during which θ stays fixed while the student learns
     from the (uniform) team: the θ-gradient rewards teachers the student agrees with, which
     only means something once the student has learned anything (0 = the paper's Algorithm 1).
@@ -96,8 +109,8 @@ class ThetaConfig:
             raise AutoSKDError(f"theta strategy {self.strategy!r} unknown; choose one of: {', '.join(STRATEGIES)}")
         if self.order not in ("first", "second"):
             raise AutoSKDError(f"unrolled-gradient order {self.order!r} unknown; choose first or second")
-        if self.val_objective not in ("distill", "task"):
-            raise AutoSKDError(f"val objective {self.val_objective!r} unknown; choose distill or task")
+        if self.val_objective not in VAL_OBJECTIVES:
+            raise AutoSKDError(f"val objective {self.val_objective!r} unknown; choose one of: {', '.join(VAL_OBJECTIVES)}")
         if self.scaling not in THETA_SCALINGS or (self.scaling == "none" and self.strategy == "sswo"):
             raise AutoSKDError(f"theta scaling {self.scaling!r} unknown for strategy {self.strategy}; choose one of: "
                                "theta, max, n (none: expected or cr only, where θ enters as the draw's or the "
@@ -109,8 +122,13 @@ class ThetaConfig:
             raise AutoSKDError("--val-objective task needs --order second (and xi > 0): the task loss reaches theta "
                                "only through the virtual step, so its first-order theta-gradient is exactly zero")
         if self.center and self.val_objective != "distill" and self.strategy == "sswo":
-            raise AutoSKDError("theta.center with --val-objective task needs --strategy cr or expected: SSWO centres "
-                               "on each teacher's direct gradient, which the task loss does not have")
+            raise AutoSKDError(f"theta.center with --val-objective {self.val_objective} needs --strategy cr or "
+                               "expected: SSWO centres on each teacher's own distillation gradient, which that "
+                               "objective does not have")
+        if self.val_objective == "teacher_mixture" and not self.center:
+            raise AutoSKDError("--val-objective teacher_mixture needs theta.center (--theta-center): its gradient is "
+                               "negative for every teacher, Adam moves each entry by about lr and the simplex "
+                               "projection cancels the common move, so uncentred θ would not move")
         if not self.lr > 0:
             raise AutoSKDError(f"the theta learning rate must be > 0 (got {self.lr})")
         if self.num_candidates < 1:
@@ -124,6 +142,25 @@ class ThetaConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+#: θ's validation objectives (see :class:`ThetaConfig`)
+VAL_OBJECTIVES = ("distill", "task", "teacher_mixture")
+
+
+def mixture_nll(likelihoods: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """``−mean_t log Σ_j θ_j p_j(y_t)``: ``likelihoods`` ``[n, N]`` is each teacher's probability
+    of the true label (next token) of N val positions. Differentiable in θ; a dropped teacher
+    (θ_j = 0) adds nothing."""
+    mixed = (theta.to(likelihoods.dtype)[:, None] * likelihoods).sum(0)
+    return -mixed.clamp_min(torch.finfo(likelihoods.dtype).tiny).log().mean()
+
+
+def support_centred(grad: torch.Tensor, theta: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """``grad`` minus its mean over the active teachers with θ_j > 0 (every active one when none
+    is): the centring of the ``teacher_mixture`` objective (:class:`ThetaConfig` says why)."""
+    support = active & (theta.detach() > 0)
+    return grad - grad[support if bool(support.any()) else active].mean()
 
 
 def distillation_loss(student_logits: torch.Tensor, target_logits: torch.Tensor, labels: torch.Tensor | None,
@@ -304,6 +341,10 @@ class ThetaStep(Callback):
             return student_loss(logits_of(params, batch), train_t(), theta, batch.get("labels"))
 
         def val_loss(params, theta):
+            if self.config.val_objective == "teacher_mixture":  # the student is not read
+                probs = torch.softmax(val_t.float(), -1)
+                labels = val_batch["labels"].to(probs.device)
+                return mixture_nll(probs.gather(-1, labels[None, :, None].expand(len(probs), -1, 1))[..., 0], theta)
             logits = logits_of(params, val_batch)
             if self.config.val_objective == "task":
                 return hard_label_ce(logits, val_batch["labels"])
@@ -332,9 +373,14 @@ class ThetaStep(Callback):
             if cfg.order == "first" and xi == 0:  # the sampled entry of `direct` is the whole gradient
                 return direct - baseline
         train_loss, val_loss = self.loss_closures(student, batch, val_batch, i)
-        grad = unrolled_theta_grad(student, self.dist.theta, train_loss, val_loss, xi=xi, order=cfg.order,
+        order = cfg.order
+        if cfg.val_objective == "teacher_mixture":  # θ's own likelihood: its direct gradient is all of it
+            order, xi = "first", 0.0
+        grad = unrolled_theta_grad(student, self.dist.theta, train_loss, val_loss, xi=xi, order=order,
                                    reduce=reduce)
         if cfg.center:
+            if cfg.val_objective == "teacher_mixture":
+                return support_centred(grad, self.dist.theta, self.dist.active)
             grad = grad - (baseline if sswo else grad[self.dist.active].mean())
         return grad
 
