@@ -19,6 +19,10 @@ best single teacher on test?
 
     python benchmarks/lm_search_vs_random.py                       # 5 seeds (about 1.5 h here)
     python benchmarks/lm_search_vs_random.py --seeds 0 --steps 6   # a smoke run
+    python benchmarks/lm_search_vs_random.py --team teams/smollm2-genres.yaml \
+        --corpus lm:rotten_tomatoes_all --theta-center --strategy cr \
+        --val-objective teacher_mixture --candidate-policy mixture --name lm_search_genres_likelihood \
+        --baselines none --baselines-from lm_search_genres   # the genre team's search, ~4 min a seed
 """
 
 from __future__ import annotations

@@ -186,9 +186,9 @@ def test_a_mixture_arm_trains_every_step_on_the_theta_mixture_and_a_sampled_one_
         Arm("candidate-00", "mixture", theta=[0.5, 0.5]).distill_config(DistillConfig())
     with pytest.raises(AutoSKDError, match="candidate_policy"):
         LMSearchConfig(candidate_policy="dirichlet")
-    stamp = LMSearchConfig().computed()  # the default leaves the stamps of earlier searches as they were
-    assert "candidate_policy" not in stamp and LMSearchConfig(candidate_policy="mixture").computed()[
-        "candidate_policy"] == "mixture"
+    # sampled (the only policy before the setting existed) leaves earlier searches' stamps as they were
+    assert "candidate_policy" not in LMSearchConfig(candidate_policy="sampled").computed()
+    assert LMSearchConfig().candidate_policy == "mixture" and LMSearchConfig().computed()["candidate_policy"] == "mixture"
 
 
 def test_teacher_mixture_objective_reads_each_teachers_probability_of_the_next_token(lm_setup):
@@ -432,6 +432,14 @@ def test_lm_search_on_a_team_that_mixes_tokenizers(mixed_team_files, tmp_path, m
     assert all(math.isfinite(a["dev_ppl"]) and a["dev_ppl"] > 1 and a["steps"] == 6 for a in summary["arms"])
     assert summary["best"]["dev_ppl"] == min(a["dev_ppl"] for a in summary["arms"])
     assert (out / "student" / "config.json").exists()
+    # mixtures need one vocabulary: the default mixture candidates fell back to sampled ones, and
+    # the lm-quick θ settings (CR, teacher_mixture) fall back to the task objective the same way
+    assert {a["kind"] for a in summary["arms"] if a["group"] == "autoskd"} == {"candidate"}
+    assert json.loads((out / "config.json").read_text())["candidate_policy"] == "sampled"
+    from autoskd.search.lm_search import one_vocabulary_settings
+
+    fitted = one_vocabulary_settings(team_path, LMSearchConfig())
+    assert (fitted.candidate_policy, fitted.theta.strategy, fitted.theta.val_objective) == ("sampled", "expected", "task")
     # the own-tokenizer teacher's tables are keyed on its own tokenisation of each split
     team = LMTeam.from_yaml(team_path).build(seed=0, cache_dir=cache, progress=False)
     corpus = corpus_of({"name_or_path": f"lm:{corpus_path}"}, 0)

@@ -228,6 +228,8 @@ def _search(given: Any, task: dict, task_raw: Mapping, problems: list[str]) -> d
     wanted = given.get("preset", default) if isinstance(given, Mapping) else default
     preset = wanted if wanted in _presets() else default  # a bad name is reported with the section below
     base = SearchConfig.from_preset(preset).to_dict()
+    # the LM search trains its candidates on the θ-mixture by default (lm_search.lm_theta_defaults)
+    base["candidate_policy"] = "mixture" if is_lm_task(task.get("name", "")) else "sampled"
     if isinstance(given, Mapping):  # nested settings merge key by key with the preset's
         for key in ("theta", "method_options"):
             if isinstance(given.get(key), Mapping):

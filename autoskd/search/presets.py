@@ -53,7 +53,7 @@ PRESETS: dict[str, dict] = {
     "lm-quick": {
         "max_train": 800, "max_eval": 200,
         "search_epochs": 1.0, "batch_size": 4, "lr": 2e-4, "max_steps": 40, "top_k": 64,
-        "theta": {"strategy": "expected", "scaling": "none", "val_objective": "task", "order": "second",
+        "theta": {"strategy": "cr", "scaling": "none", "val_objective": "teacher_mixture", "order": "second",
                   "xi": "student_lr", "lr": 0.05, "num_candidates": 2, "warmup": 0.1, "every": 2, "center": True},
         "eval_epochs": 1.0, "n_random": 2, "executor": "local",
         "method_options": {"loss": "forward_kl", "alpha": 1.0, "temperature": 1.0},
