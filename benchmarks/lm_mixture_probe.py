@@ -29,7 +29,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _common import RESULTS_DIR, write_result  # noqa: E402
-from autoskd.search.stats import paired_ci, verdict  # noqa: E402
+from autoskd.search.stats import mean_ci, paired_ci, verdict  # noqa: E402
+from lm_search_vs_random import seed_arms  # noqa: E402  (the run's arms under the names it reports)
 
 
 def seed_spec(seed_dir: Path, cache_dir: str):
@@ -60,19 +61,6 @@ def train_probes(spec, root: Path, probes: list[list[float]]) -> dict[str, dict]
     if failed:
         raise SystemExit(f"probe arms failed: {[(r['name'], r.get('error')) for r in failed]}")
     return {r["name"]: r for r in records}
-
-
-def compared_arms(summary: dict) -> dict[str, dict]:
-    """The run's arms under the names ``lm_search_vs_random.py`` reports them."""
-    arms = summary["arms"]
-    out = {a["name"]: a for a in arms if a["group"] != "autoskd"}
-    singles = [a for a in arms if a["group"] == "single"]
-    if singles:
-        out["best_single"] = min(singles, key=lambda a: a["dev_ppl"])
-    cands = [a for a in arms if a["group"] == "autoskd"]
-    if cands:
-        out["autoskd"] = min(cands, key=lambda a: a["dev_ppl"])
-    return out
 
 
 def main(argv=None) -> int:
@@ -110,7 +98,7 @@ def main(argv=None) -> int:
         s0 = seeds[0]
         n = len(teachers)
         got = train_probes(seed_spec(run_dir / f"s{s0}", args.cache_dir), out_root / f"s{s0}", [[1.0 / n] * n])
-        want = compared_arms(json.loads((run_dir / f"s{s0}" / "result.json").read_text()))["avgkd"]["test_ppl"]
+        want = seed_arms(json.loads((run_dir / f"s{s0}" / "result.json").read_text()))["avgkd"]["test_ppl"]
         have = next(iter(got.values()))["test_ppl"]
         check = {"seed": s0, "uniform_mixture_test_ppl": have, "avgkd_test_ppl": want,
                  "reproduced": abs(have - want) <= 1e-3 * want}
@@ -120,22 +108,22 @@ def main(argv=None) -> int:
     rows: dict[str, dict[int, float]] = {}
     for seed in seeds:
         summary = json.loads((run_dir / f"s{seed}" / "result.json").read_text())
-        arms = compared_arms(summary)
+        arms = seed_arms(summary)
         if args.with_run:
             other = json.loads((RESULTS_DIR / args.with_run / f"s{seed}" / "result.json").read_text())
-            arms[f"autoskd ({args.with_run})"] = compared_arms(other)["autoskd"]
+            arms[f"autoskd ({args.with_run})"] = seed_arms(other)["autoskd"]
         for name, a in arms.items():
             rows.setdefault(name, {})[seed] = a["test_ppl"]
         got = train_probes(seed_spec(run_dir / f"s{seed}", args.cache_dir), out_root / f"s{seed}", probes)
         for name, r in got.items():
             rows.setdefault(name, {})[seed] = r["test_ppl"]
             print(f"seed {seed}: {name} test ppl {r['test_ppl']:.1f}", flush=True)
-    from autoskd.search.stats import mean_ci
-
-    table = {name: {"test_ppl": [vals[s] for s in seeds if s in vals],
-                    "test_ppl_mean": mean_ci([vals[s] for s in seeds if s in vals])["mean"],
-                    "test_ppl_ci": [mean_ci([vals[s] for s in seeds if s in vals])[k] for k in ("lo", "hi")]}
-             for name, vals in rows.items() if len(vals) == len(seeds)}
+    table = {}
+    for name, vals in rows.items():
+        if len(vals) == len(seeds):
+            ci = mean_ci([vals[s] for s in seeds])
+            table[name] = {"test_ppl": [vals[s] for s in seeds], "test_ppl_mean": ci["mean"],
+                           "test_ppl_ci": [ci["lo"], ci["hi"]]}
     paired = {}
     for probe in (probe_name(t) for t in probes):
         paired[probe] = {}

@@ -206,3 +206,9 @@ def test_search_strategy_choices_are_the_optimisers(tmp_path, monkeypatch):
     choices = next(a.choices for a in build_parser()._subparsers._group_actions[0].choices["search"]._actions
                    if a.dest == "strategy")
     assert tuple(choices) == STRATEGIES
+    from autoskd.search.lm_search import CANDIDATE_POLICIES
+    from autoskd.search.theta_step import VAL_OBJECTIVES
+
+    actions = {a.dest: a for a in build_parser()._subparsers._group_actions[0].choices["search"]._actions}
+    assert tuple(actions["val_objective"].choices) == VAL_OBJECTIVES
+    assert tuple(actions["candidate_policy"].choices) == CANDIDATE_POLICIES

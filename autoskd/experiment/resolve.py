@@ -220,6 +220,7 @@ def _plan_entries(plan: Any) -> list:
 
 
 def _search(given: Any, task: dict, task_raw: Mapping, problems: list[str]) -> dict:
+    from ..search.lm_search import DEFAULT_CANDIDATE_POLICY
     from ..search.run import SearchConfig
     from ..search.theta_step import ThetaConfig
 
@@ -228,8 +229,7 @@ def _search(given: Any, task: dict, task_raw: Mapping, problems: list[str]) -> d
     wanted = given.get("preset", default) if isinstance(given, Mapping) else default
     preset = wanted if wanted in _presets() else default  # a bad name is reported with the section below
     base = SearchConfig.from_preset(preset).to_dict()
-    # the LM search trains its candidates on the θ-mixture by default (lm_search.lm_theta_defaults)
-    base["candidate_policy"] = "mixture" if is_lm_task(task.get("name", "")) else "sampled"
+    base["candidate_policy"] = DEFAULT_CANDIDATE_POLICY if is_lm_task(task.get("name", "")) else "sampled"
     if isinstance(given, Mapping):  # nested settings merge key by key with the preset's
         for key in ("theta", "method_options"):
             if isinstance(given.get(key), Mapping):

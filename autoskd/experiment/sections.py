@@ -127,6 +127,7 @@ def search_table(preset: dict) -> dict[str, Field]:
     """AutoSKD's settings: ``preset`` names the bundle the other keys start from (``theta`` and
     ``method_options`` are merged key by key with the preset's, as ``SearchConfig.from_preset``
     does). ``seed``, ``task.max_train``/``max_eval`` and ``scale`` live in their own places."""
+    from ..search.lm_search import CANDIDATE_POLICIES
     from ..search.presets import PRESETS
 
     def get(key, fallback=None):
@@ -150,7 +151,7 @@ def search_table(preset: dict) -> dict[str, Field]:
             "method_options": Field(get("method_options"), mapping),
             "group_by_length": Field(get("group_by_length"), flag),
             "theta_only": Field(get("theta_only"), flag),
-            "candidate_policy": Field(get("candidate_policy", "sampled"), one_of("sampled", "mixture")),
+            "candidate_policy": Field(get("candidate_policy", "sampled"), one_of(*CANDIDATE_POLICIES)),
             "max_steps": Field(get("max_steps"), optional(whole(1))), "top_k": Field(get("top_k", 64), whole(0))}
 
 

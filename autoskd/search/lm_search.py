@@ -262,8 +262,8 @@ def one_vocabulary_settings(team_path, config: LMSearchConfig) -> LMSearchConfig
     student's learning rate), the settings that team was measured with."""
     from ..lm.team import LMTeam
 
-    team = team_path if isinstance(team_path, LMTeam) else LMTeam.from_yaml(team_path)
-    own = [n for n, m in team.teacher_specs.items() if getattr(m, "tokenizer", None) is not None]
+    specs = LMTeam.from_yaml(team_path).teacher_specs  # the file only: nothing is loaded
+    own = [n for n, m in specs.items() if getattr(m, "tokenizer", None) is not None]
     theta = config.theta
     mixes = config.candidate_policy == "mixture" or theta.val_objective == "teacher_mixture" or theta.strategy == "cr"
     if not own or not mixes:
