@@ -25,7 +25,8 @@ from typing import Any, Iterable, Mapping
 from .errors import AutoSKDError
 
 __all__ = ["canonical", "fingerprint", "flatten", "differences", "stamp", "check_stamp", "mismatch_line",
-           "keys_differ", "fresh_out", "RerunMismatch", "path_identity", "without"]
+           "keys_differ", "fresh_out", "RerunMismatch", "path_identity", "without", "ADDED_SETTINGS",
+           "only_added_settings"]
 
 
 class RerunMismatch(AutoSKDError):
@@ -113,14 +114,36 @@ def fresh_out(folder: str | os.PathLike) -> str:
     return f"pass a new --out folder or delete {folder}"
 
 
+#: Settings added to a configuration after artifacts were stamped without them, each with the
+#: value that does what those artifacts did. A record that lacks such a key matches an identity
+#: holding exactly that value, so adding a setting does not orphan finished work; any other
+#: value is a real difference. Keys are leaf names (the last part of a dotted key).
+ADDED_SETTINGS: dict[str, Any] = {
+    "deepspeed": None,      # DistillConfig / LMDistillConfig / SearchConfig: no DeepSpeed
+    "tensor_parallel": 1,   # ... : no tensor parallelism
+}
+
+
+def only_added_settings(old: Any, new: Any) -> bool:
+    """True when every leaf that differs is missing from ``old`` and holds, in ``new``, the
+    value :data:`ADDED_SETTINGS` gives for it (what ``old`` was computed with)."""
+    a, b = flatten(canonical(old)), flatten(canonical(new))
+    keys = [k for k in set(a) | set(b) if a.get(k, _ABSENT) != b.get(k, _ABSENT)]
+    return bool(keys) and all(k not in a and k.rsplit(".", 1)[-1] in ADDED_SETTINGS
+                              and b[k] == canonical(ADDED_SETTINGS[k.rsplit(".", 1)[-1]]) for k in keys)
+
+
 def check_stamp(record: Mapping | None, identity: Mapping, what: str, folder: str | os.PathLike | None = None,
                 fresh: str | None = None) -> None:
     """Return when ``record`` (an artifact's JSON, or None: nothing there) was computed from
-    ``identity``; else raise :class:`RerunMismatch` with one line. ``fresh`` says how to start
-    fresh (default: a new --out, or deleting ``folder``)."""
+    ``identity`` (or from it less settings added since, at the values that reproduce it:
+    :data:`ADDED_SETTINGS`); else raise :class:`RerunMismatch` with one line. ``fresh`` says how
+    to start fresh (default: a new --out, or deleting ``folder``)."""
     if record is None:
         return
     if record.get("fingerprint") == fingerprint(identity):
+        return
+    if "identity" in record and only_added_settings(record["identity"], identity):
         return
     raise RerunMismatch(mismatch_line(what, record.get("identity") if "fingerprint" in record else None, identity,
                                       fresh or fresh_out(folder)))

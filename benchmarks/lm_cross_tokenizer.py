@@ -1,9 +1,9 @@
 """Does a teacher with another tokenizer help? Gemma 3 270M (262k vocabulary) teaching the 6-layer
 SmolLM2 student (49k vocabulary) through ``uld_hybrid``, against CE-only training.
 
-Same split, budget and student as ``lm_search_vs_random.py`` (800 training documents of the
-rotten_tomatoes texts, split seed 0, 40 steps of 4 x 128 tokens), so the CE arm here is also
-that benchmark's no-teacher reference. The teacher reads the text with its own tokenizer; its
+Same split, budget and student as ``lm_search_vs_random.py``'s ladder run (``lm_search_ladder``:
+800 training documents of the rotten_tomatoes texts, split seed 0, 40 steps of 4 x 128 tokens),
+so the CE arm here is also that run's no-teacher reference. The teacher reads the text with its own tokenizer; its
 top-k next-token distributions are cached at the student positions that align with one of its
 own (``autoskd/lm/cross_tokenizer.py``): KL on the tokens both vocabularies share, ULD
 (sorted-probability L1, Boizard et al. 2024) on the rest. Arms ``ce`` and ``gemma_uld`` (and

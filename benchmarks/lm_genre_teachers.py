@@ -1,8 +1,8 @@
 """Are the genre specialists of ``teams/smollm2-genres.yaml`` complementary?
 
 Each teacher's perplexity on the review documents and on the plot-synopsis documents of the
-benchmark's split of ``lm:rotten_tomatoes_all`` (the split ``lm_search_vs_random.py --team
-teams/smollm2-genres.yaml`` trains and scores on), val and test. A team is complementary when no
+benchmark's split of ``lm:rotten_tomatoes_all`` (the split ``lm_search_vs_random.py`` trains and
+scores on, with the genre team and with the specialists team), val and test. A team is complementary when no
 teacher is best on both genres; only then can a teacher distribution beat every single teacher.
 
 ``mixture_fit``: the weights θ* of the teachers' mixture ``Σ θ_j p_j`` that best predict the val
@@ -13,6 +13,7 @@ complementarity a distribution search can use; θ* is where the teachers' *predi
 mixed (not necessarily the best target for a student at 40 steps).
 
     python benchmarks/lm_genre_teachers.py        # ~6 min; writes results/lm_genre_teachers.json
+    python benchmarks/lm_genre_teachers.py --team teams/smollm2-specialists.yaml --name lm_specialist_teachers
 """
 
 from __future__ import annotations
@@ -130,9 +131,10 @@ def main() -> None:
     p.add_argument("--max-eval", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--cache-dir", default=str(ROOT / ".cache" / "autoskd"))
+    p.add_argument("--name", default="lm_genre_teachers", help="results/<name>.json")
     args = p.parse_args()
     result = {"team": Path(args.team).name, "corpus": args.corpus, **genre_perplexities(args)}
-    path = write_result("lm_genre_teachers", result)
+    path = write_result(args.name, result)
     print(f"wrote {path}: best per genre {result['best_teacher']}, complementary: {result['complementary']}")
 
 

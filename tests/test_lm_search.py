@@ -340,7 +340,7 @@ def test_autoskd_search_on_an_lm_task_runs_from_the_cli_and_says_what_it_kept(lm
     assert "gamma" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["smollm2", "smollm2-ladder", "smollm2-gemma", "smollm2-genres"])
+@pytest.mark.parametrize("name", ["smollm2", "smollm2-ladder", "smollm2-gemma", "smollm2-genres", "smollm2-specialists"])
 def test_bundled_lm_teams_parse_and_the_ladder_and_mixed_team_are_what_the_issue_asks(name):
     from autoskd.lm.team import LMTeam
 
@@ -353,6 +353,12 @@ def test_bundled_lm_teams_parse_and_the_ladder_and_mixed_team_are_what_the_issue
         specs = team.teacher_specs
         assert list(specs) == ["full", "reviews", "plots"] and specs["full"].train is None
         assert (specs["reviews"].train.corpus, specs["plots"].train.corpus) == ("rotten_tomatoes", "rotten_tomatoes_plots")
+    if name == "smollm2-specialists":  # the genre specialists plus a smaller healed cut: four teachers
+        specs = team.teacher_specs
+        assert list(specs) == ["full", "reviews", "plots", "quarter"] and len(specs["quarter"].layers) == 8
+        assert specs["quarter"].train.method == "kd" and specs["quarter"].train.teacher == "full"
+        genres = LMTeam.from_yaml("smollm2-genres").teacher_specs  # the same specialists, so their cache is shared
+        assert all(specs[n] == genres[n] for n in ("full", "reviews", "plots"))
     if name == "smollm2-gemma":  # one teacher reads the text with its own tokenizer
         assert team.teacher_specs["gemma"].tokenizer == "own" and team.teacher_specs["smollm2"].tokenizer is None
 

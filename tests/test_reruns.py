@@ -64,6 +64,27 @@ def test_an_arm_of_another_configuration_is_refused_not_reused(tmp_path):
     assert sorted(fake_runner.calls(tmp_path)) == ["avgkd", "candidate-00"]  # nothing ran again
 
 
+def test_a_setting_added_since_resumes_old_work_only_at_the_value_that_reproduces_it(tmp_path):
+    """An arm stamped before ``tensor_parallel``/``deepspeed`` existed resumes when they hold the
+    values that do what it did (rerun.ADDED_SETTINGS), and is refused at any other value."""
+    from autoskd.rerun import fingerprint
+
+    arms = [Arm("avgkd", "average")]
+    run_arms(_spec(tmp_path), arms, executor="local", progress=False)
+    # rewrite the record as a build without the settings wrote it (its identity and fingerprint)
+    path = tmp_path / "trials" / "avgkd" / "arm.json"
+    record = json.loads(path.read_text())
+    assert "tensor_parallel" not in json.dumps(record["identity"])
+    now = _spec(tmp_path, deepspeed=None, tensor_parallel=1)
+    assert [r["status"] for r in run_arms(now, arms, executor="local", progress=False)] == ["loaded"]
+    with pytest.raises(AutoSKDError, match=r"base_config\.tensor_parallel: \(absent\) -> 2"):
+        run_arms(_spec(tmp_path, deepspeed=None, tensor_parallel=2), arms, executor="local", progress=False)
+    with pytest.raises(AutoSKDError, match=r"base_config\.deepspeed"):
+        run_arms(_spec(tmp_path, deepspeed={"zero_optimization": {"stage": 3}}), arms, executor="local", progress=False)
+    assert record["fingerprint"] == fingerprint(record["identity"])
+    assert fake_runner.calls(tmp_path) == ["avgkd"]  # the resumed arm did not run again
+
+
 # ---------------------------------------------------------------------------------------------- search
 def _search_config(**kw):
     from autoskd.search.run import SearchConfig
