@@ -234,8 +234,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--theta-lr", type=float, default=None)
-    p.add_argument("--theta-every", type=int, default=2)
-    p.add_argument("--candidates", type=int, default=2)
+    p.add_argument("--theta-every", type=int, default=product.every)
+    p.add_argument("--candidates", type=int, default=product.num_candidates)
     p.add_argument("--theta-center", action=argparse.BooleanOptionalAction, default=product.center,
                    help="centre the θ-gradient (ThetaConfig.center; lm-quick's default; off in the ladder's first run)")
     p.add_argument("--strategy", default=product.strategy, choices=["expected", "cr"],

@@ -30,6 +30,7 @@ from ..errors import AutoSKDError
 from ..rerun import check_stamp, stamp
 from .arms import Arm, baseline_arms, candidate_arms, parse_baselines
 from .distribution import TeacherDistribution
+from .presets import PRESETS
 from .theta_step import ThetaConfig
 from .trials import TrialSpec, run_arms
 
@@ -41,7 +42,8 @@ logger = logging.getLogger(__name__)
 
 
 def lm_theta_defaults() -> ThetaConfig:
-    """θ settings for LM teams (why each differs from the classifier presets):
+    """θ settings for LM teams: preset ``lm-quick``'s, the one place they are written (so the
+    Python API and ``autoskd search`` agree). Why each differs from the classifier presets:
 
     * ``cr`` strategy, ``none`` scaling: SSWO's θ_i-scaled logits flatten a 49k-way next-token
       distribution to near uniform at θ_i ≈ 1/n; under CR the search's student learns from the
@@ -53,14 +55,14 @@ def lm_theta_defaults() -> ThetaConfig:
       rate, what ``--val-objective task`` needs). The ``task`` objective's one-step gradient is linear in θ
       and drives θ to an edge of the simplex; on a team of complementary specialists it dropped
       the plot specialist on every seed and tied the best single teacher, while this objective
-      beat AvgKD and the best single teacher on 10 of 10 seeds; on the four-teacher ladder it
-      lowered AutoSKD's test perplexity by 524 [339, 709] against the uncentred task search and
-      ties the centred one, at 2.6-2.8 student trainings instead of 4.3-4.4
-      (benchmarks/README.md, "A team where a mixture can win");
-    * ``center`` (over the teachers with θ_j > 0): the objective needs it (:class:`ThetaConfig`).
+      beat AvgKD and the best single teacher on 10 of 10 seeds there and on 5 fresh seeds of the
+      four-teacher specialists team; on the ladder it lowered AutoSKD's test perplexity by 524
+      [339, 709] against the uncentred task search and by 209 [2, 416] against the centred one,
+      at 2.6-2.8 student trainings instead of 4.3-4.4 (benchmarks/README.md, "AutoSKD on an LM team");
+    * ``center`` (over the teachers with θ_j > 0): the objective needs it (:class:`ThetaConfig`);
+    * ``every`` 2: a θ step every second student step (40 steps: 20 θ steps).
     """
-    return ThetaConfig(strategy="cr", scaling="none", val_objective="teacher_mixture", order="second",
-                       xi="student_lr", lr=0.05, num_candidates=2, warmup=0.1, center=True)
+    return ThetaConfig(**PRESETS["lm-quick"]["theta"])
 
 
 #: How the candidates train on their θ: ``sampled`` (AutoSKD's: one teacher drawn per step) or
